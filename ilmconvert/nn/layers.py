@@ -1,0 +1,245 @@
+"""ILM front-ends: one thin class per standardization (GroupNorm, InstanceNorm, LayerNorm).
+
+Each front-end only says how the norm it augments standardizes (eq. 1, via the same
+``torch.nn.functional`` call the original uses) and how to build itself from such a norm
+(``from_norm``, the pattern of ``torch.ao.quantization``'s ``from_float``). Everything else
+(key features, encoder, decoders, alignment) is :class:`~ilmconvert.nn.core.ILMNorm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .core import INITS, ILMNorm
+
+
+class UnsupportedNormError(ValueError):
+    """A norm module whose configuration ILM Norm cannot take over without changing its function."""
+
+
+def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
+    """Device and dtype of ``module``'s first parameter or buffer (empty when it has none)."""
+    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        return {"device": t.device, "dtype": t.dtype}
+    return {}
+
+
+def _affine_of(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return getattr(norm, "weight", None), getattr(norm, "bias", None)
+
+
+def _keeps_bias(norm: nn.Module) -> bool:
+    """B_beta exists unless the original has a weight but no bias (a deliberately bias-free norm)."""
+    weight, bias = _affine_of(norm)
+    return bias is not None or weight is None
+
+
+class _FromNorm:
+    """``from_norm`` shared by the front-ends: build with the norm's settings, then initialize."""
+
+    @classmethod
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_norm(
+        cls,
+        norm: nn.Module,
+        *,
+        init: str = "preserve",
+        key_group_size: int = 16,
+        reduction: int = 16,
+        **layout: Any,
+    ) -> ILMNorm:
+        """Build the ILM layer that replaces ``norm`` (same device, dtype and ``training`` flag).
+
+        Args:
+            norm: the module to replace.
+            init: ``"preserve"`` (B_omega = w - 1/2, B_beta = b, W2 = W3 = 0: same function as
+                ``norm``) or ``"paper"`` (B_omega = 1, B_beta = 0, nn.Linear defaults).
+            key_group_size, reduction: K and r of :class:`~ilmconvert.nn.core.ILMNorm`.
+            layout: front-end specific options (``channels_first`` for LayerNorm).
+
+        Raises:
+            ValueError: for an unknown ``init``.
+            UnsupportedNormError: when ``norm``'s configuration cannot be taken over.
+        """
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+        settings = cls._settings_of(norm, **layout)
+        layer = cls(
+            **settings,
+            key_group_size=key_group_size,
+            reduction=reduction,
+            bias=_keeps_bias(norm),
+            **_factory_kwargs(norm),
+        )
+        if init == "preserve":
+            layer.init_preserve(*_affine_of(norm))
+        else:
+            layer.reset_parameters()
+        for name in ("act", "drop"):
+            if hasattr(layer, name) and isinstance(getattr(norm, name, None), nn.Module):
+                setattr(layer, name, getattr(norm, name))
+        layer.train(norm.training)
+        return layer
+
+
+class ILMGroupNorm(_FromNorm, ILMNorm):
+    """ILM Norm on GroupNorm standardization (the paper's ILM+GN; GN with one group is its "LN").
+
+    Input ``(B, C, *spatial)``; an instance is one sample. Standardization is
+    ``F.group_norm(x, num_groups, eps=eps)`` exactly as ``nn.GroupNorm``; key features use groups
+    of K channels, independent of ``num_groups``.
+
+    Args:
+        num_groups: G, the standardization groups (C must be a multiple of G).
+        num_channels: C.
+        eps: as in ``nn.GroupNorm``.
+        **kwargs: ``key_group_size``, ``reduction``, ``bias``, ``device``, ``dtype`` of ILMNorm.
+
+    Raises:
+        ValueError: if C is not a multiple of G.
+    """
+
+    pooled = True
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, **kwargs: Any) -> None:
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be a multiple of num_groups ({num_groups})")
+        super().__init__(num_channels, eps, **kwargs)
+        self.num_groups = int(num_groups)
+
+    @classmethod
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        return {"num_groups": norm.num_groups, "num_channels": norm.num_channels, "eps": norm.eps}
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, None, None, self.eps)
+
+    @property
+    def num_norm_groups(self) -> int:
+        return self.num_groups
+
+    def extra_repr(self) -> str:
+        return f"groups={self.num_groups}, " + super().extra_repr()
+
+
+class ILMInstanceNorm(_FromNorm, ILMNorm):
+    """ILM Norm on InstanceNorm standardization (the paper's ILM+IN).
+
+    Input ``(B, C, *spatial)`` or unbatched ``(C, *spatial)``; an instance is one sample.
+    Standardization is ``F.instance_norm`` with the input's own statistics, as ``nn.InstanceNorm*d``
+    without running statistics.
+
+    Args:
+        num_features: C.
+        eps: as in ``nn.InstanceNorm*d``.
+        spatial_dims: 1, 2 or 3 for InstanceNorm1d/2d/3d (decides what counts as unbatched input);
+            ``None`` accepts batched input of any rank.
+        **kwargs: ``key_group_size``, ``reduction``, ``bias``, ``device``, ``dtype`` of ILMNorm.
+    """
+
+    pooled = True
+
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, *, spatial_dims: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(num_features, eps, **kwargs)
+        self.spatial_dims = spatial_dims
+
+    @classmethod
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        if getattr(norm, "track_running_stats", False):
+            raise UnsupportedNormError(
+                "track_running_stats=True: in eval mode it standardizes with running statistics, "
+                "not per instance"
+            )
+        dims = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}.get(type(norm))
+        return {"num_features": norm.num_features, "eps": norm.eps, "spatial_dims": dims, **layout}
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.instance_norm(x, None, None, None, None, True, 0.0, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial_dims is not None and x.dim() == self.spatial_dims + 1:
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
+
+    @property
+    def num_norm_groups(self) -> int:
+        return self.num_channels
+
+
+class ILMLayerNorm(_FromNorm, ILMNorm):
+    """ILM Norm on LayerNorm standardization over the channel dimension.
+
+    Two layouts, as found in the zoos:
+
+    - ``channels_first=False``: input ``(..., C)`` normalized over the last dim (ViT / Swin
+      tokens, ``nn.LayerNorm(C)``); every token is an instance with its own key features.
+    - ``channels_first=True``: input ``(B, C, H, W)`` normalized over C at each pixel (timm's and
+      torchvision's ``LayerNorm2d`` in ConvNeXt); every pixel is an instance.
+
+    Key features are never pooled across positions, so the layer stays independent of sequence
+    length and causal-safe. Standardization is ``F.layer_norm(x, (C,), eps=eps)`` (after the same
+    permute as ``LayerNorm2d``).
+
+    Args:
+        num_channels: C.
+        eps: as in the replaced LayerNorm.
+        channels_first: the layout, see above.
+        **kwargs: ``key_group_size``, ``reduction``, ``bias``, ``device``, ``dtype`` of ILMNorm.
+    """
+
+    pooled = False
+
+    def __init__(
+        self, num_channels: int, eps: float = 1e-5, *, channels_first: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(num_channels, eps, **kwargs)
+        self.channels_first = bool(channels_first)
+
+    @classmethod
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        shape = tuple(norm.normalized_shape)
+        if len(shape) != 1:
+            raise UnsupportedNormError(
+                f"normalized_shape={shape} spans more than the channel dimension; ILM rescales per channel"
+            )
+        return {"num_channels": shape[0], "eps": norm.eps, **layout}
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (self.num_channels,), None, None, self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_first:
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", channels_first=True" if self.channels_first else "")
+
+
+class _ActMixin(nn.Module):
+    """Adds timm's ``*Act`` tail, ``act(drop(norm(x)))``, to an ILM front-end."""
+
+    def __init__(self, *args: Any, act: nn.Module | None = None, drop: nn.Module | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class ILMGroupNormAct(_ActMixin, ILMGroupNorm):
+    """:class:`ILMGroupNorm` followed by the drop and activation of timm's ``GroupNormAct``."""
+
+
+class ILMLayerNormAct(_ActMixin, ILMLayerNorm):
+    """:class:`ILMLayerNorm` followed by the drop and activation of timm's ``LayerNormAct(2d)``."""

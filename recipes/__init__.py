@@ -1,0 +1,1 @@
+"""Bundled fine-tuning recipes (YAML), shipped inside the wheel as ``ilmconvert.recipes``."""
