@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from .errors import IlmconvertError
 from .nn import (
     ILMGroupNorm,
     ILMGroupNormAct,
@@ -33,7 +34,7 @@ NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "La
 BATCHNORM_MODES: tuple[str, ...] = ("gn",)
 
 
-class ConversionError(ValueError):
+class ConversionError(IlmconvertError):
     """The conversion cannot proceed (bad settings, or nothing to convert)."""
 
 
@@ -210,7 +211,7 @@ def _skip_reason(adapter: NormAdapter | None, module: nn.Module, norms: tuple[st
         )
     if adapter.kind == "bn":
         if batchnorm is None:
-            return "BatchNorm is batch-level, not instance-level; opt in with batchnorm='gn' (changes the function)"
+            return "BatchNorm is batch-level, not instance-level; opt in with --include-batchnorm (API: batchnorm='gn'), which changes the function"
         return None
     if adapter.kind not in norms:
         return f"{NORM_KINDS[adapter.kind]} not selected (norms={','.join(norms)})"

@@ -13,11 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import INITS, ILMNorm
+from ..errors import IlmconvertError
+from .core import INITS, ILMNorm, resolve_key_group_size
 
 
-class UnsupportedNormError(ValueError):
+class UnsupportedNormError(IlmconvertError):
     """A norm module whose configuration ILM Norm cannot take over without changing its function."""
 
 
@@ -92,6 +94,9 @@ class _FromNorm:
 class ILMGroupNorm(_FromNorm, ILMNorm):
     """ILM Norm on GroupNorm standardization (the paper's ILM+GN; GN with one group is its "LN").
 
+    ``from_norm`` also takes a BatchNorm (opt-in, function-changing): G = 32, or the largest
+    divisor of C not above 32, and the BN affine becomes B_omega / B_beta.
+
     Input ``(B, C, *spatial)``; an instance is one sample. Standardization is
     ``F.group_norm(x, num_groups, eps=eps)`` exactly as ``nn.GroupNorm``; key features use groups
     of K channels, independent of ``num_groups``.
@@ -115,7 +120,10 @@ class ILMGroupNorm(_FromNorm, ILMNorm):
         self.num_groups = int(num_groups)
 
     @classmethod
-    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+    def _settings_of(cls, norm: nn.Module, *, batchnorm_groups: int = 32, **layout: Any) -> dict[str, Any]:
+        if isinstance(norm, _BatchNorm):  # opt-in BatchNorm -> ILM+GN: function-changing
+            channels = norm.num_features
+            return {"num_groups": resolve_key_group_size(channels, batchnorm_groups), "num_channels": channels, "eps": norm.eps}
         return {"num_groups": norm.num_groups, "num_channels": norm.num_channels, "eps": norm.eps}
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:

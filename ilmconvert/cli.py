@@ -1,0 +1,211 @@
+"""The ``ilmconvert`` command line: a thin Typer layer over the library, rendered with rich.
+
+Expected mistakes (:class:`~ilmconvert.errors.IlmconvertError`) are printed as one line on
+stderr with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import IlmconvertError
+
+app = typer.Typer(
+    name="ilmconvert",
+    help="Convert timm / torchvision networks to Instance-Level Meta Normalization (ILM Norm), fine-tune and evaluate them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    """Print ``error: message`` on stderr and exit with ``code`` (2: the user can fix it)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn :class:`IlmconvertError` into a one-line message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except IlmconvertError as err:
+            fail(str(err))
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------- shared options
+NormsOpt = Annotated[str, typer.Option("--norms", help="Norm kinds to convert, comma-separated: gn, in, ln.")]
+KeyGroupOpt = Annotated[int, typer.Option("--key-group-size", "-K", min=1, help="K: channels per key group (eq. 3).")]
+ReductionOpt = Annotated[int, typer.Option("--reduction", "-r", min=1, help="r in M = max(2, N // r) (eq. 4).")]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Only convert modules whose qualified name matches this glob (repeatable).")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave modules whose qualified name matches this glob (repeatable).")]
+BatchNormOpt = Annotated[bool, typer.Option("--include-batchnorm", help="Also convert BatchNorm to ILM over GroupNorm (changes the function: fine-tune afterwards).")]
+
+
+def _conversion_kwargs(norms: str, key_group_size: int, reduction: int, include: list[str] | None, exclude: list[str] | None, include_batchnorm: bool, init: str = "preserve") -> dict[str, Any]:
+    return {
+        "norms": norms,
+        "init": init,
+        "key_group_size": key_group_size,
+        "reduction": reduction,
+        "include": include or None,
+        "exclude": exclude or None,
+        "batchnorm": "gn" if include_batchnorm else None,
+    }
+
+
+def render_report(report: Any, title: str) -> None:
+    """Print a :class:`~ilmconvert.convert.ConversionReport` as rich tables."""
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for col, kw in (
+        ("module", {}), ("source", {}), ("becomes", {}), ("C", {"justify": "right"}), ("groups", {"justify": "right"}),
+        ("K", {"justify": "right"}), ("N", {"justify": "right"}), ("M", {"justify": "right"}), ("+params", {"justify": "right"}),
+    ):
+        table.add_column(col, **kw)
+    for c in report.converted:
+        k = f"{c.key_group_size}*" if c.key_group_size_adjusted else str(c.key_group_size)
+        name = c.name + (f" (+{len(c.aliases)} shared)" if c.aliases else "")
+        target = c.target + (" [yellow](changes function)[/]" if c.function_changing else "")
+        table.add_row(name, c.source.rsplit(".", 1)[-1], target, str(c.channels), str(c.norm_groups), k,
+                      str(c.num_key_groups), str(c.embedding_size), f"{c.params_added:,}")
+    console.print(table)
+    if any(c.key_group_size_adjusted for c in report.converted):
+        console.print("[dim]* C is not a multiple of the requested K: the largest divisor of C not above K is used.[/]")
+    if report.skipped:
+        skipped = Table(title="left as they are", title_justify="left")
+        skipped.add_column("module")
+        skipped.add_column("class")
+        skipped.add_column("reason")
+        for s in report.skipped:
+            skipped.add_row(s.name, s.source.rsplit(".", 1)[-1], s.reason)
+        console.print(skipped)
+    console.print(
+        f"converted [bold]{len(report.converted)}[/] modules, skipped {len(report.skipped)}; parameters "
+        f"{report.params_before:,} -> {report.params_after:,} ([bold]+{report.increase_percent:.3f} %[/])"
+    )
+    if report.function_changing:
+        console.print("[yellow]BatchNorm layers were converted: the network computes a different function; fine-tune it.[/]")
+
+
+# ------------------------------------------------------------------------------------- inspect
+@app.command()
+@expected_errors
+def inspect(
+    model: Annotated[str, typer.Argument(help="timm:NAME[.TAG], torchvision:NAME or a bare timm name.")],
+    norms: NormsOpt = "gn,in,ln",
+    key_group_size: KeyGroupOpt = 16,
+    reduction: ReductionOpt = 16,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    include_batchnorm: BatchNormOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """List the norm layers of MODEL, what each becomes, and the parameter increase (no weights are loaded)."""
+    from .convert import convert
+    from .models import create_model
+
+    network = create_model(model, pretrained=False, device="meta")
+    report = convert(network, **_conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm))
+    if as_json:
+        print(json.dumps({"model": model, **report.to_dict()}, indent=2))
+    else:
+        render_report(report, title=f"{model}: instance-level norms")
+
+
+# ------------------------------------------------------------------------------------- swap
+def _check_output_dir(out: Path) -> None:
+    from .io import is_checkpoint
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_checkpoint(out))):
+        raise IlmconvertError(f"--out {out} exists and is not an ilmconvert checkpoint; choose a new or empty directory")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise IlmconvertError(f"--out {out}: {parent} is not writable; choose another directory")
+
+
+@app.command()
+@expected_errors
+def swap(
+    model: Annotated[str, typer.Argument(help="timm:NAME[.TAG], torchvision:NAME[.WEIGHTS] or a bare timm name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write (new, empty, or an earlier checkpoint).")],
+    norms: NormsOpt = "gn,in,ln",
+    init: Annotated[str, typer.Option("--init", help="preserve: same function as the original; paper: B_omega=1, B_beta=0.")] = "preserve",
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights (safetensors, or a state dict read with weights_only=True).")] = None,
+    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Start from random weights (no download).")] = False,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Resize the classifier to N classes.")] = None,
+    key_group_size: KeyGroupOpt = 16,
+    reduction: ReductionOpt = 16,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    include_batchnorm: BatchNormOpt = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random check batch and of the new ILM weights.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary lines, not the per-module table.")] = False,
+) -> None:
+    """Convert MODEL's norms to ILM, verify the function is preserved on a random batch, and save it."""
+    import torch
+
+    from .check import check_conversion
+    from .convert import convert
+    from .io import save
+    from .models import create_model
+
+    if init not in ("preserve", "paper"):
+        raise IlmconvertError(f"--init must be preserve or paper, got {init!r}")
+    _check_output_dir(out)
+    torch.manual_seed(seed)
+    with console.status(f"building {model}"):
+        network = create_model(model, pretrained=not no_pretrained, weights=weights, num_classes=num_classes)
+    settings = _conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm, init)
+    report, diff = check_conversion(network, lambda m: convert(m, **settings))
+    if not quiet:
+        render_report(report, title=f"{model}: conversion")
+    else:
+        console.print(f"converted {len(report.converted)} modules; parameters +{report.increase_percent:.3f} %")
+    check = (
+        f"preservation check on a random batch {'x'.join(map(str, diff.shape))} ({diff.dtype}): "
+        f"max |diff| = {diff.max_abs:.3g}, relative = {diff.relative:.3g}"
+    )
+    if init == "preserve" and not report.function_changing:
+        ok = diff.finite and diff.relative <= 1e-4
+        console.print(("[green]PASS[/] " if ok else "[red]FAIL[/] ") + check + " (target <= 1e-4)")
+        if not ok:
+            fail("the converted network does not compute what the original did; nothing was written (please report this)", code=1)
+    else:
+        why = "init=paper" if init == "paper" else "BatchNorm was converted"
+        console.print(f"[yellow]function changed ({why}, expected; fine-tune it):[/] {check}")
+    save(network, out)
+    console.print(f"wrote [bold]{out}[/] (model.safetensors, config.json); reload with ilmconvert.load({str(out)!r})")
+
+
+# The fine-tuning commands (finetune, eval, recipes) live in ilmconvert.train.commands and register on `app`.
+from .train import commands as _train_commands  # noqa: E402,F401
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

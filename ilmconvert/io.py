@@ -1,0 +1,255 @@
+"""Converted checkpoints: ``model.safetensors`` + ``config.json`` in one directory.
+
+``config.json`` says where the network came from (:class:`~ilmconvert.models.ModelSource`), how
+it was converted (the :class:`~ilmconvert.convert.ConversionReport` with its settings), the
+versions that wrote it and the sha256 of ``model.safetensors``. :func:`load` rebuilds the
+architecture, re-applies the conversion and loads the weights strictly. Writes are atomic: the
+files are written into a temporary sibling directory that then replaces the target, so an
+interrupted save leaves the previous checkpoint or none. Nothing is ever unpickled: weights are
+safetensors and the optional trainer state is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import IlmconvertError
+from .convert import ConversionError, ConversionReport, convert
+from .models import ModelSource, ModelSourceError, build, classifier_size, parse_model_spec, sha256_of, source_of
+
+FORMAT = "ilmconvert-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+
+class CheckpointError(IlmconvertError):
+    """A checkpoint cannot be written or read; the message names the file and the problem."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of ilmconvert, torch, torchvision and timm (recorded in every checkpoint)."""
+    import timm
+    import torchvision
+
+    return {"ilmconvert": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}
+
+
+def _resolve_source(model: nn.Module, source: ModelSource | str | None) -> ModelSource:
+    if isinstance(source, ModelSource):
+        return source
+    if isinstance(source, str):
+        library, name, tag = parse_model_spec(source)
+        classes = classifier_size(model)
+        return ModelSource(library, name, pretrained_tag=tag, kwargs={"num_classes": classes} if classes else {})
+    found = source_of(model)
+    if found is None:
+        raise CheckpointError(
+            f"cannot tell which architecture this {type(model).__name__} is; pass "
+            "source='timm:NAME' / 'torchvision:NAME' or a ModelSource to save()"
+        )
+    return found
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    """True when ``directory`` holds an ilmconvert ``config.json``."""
+    try:
+        config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == FORMAT
+
+
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    source: ModelSource | str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    trainer_state: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a converted network to ``directory`` (``model.safetensors`` + ``config.json``).
+
+    Args:
+        model: a network converted with :func:`ilmconvert.convert` (its report is read from
+            ``model.ilm_conversion``).
+        directory: created if needed; an existing one must be empty or an ilmconvert checkpoint,
+            which is replaced as a whole.
+        source: where the architecture comes from, when ``model`` was not made by
+            :func:`ilmconvert.models.create_model` and is not a timm model (``pretrained_cfg``):
+            a spec such as ``"torchvision:resnet50"`` or a :class:`ModelSource`.
+        metadata: JSON-serializable extra information stored under ``"metadata"``.
+        trainer_state: optimizer / scheduler / epoch state for resuming, written to
+            ``trainer_state.pt`` (tensors, numbers, strings, lists and dicts only).
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        CheckpointError: unconverted model, unknown source, non-checkpoint target directory, or
+            a target that cannot be written.
+    """
+    from safetensors.torch import save_model
+
+    report = getattr(model, "ilm_conversion", None)
+    if not isinstance(report, ConversionReport):
+        raise CheckpointError("this model has not been converted; call ilmconvert.convert(model) before save()")
+    resolved = _resolve_source(model, source)
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_checkpoint(target))):
+        raise CheckpointError(f"{target} exists and is not an ilmconvert checkpoint; choose a new or empty directory")
+
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        weights = tmp / WEIGHTS_FILE
+        save_model(model, str(weights), metadata={"format": FORMAT})
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "source": resolved.to_dict(),
+            "conversion": report.to_dict(),
+            "versions": versions(),
+            "weights_sha256": sha256_of(weights),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metadata": dict(metadata or {}),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if trainer_state is not None:
+            torch.save(dict(trainer_state), tmp / TRAINER_STATE_FILE)
+        _fsync_dir_files(tmp)
+        _replace_dir(tmp, target)
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint to {target}: {err.strerror or err}; choose another directory") from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``, replacing an existing ``target`` with two renames."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """Read and check ``directory/config.json``.
+
+    Raises:
+        CheckpointError: missing directory or file, invalid JSON, or not an ilmconvert checkpoint.
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory} is not a directory; pass a checkpoint directory written by `ilmconvert swap`")
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path} is missing; pass a checkpoint directory written by `ilmconvert swap`") from err
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable or not valid JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an ilmconvert checkpoint config")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {config['format_version']}; upgrade ilmconvert to read it")
+    for key in ("source", "conversion", "weights_sha256"):
+        if key not in config:
+            raise CheckpointError(f"{path} lacks the {key!r} entry")
+    return config
+
+
+def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool = True) -> nn.Module:
+    """Rebuild a converted network from a checkpoint directory written by :func:`save`.
+
+    The architecture is rebuilt from ``config.json`` (or ``model``, an unconverted instance of
+    it, when given), the recorded conversion is re-applied, and ``model.safetensors`` is loaded
+    strictly. On CPU, the result's outputs equal the saved network's bit for bit.
+
+    Args:
+        directory: the checkpoint directory.
+        model: optional unconverted network to load into, for architectures that cannot be
+            rebuilt by name (e.g. built with a custom ``norm_layer`` callable).
+        verify: check the sha256 of ``model.safetensors`` against ``config.json``.
+
+    Returns:
+        The network on CPU, in eval mode, with ``ilm_source`` and ``ilm_conversion`` set.
+
+    Raises:
+        CheckpointError: missing, corrupt, truncated or mismatching files (one line naming the
+            file and the problem).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing")
+    if verify and sha256_of(weights) != config["weights_sha256"]:
+        raise CheckpointError(f"{weights} is corrupt or truncated: its sha256 does not match {CONFIG_FILE}")
+
+    source = ModelSource.from_dict(config["source"])
+    try:
+        if model is None:
+            model = build(source)
+        settings = dict(config["conversion"]["settings"])
+        report = convert(model, **settings)
+    except (ModelSourceError, ConversionError, TypeError) as err:
+        raise CheckpointError(f"cannot rebuild the network of {directory / CONFIG_FILE}: {err}") from err
+    expected = [c["name"] for c in config["conversion"].get("converted", [])]
+    if [c.name for c in report.converted] != expected:
+        raise CheckpointError(
+            f"the rebuilt {source.spec()} converts different modules than {directory / CONFIG_FILE} records "
+            f"({len(report.converted)} vs {len(expected)}); were the library versions changed?"
+        )
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{weights} cannot be read: {str(err).splitlines()[0]}") from err
+    if missing or unexpected:
+        from .models import describe_mismatch
+
+        raise CheckpointError(f"{weights} does not match {source.spec()}: {describe_mismatch(list(missing), list(unexpected))}")
+    model.ilm_source = source
+    return model.eval()
+
+
+def load_trainer_state(directory: str | Path) -> dict[str, Any] | None:
+    """The trainer state saved next to a checkpoint (``None`` when there is none).
+
+    Read with ``torch.load(weights_only=True)``: no code is unpickled.
+
+    Raises:
+        CheckpointError: if the file exists but cannot be read.
+    """
+    path = Path(directory) / TRAINER_STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path} cannot be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err

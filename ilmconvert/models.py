@@ -1,0 +1,349 @@
+"""Where networks come from: timm, torchvision, or a local weights file.
+
+A network is named ``timm:NAME[.TAG]``, ``torchvision:NAME[.WEIGHTS]`` or a bare timm name.
+Pretrained weights come through timm's / torchvision's own download code; offline, that fails
+fast with a one-line :class:`ModelSourceError` that says what to pass instead. Every network
+built here carries a :class:`ModelSource` (``model.ilm_source``) that records how to build it
+again, which :func:`ilmconvert.save` writes and :func:`ilmconvert.load` reads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import IlmconvertError
+
+LIBRARIES = ("timm", "torchvision")
+
+
+class ModelSourceError(IlmconvertError):
+    """A network cannot be named, built or given its weights as asked."""
+
+
+@dataclass
+class ModelSource:
+    """How to rebuild a network's architecture (its weights come from the checkpoint).
+
+    Attributes:
+        library: ``"timm"`` or ``"torchvision"``.
+        architecture: the library's model name, e.g. ``"resnet50_gn"``.
+        pretrained_tag: the pretrained weights the network started from (timm tag or torchvision
+            weights enum name, ``"default"`` for the library's default), or ``None``.
+        weights_file: a local weights file it started from, and its sha256.
+        kwargs: constructor keyword arguments (``num_classes``, ``norm_layer``, ...).
+        adaptations: structural changes applied after construction, by name (see
+            :data:`ADAPTATIONS`), e.g. ``["cifar_stem"]``.
+    """
+
+    library: str
+    architecture: str
+    pretrained_tag: str | None = None
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    adaptations: list[str] = field(default_factory=list)
+
+    def spec(self) -> str:
+        return f"{self.library}:{self.architecture}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSource:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+# ---------------------------------------------------------------------------------------- names
+def parse_model_spec(spec: str) -> tuple[str, str, str | None]:
+    """Split ``timm:NAME[.TAG]`` / ``torchvision:NAME[.WEIGHTS]`` / ``NAME`` into (library, name, tag).
+
+    Raises:
+        ModelSourceError: for an unknown library prefix or an empty name.
+    """
+    library, sep, rest = spec.partition(":")
+    if not sep:
+        library, rest = "timm", spec
+    library = library.strip().lower()
+    if library not in LIBRARIES:
+        raise ModelSourceError(f"unknown model library {library!r} in {spec!r}; use timm:NAME or torchvision:NAME")
+    name, _, tag = rest.strip().partition(".")
+    if not name:
+        raise ModelSourceError(f"no model name in {spec!r}; use timm:NAME or torchvision:NAME")
+    return library, name, tag or None
+
+
+def _available(library: str) -> list[str]:
+    if library == "timm":
+        import timm
+
+        return timm.list_models()
+    import torchvision
+
+    return torchvision.models.list_models()
+
+
+def _check_name(library: str, name: str) -> None:
+    names = _available(library)
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; see `{library}` model list"
+    raise ModelSourceError(f"unknown {library} model {name!r}{hint}")
+
+
+# ---------------------------------------------------------------------------------------- building
+def _construct(source: ModelSource, pretrained: bool) -> nn.Module:
+    kwargs = dict(source.kwargs)
+    if source.library == "timm":
+        import timm
+
+        name = source.architecture + (f".{source.pretrained_tag}" if pretrained and source.pretrained_tag not in (None, "default") else "")
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    import torchvision
+
+    weights = None
+    if pretrained:
+        weights = "DEFAULT" if source.pretrained_tag in (None, "default") else source.pretrained_tag
+    return torchvision.models.get_model(source.architecture, weights=weights, **kwargs)
+
+
+def build(source: ModelSource, *, device: torch.device | str | None = None) -> nn.Module:
+    """Build ``source``'s architecture with fresh weights (no download) and apply its adaptations.
+
+    Use ``device="meta"`` to build the structure only (no memory for weights).
+
+    Raises:
+        ModelSourceError: if the architecture is unknown or the constructor rejects the kwargs.
+    """
+    _check_name(source.library, source.architecture)
+    try:
+        if device is not None:
+            with torch.device(device):
+                model = _construct(source, pretrained=False)
+        else:
+            model = _construct(source, pretrained=False)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ModelSourceError(f"cannot build {source.spec()} with {source.kwargs}: {_first_line(err)}") from err
+    for name in source.adaptations:
+        adapt(model, name)
+    model.ilm_source = source
+    return model
+
+
+def create_model(
+    spec: str,
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    num_classes: int | None = None,
+    device: torch.device | str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a network from ``spec`` with pretrained, local or fresh weights.
+
+    Args:
+        spec: ``timm:NAME[.TAG]``, ``torchvision:NAME[.WEIGHTS]`` or a bare timm name.
+        pretrained: download (or read from the hub cache) the library's pretrained weights.
+        weights: a local weights file (safetensors, or a state dict read with
+            ``torch.load(weights_only=True)``); overrides ``pretrained``.
+        num_classes: classifier size; the head is re-initialized when it differs from the
+            pretrained one (as timm does).
+        device: ``"meta"`` builds the structure only.
+        **kwargs: passed to the library's constructor (must be JSON-serializable to be saved).
+
+    Returns:
+        The network as the library returns it (training mode), with ``model.ilm_source`` set.
+
+    Raises:
+        ModelSourceError: unknown name (close matches suggested), download impossible (offline),
+            unreadable or mismatching weights file.
+    """
+    library, name, tag = parse_model_spec(spec)
+    source = ModelSource(library, name, pretrained_tag=tag, kwargs=dict(kwargs))
+    if weights is not None or not pretrained:
+        source.pretrained_tag = None
+        model = build(source, device=device)
+        if weights is not None:
+            source.weights_file, source.weights_sha256 = str(weights), sha256_of(weights)
+            _load_weights_file(model, Path(weights), spec)
+    else:
+        _check_name(library, name)
+        if source.pretrained_tag is None:
+            source.pretrained_tag = "default"
+        try:
+            model = _construct(source, pretrained=True)
+        except Exception as err:  # the libraries raise many types for "no network"
+            raise ModelSourceError(
+                f"cannot get pretrained weights for {spec} ({_first_line(err)}); offline, pass "
+                "--weights FILE (safetensors or a state dict) or --no-pretrained"
+            ) from err
+        model.ilm_source = source
+    if num_classes is not None and num_classes != classifier_size(model):
+        resize_classifier(model, num_classes)
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a (weights-only) torch file; never unpickles code.
+
+    Training checkpoints that wrap the weights under ``state_dict`` / ``model`` are unwrapped.
+
+    Raises:
+        ModelSourceError: missing, unreadable or non-state-dict file.
+    """
+    if not path.is_file():
+        raise ModelSourceError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelSourceError(f"cannot read weights file {path}: {_first_line(err)}") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelSourceError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def _load_weights_file(model: nn.Module, path: Path, spec: str) -> None:
+    state = read_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    problems = describe_mismatch(result.missing_keys, result.unexpected_keys)
+    if problems:
+        raise ModelSourceError(f"weights file {path} does not fit {spec}: {problems}")
+
+
+def describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
+    """One line summarizing a state-dict key mismatch ("" when there is none)."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------- description
+def source_of(model: nn.Module) -> ModelSource | None:
+    """The :class:`ModelSource` of ``model``: the one it was created with, or for a timm model
+    created elsewhere one read from its ``pretrained_cfg``; ``None`` when unknown."""
+    source = getattr(model, "ilm_source", None)
+    if isinstance(source, ModelSource):
+        return source
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        kwargs = {"num_classes": int(model.num_classes)} if isinstance(getattr(model, "num_classes", None), int) else {}
+        return ModelSource("timm", cfg["architecture"], pretrained_tag=cfg.get("tag"), kwargs=kwargs)
+    return None
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the network expects: timm's ``pretrained_cfg['input_size']``, else (3, 224, 224)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
+    return (3, 224, 224)
+
+
+def _classifier(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
+    """(parent, attribute, layer) of the last nn.Linear: the classifier of torchvision models."""
+    found = None
+    for _, parent in model.named_modules():
+        for name, child in parent._modules.items():
+            if isinstance(child, nn.Linear):
+                found = (parent, name, child)
+    return found
+
+
+def classifier_size(model: nn.Module) -> int | None:
+    """Number of classes the network predicts (``None`` when it has no classifier)."""
+    if isinstance(getattr(model, "num_classes", None), int) and hasattr(model, "reset_classifier"):
+        return int(model.num_classes)
+    head = _classifier(model)
+    return head[2].out_features if head else None
+
+
+def resize_classifier(model: nn.Module, num_classes: int) -> None:
+    """Give ``model`` a freshly initialized classifier for ``num_classes`` classes.
+
+    timm models use their ``reset_classifier``; torchvision models get their last ``nn.Linear``
+    replaced. ``model.ilm_source.kwargs['num_classes']`` is updated so that the architecture is
+    rebuilt with the new head.
+
+    Raises:
+        ModelSourceError: when the network has no recognizable classifier.
+    """
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+    else:
+        head = _classifier(model)
+        if head is None:
+            raise ModelSourceError(f"{type(model).__name__} has no nn.Linear classifier to resize")
+        parent, name, old = head
+        parent._modules[name] = nn.Linear(
+            old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+        )
+    source = getattr(model, "ilm_source", None)
+    if isinstance(source, ModelSource):
+        source.kwargs["num_classes"] = int(num_classes)
+
+
+# ---------------------------------------------------------------------------------------- adaptations
+def _cifar_stem(model: nn.Module) -> None:
+    """The paper's CIFAR ResNet stem (§4.1.1): first conv 3x3 stride 1 padding 1, no max-pooling."""
+    conv, pool = getattr(model, "conv1", None), getattr(model, "maxpool", None)
+    if not isinstance(conv, nn.Conv2d) or pool is None:
+        raise ModelSourceError(f"cifar_stem needs a ResNet with conv1 / maxpool; {type(model).__name__} has none")
+    model.conv1 = nn.Conv2d(
+        conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    model.maxpool = nn.Identity()
+
+
+#: Structural changes recorded by name in a checkpoint and re-applied on load.
+ADAPTATIONS: dict[str, Callable[[nn.Module], None]] = {"cifar_stem": _cifar_stem}
+
+
+def adapt(model: nn.Module, name: str) -> None:
+    """Apply the adaptation ``name`` from :data:`ADAPTATIONS` and record it in ``model.ilm_source``.
+
+    Raises:
+        ModelSourceError: unknown adaptation or unsuitable network.
+    """
+    if name not in ADAPTATIONS:
+        raise ModelSourceError(f"unknown adaptation {name!r}; choose from {', '.join(ADAPTATIONS)}")
+    ADAPTATIONS[name](model)
+    source = getattr(model, "ilm_source", None)
+    if isinstance(source, ModelSource) and name not in source.adaptations:
+        source.adaptations.append(name)

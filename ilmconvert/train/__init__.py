@@ -1,0 +1,1 @@
+"""Fine-tuning converted networks: recipes, data, the training loop and evaluation."""
