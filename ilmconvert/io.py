@@ -26,7 +26,16 @@ from torch import nn
 from . import __version__
 from .errors import IlmconvertError
 from .convert import ConversionError, ConversionReport, convert
-from .models import ModelSource, ModelSourceError, build, classifier_size, parse_model_spec, sha256_of, source_of
+from .models import (
+    ModelSource,
+    ModelSourceError,
+    build,
+    classifier_size,
+    load_state_dict_checked,
+    parse_model_spec,
+    sha256_of,
+    source_of,
+)
 
 FORMAT = "ilmconvert-checkpoint"
 FORMAT_VERSION = 1
@@ -202,7 +211,7 @@ def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool 
             file and the problem).
     """
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
 
     directory = Path(directory)
     config = read_config(directory)
@@ -227,13 +236,12 @@ def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool 
             f"({len(report.converted)} vs {len(expected)}); were the library versions changed?"
         )
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as err:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} cannot be read: {str(err).splitlines()[0]}") from err
-    if missing or unexpected:
-        from .models import describe_mismatch
-
-        raise CheckpointError(f"{weights} does not match {source.spec()}: {describe_mismatch(list(missing), list(unexpected))}")
+    problems = load_state_dict_checked(model, state)
+    if problems:
+        raise CheckpointError(f"{weights} does not match {source.spec()}: {problems}")
     model.ilm_source = source
     return model.eval()
 

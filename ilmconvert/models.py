@@ -236,20 +236,33 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_weights_file(model: nn.Module, path: Path, spec: str) -> None:
-    state = read_state_dict(path)
-    result = model.load_state_dict(state, strict=False)
-    problems = describe_mismatch(result.missing_keys, result.unexpected_keys)
+    problems = load_state_dict_checked(model, read_state_dict(path))
     if problems:
         raise ModelSourceError(f"weights file {path} does not fit {spec}: {problems}")
 
 
-def describe_mismatch(missing: list[str], unexpected: list[str]) -> str:
-    """One line summarizing a state-dict key mismatch ("" when there is none)."""
+def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Load ``state`` into ``model`` strictly; return "" or one line describing the mismatch.
+
+    Keys missing from ``state`` only because they alias a loaded tensor (tied weights, which
+    safetensors stores once) are not a mismatch. On a mismatch ``model`` may be partly loaded.
+    """
+    own = model.state_dict()
+    wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        return (
+            f"{len(wrong)} shape mismatch(es) (e.g. {k}: {tuple(state[k].shape)} in the file, "
+            f"{tuple(own[k].shape)} in the network)"
+        )
+    result = model.load_state_dict(state, strict=False)
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
+    if result.unexpected_keys:
+        parts.append(f"{len(result.unexpected_keys)} unexpected key(s) (e.g. {result.unexpected_keys[0]})")
     return ", ".join(parts)
 
 
