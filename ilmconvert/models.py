@@ -172,10 +172,13 @@ def create_model(
     source = ModelSource(library, name, pretrained_tag=tag, kwargs=dict(kwargs))
     if weights is not None or not pretrained:
         source.pretrained_tag = None
+        state = read_state_dict(Path(weights)) if weights is not None else None
         model = build(source, device=device)
-        if weights is not None:
+        if state is not None:
+            problems = load_state_dict_checked(model, state)
+            if problems:
+                raise ModelSourceError(f"weights file {weights} does not fit {spec}: {problems}")
             source.weights_file, source.weights_sha256 = str(weights), sha256_of(weights)
-            _load_weights_file(model, Path(weights), spec)
     else:
         _check_name(library, name)
         if source.pretrained_tag is None:
@@ -233,12 +236,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelSourceError(f"weights file {path} does not hold a state dict of tensors")
     return state
-
-
-def _load_weights_file(model: nn.Module, path: Path, spec: str) -> None:
-    problems = load_state_dict_checked(model, read_state_dict(path))
-    if problems:
-        raise ModelSourceError(f"weights file {path} does not fit {spec}: {problems}")
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
