@@ -93,6 +93,22 @@ def _register_defaults() -> None:
     register(timm_norm_act.LayerNormAct2d, "ln", ILMLayerNormAct, channels_first=True)
     register(timm_norm_act.BatchNormAct2d, "bn", ILMGroupNormAct)
 
+    # timm's *Fp32 norms: statistics, standardization and affine in float32, output in x.dtype.
+    from .nn.layers import ILMLayerNormActFp32, ILMLayerNormFp32
+
+    register(timm_norm.LayerNormFp32, "ln", ILMLayerNormFp32)
+    register(timm_norm.LayerNorm2dFp32, "ln", ILMLayerNormFp32, channels_first=True)
+    register(timm_norm_act.LayerNormActFp32, "ln", ILMLayerNormActFp32)
+    register(timm_norm_act.LayerNormAct2dFp32, "ln", ILMLayerNormActFp32, channels_first=True)
+
+    # metaformer (PoolFormer v2, ConvFormer, CAFormer): weight but no bias (``self.bias = None``),
+    # eps set as an attribute; B_beta is then absent and beta = D_mu (0 at preserve init).
+    from timm.models import metaformer as timm_metaformer
+
+    register(timm_metaformer.GroupNorm1NoBias, "gn", ILMGroupNorm)
+    register(timm_metaformer.LayerNorm2dNoBias, "ln", ILMLayerNorm, channels_first=True)
+    register(timm_metaformer.LayerNormNoBias, "ln", ILMLayerNorm)
+
     from torchvision.models import convnext as tv_convnext
 
     register(tv_convnext.LayerNorm2d, "ln", ILMLayerNorm, channels_first=True)

@@ -7,6 +7,8 @@ from .layers import (
     ILMInstanceNorm,
     ILMLayerNorm,
     ILMLayerNormAct,
+    ILMLayerNormActFp32,
+    ILMLayerNormFp32,
     UnsupportedNormError,
 )
 
@@ -17,6 +19,8 @@ __all__ = [
     "ILMInstanceNorm",
     "ILMLayerNorm",
     "ILMLayerNormAct",
+    "ILMLayerNormActFp32",
+    "ILMLayerNormFp32",
     "UnsupportedNormError",
     "encoder_size",
     "resolve_key_group_size",

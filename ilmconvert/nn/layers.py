@@ -251,3 +251,33 @@ class ILMGroupNormAct(_ActMixin, ILMGroupNorm):
 
 class ILMLayerNormAct(_ActMixin, ILMLayerNorm):
     """:class:`ILMLayerNorm` followed by the drop and activation of timm's ``LayerNormAct(2d)``."""
+
+
+class _Fp32Mixin(nn.Module):
+    """Runs the whole ILM layer in float32 and returns the input's dtype, as timm's ``*Fp32`` norms.
+
+    timm's ``LayerNormFp32`` / ``LayerNorm2dFp32`` / ``LayerNormAct(2d)Fp32`` compute
+    ``F.layer_norm(x.float(), ..., weight.float(), bias.float()).to(x.dtype)``: statistics,
+    standardization and affine in float32 whatever the input dtype (float64 input included, which
+    they round to float32), output in the input dtype. The ILM front-end does the same, so key
+    features, standardization and rescaling see exactly the float32 tensor the original saw.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class ILMLayerNormFp32(_Fp32Mixin, ILMLayerNorm):
+    """:class:`ILMLayerNorm` computed in float32 (timm's ``LayerNormFp32`` / ``LayerNorm2dFp32``).
+
+    Input ``(..., C)`` (or ``(B, C, H, W)`` with ``channels_first=True``) of any float dtype; the
+    output has the input's shape and dtype. Everything in between is float32, as in the original,
+    so a float64 input is preserved to float32 precision only (the original is no better).
+    """
+
+
+class ILMLayerNormActFp32(_ActMixin, ILMLayerNormFp32):
+    """:class:`ILMLayerNormFp32` followed by drop and activation (timm's ``LayerNormAct(2d)Fp32``).
+
+    The activation runs in the input dtype, after the cast back, as in the original.
+    """

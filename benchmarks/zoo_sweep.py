@@ -1,0 +1,607 @@
+"""Zoo sweep: convert every timm and torchvision architecture with ILM Norm and check it.
+
+For each architecture (random weights, fixed seed) the sweep records, as one JSON line:
+
+- the instance-level norms found (``isinstance`` GroupNorm / LayerNorm / InstanceNorm, by exact
+  class), how many were converted and which were skipped and why, BatchNorm and other norm-like
+  modules (RmsNorm, EvoNorm, ...) that ILM does not take over, parameter increase %;
+- the relative output difference against the unconverted network on a random batch of 2 at a
+  small valid input size, in float64 (float32 when the network cannot run in float64);
+- whether a train-mode forward + backward works and every ILM parameter that takes part in the
+  forward gets a finite gradient;
+- whether ``ilmconvert.save`` -> ``ilmconvert.load`` reproduces the (float32) outputs bit for bit;
+- the wall time of ``ilmconvert.convert`` alone;
+- for a representative subset (``--extras``): ``torch._dynamo.explain`` graph breaks of the
+  converted vs the original network, ``torch.fx.symbolic_trace`` where the original traces, and
+  ``torch.export.export`` in eval mode.
+
+Architectures whose float64 check would not fit ``--max-gb`` of RAM are converted on the meta
+device (structure and report only) and marked ``meta``. Non-classification torchvision models
+(detection, segmentation, optical flow, quantized) are converted on the meta device only.
+
+Every architecture runs in a worker process with a per-model time limit (``--timeout``); a
+hung or crashed worker is replaced and the architecture recorded as ``timeout`` / ``crash``. The
+sweep is resumable: names already in ``--out`` are skipped.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl
+    python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --summarize docs/zoo.md
+    python benchmarks/zoo_sweep.py --device cuda --out benchmarks/results/zoo_cuda.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+MARK = "@@ZOO@@ "
+SMALL = 64  # input side tried first
+#: Representative subset for the torch.compile / fx / export checks (one per registered source class).
+EXTRAS = {
+    "timm:resnet50_gn",  # nn.GroupNorm
+    "timm:convnext_atto",  # LayerNorm2d, LayerNorm
+    "timm:vit_tiny_patch16_224",  # nn.LayerNorm
+    "timm:poolformerv2_s12",  # GroupNorm1NoBias
+    "timm:convformer_s18",  # LayerNorm2dNoBias, LayerNormNoBias
+    "timm:poolformer_s12",  # GroupNorm1
+    "timm:nf_regnet_b0",  # none (control)
+    "torchvision:convnext_tiny",
+    "torchvision:swin_t",
+    "torchvision:vit_b_16",
+}
+TORCHVISION_FULL = ("torchvision.models", "torchvision.models.video")
+
+
+# ------------------------------------------------------------------------------------------ worker
+def _qual(obj) -> str:
+    c = type(obj)
+    return f"{c.__module__}.{c.__qualname__}"
+
+
+def _family(library: str, name: str) -> str:
+    if library == "timm":
+        from timm.models._registry import _model_to_module
+
+        return _model_to_module.get(name, "?")
+    import torchvision
+
+    mod = torchvision.models.get_model_builder(name).__module__
+    return mod.removeprefix("torchvision.models.")
+
+
+def _census(model) -> dict:
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    norms, bn, other = Counter(), Counter(), Counter()
+    for mod in model.modules():
+        if isinstance(mod, (nn.GroupNorm, nn.LayerNorm, _InstanceNorm)):
+            norms[_qual(mod)] += 1
+        elif isinstance(mod, _BatchNorm):
+            bn[_qual(mod)] += 1
+        else:
+            name = type(mod).__name__
+            low = name.lower()
+            # leaf-ish norm-like modules that subclass nothing standard (RmsNorm, EvoNorm, GRN, ...)
+            if "norm" in low and not any(s in low for s in ("conv", "mlp", "head", "block", "net", "linear", "stage", "attention")):
+                other[_qual(mod)] += 1
+    return {"norms": dict(norms), "batchnorm": dict(bn), "other_norms": dict(other)}
+
+
+def _build(library: str, name: str, kwargs: dict, device: str | None = None):
+    from ilmconvert.models import create_model
+
+    if library == "torchvision":
+        import inspect
+
+        import torchvision
+
+        if "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+            kwargs = {"weights_backbone": None, **kwargs}  # no backbone download
+    return create_model(f"{library}:{name}", pretrained=False, device=device, **kwargs)
+
+
+def _leaves(out):
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _forward(model, x):
+    import torch
+
+    with torch.no_grad():
+        return [t.detach().clone() for t in _leaves(model(x))]
+
+
+def _rel(before, after) -> tuple[float, float]:
+    max_abs = max(float((a.double() - b.double()).abs().max()) for a, b in zip(after, before))
+    scale = max(float(b.double().abs().max()) for b in before)
+    return max_abs, (max_abs / scale if scale else max_abs)
+
+
+def _attempts(library: str, name: str) -> list[tuple[dict, tuple[int, ...]]]:
+    """(constructor kwargs, input shape) to try, smallest first."""
+    if library == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        size = tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
+        out = [({"img_size": SMALL}, (2, 3, SMALL, SMALL)), ({}, (2, 3, SMALL, SMALL))]
+        if size[1] > 2 * SMALL:
+            out.append(({"img_size": 2 * SMALL}, (2, 3, 2 * SMALL, 2 * SMALL)))
+        out.append(({}, (2, *size)))
+        return out
+    fam = _family(library, name)
+    if fam.startswith("video"):
+        return [({}, (2, 3, 4, SMALL, SMALL)), ({}, (2, 3, 16, 224, 224))]
+    if name.startswith("vit_"):
+        return [({"image_size": SMALL}, (2, 3, SMALL, SMALL)), ({}, (2, 3, 224, 224))]
+    if name.startswith("maxvit"):
+        return [({"input_size": (SMALL, SMALL)}, (2, 3, SMALL, SMALL)), ({}, (2, 3, 224, 224))]
+    if name.startswith("inception") or name == "googlenet":
+        return [({"init_weights": True, "aux_logits": False}, (2, 3, 299, 299))] if name.startswith("inception") else [({"init_weights": True, "aux_logits": False}, (2, 3, 224, 224))]
+    return [({}, (2, 3, SMALL, SMALL)), ({}, (2, 3, 224, 224))]
+
+
+def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
+    import torch
+    from torch import nn
+
+    import ilmconvert
+    from ilmconvert.nn import ILMNorm
+
+    library, name = spec.split(":", 1)
+    rec: dict = {"name": name, "library": library, "family": _family(library, name), "device": device}
+    t_all = time.perf_counter()
+    stage = "meta-build"
+    try:
+        meta = _build(library, name, {}, device="meta")
+        rec.update(_census(meta))
+        rec["params"] = sum(p.numel() for p in meta.parameters())
+        if not rec["norms"]:
+            rec["status"] = "no_instance_norm"
+            return rec
+        non_cls = library == "torchvision" and _family(library, name).split(".")[0] in ("detection", "segmentation", "optical_flow", "quantization")
+        too_big = rec["params"] * 16 > max_gb * 2**30
+        if too_big or non_cls:
+            stage = "meta-convert"
+            t0 = time.perf_counter()
+            report = ilmconvert.convert(meta)
+            rec["convert_s"] = time.perf_counter() - t0
+            _report_fields(rec, report)
+            rec["status"] = "meta"
+            rec["meta_reason"] = (
+                f"float64 check needs ~{rec['params'] * 16 / 2**30:.0f} GB > {max_gb:g} GB" if too_big
+                else "non-classification input (structure and report only)"
+            )
+            return rec
+        del meta
+
+        # ---- build a real network at the smallest input size that runs (float64 when possible)
+        stage = "build"
+        model = x = before = None
+        kwargs_built = None
+        errors = []
+        for kwargs, shape in _attempts(library, name):
+            try:
+                if kwargs != kwargs_built:
+                    model = None
+                    torch.manual_seed(0)
+                    t0 = time.perf_counter()
+                    model = _build(library, name, kwargs).to(device).eval()
+                    rec["build_s"] = time.perf_counter() - t0
+                    kwargs_built = kwargs
+                    dtype = torch.float64
+                    try:
+                        model.double()
+                    except Exception:  # noqa: BLE001
+                        dtype = torch.float32
+                gen = torch.Generator().manual_seed(0)
+                for dt in ((dtype, torch.float32) if dtype == torch.float64 else (torch.float32,)):
+                    try:
+                        model.to(dt)
+                        x = torch.randn(*shape, generator=gen, dtype=dt).to(device)
+                        before = _forward(model, x)
+                        dtype = dt
+                        break
+                    except Exception as err:  # noqa: BLE001
+                        errors.append(f"{kwargs} {shape} {dt}: {_first_line(err)}")
+                        before = None
+                if before:
+                    rec["input_kwargs"], rec["input_shape"], rec["dtype"] = kwargs, list(shape), str(dtype)[6:]
+                    break
+            except Exception as err:  # noqa: BLE001
+                errors.append(f"{kwargs} {shape}: {_first_line(err)}")
+                kwargs_built = None
+        if not before:
+            raise RuntimeError("no input size runs the original network: " + " | ".join(errors[-3:]))
+
+        original = None
+        if extras:
+            import copy
+
+            original = copy.deepcopy(model).float()
+
+        # ---- convert (timed), preservation
+        stage = "convert"
+        t0 = time.perf_counter()
+        report = ilmconvert.convert(model, init="preserve")
+        rec["convert_s"] = time.perf_counter() - t0
+        _report_fields(rec, report)
+        stage = "preservation"
+        after = _forward(model, x)
+        rec["max_abs_diff"], rec["rel_diff"] = _rel(before, after)
+        rec["finite"] = all(bool(torch.isfinite(a).all()) for a in after)
+
+        # ---- forward + backward in train mode
+        stage = "backward"
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss = sum((o.float() ** 2).mean() for o in _leaves(model(x)))
+        loss.backward()
+        ilm = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, ILMNorm)}
+        unused, nonfinite = 0, []
+        for n, m in ilm.values():
+            grads = [p.grad for p in m.parameters(recurse=False)] + [p.grad for c in (m.encoder, m.decoder_mu, m.decoder_gamma) for p in c.parameters()]
+            if all(g is None for g in grads):
+                unused += 1
+            elif any(g is None or not bool(torch.isfinite(g).all()) for g in grads):
+                nonfinite.append(n)
+        rec["ilm_layers_unused"] = unused
+        rec["grad_nonfinite"] = nonfinite[:5]
+        rec["backward_ok"] = bool(torch.isfinite(loss)) and not nonfinite and unused < len(ilm)
+        model.zero_grad(set_to_none=True)
+        del loss
+
+        # ---- save -> load, exact (float32, as a checkpoint is used)
+        stage = "save-load"
+        model.eval().float()
+        x32 = x.float()
+        ref = _forward(model, x32)
+        with tempfile.TemporaryDirectory() as tmp:
+            ilmconvert.save(model, Path(tmp) / "ckpt")
+            loaded = ilmconvert.load(Path(tmp) / "ckpt").to(device)
+            got = _forward(loaded, x32)
+        rec["save_load_exact"] = all(torch.equal(a, b) for a, b in zip(ref, got))
+        del loaded
+
+        if extras:
+            stage = "extras"
+            rec["extras"] = _extras(original, model, x32)
+
+        ok = rec["finite"] and rec["backward_ok"] and rec["save_load_exact"]
+        limit = 1e-10 if rec["dtype"] == "float64" else 1e-4
+        rec["preserved"] = rec["rel_diff"] <= limit
+        rec["status"] = "ok" if ok and rec["preserved"] else "fail"
+        if not rec["preserved"]:
+            rec["fail_reason"] = f"relative output difference {rec['rel_diff']:.2e} > {limit:g} ({rec['dtype']})"
+        elif not ok:
+            rec["fail_reason"] = "non-finite output" if not rec["finite"] else ("backward" if not rec["backward_ok"] else "save->load not exact")
+        return rec
+    except Exception as err:  # noqa: BLE001
+        rec["status"] = "error"
+        rec["stage"] = stage
+        rec["error"] = _first_line(err)
+        rec["traceback"] = traceback.format_exc(limit=-4)[-1500:]
+        return rec
+    finally:
+        rec["total_s"] = time.perf_counter() - t_all
+
+
+def _report_fields(rec: dict, report) -> None:
+    rec["converted"] = len(report.converted) + sum(len(c.aliases) for c in report.converted)
+    rec["converted_by_class"] = dict(Counter(c.source for c in report.converted))
+    skipped = Counter((s.source, s.reason) for s in report.skipped)
+    rec["skipped"] = [{"source": s, "reason": r, "count": n} for (s, r), n in skipped.items()]
+    rec["params_before"], rec["params_after"] = report.params_before, report.params_after
+    rec["increase_pct"] = report.increase_percent
+
+
+def _extras(original, model, x) -> dict:
+    """torch.compile / fx / export checks on the float32 eval-mode converted network."""
+    import torch
+
+    out: dict = {}
+    torch._dynamo.reset()
+    try:
+        e0 = torch._dynamo.explain(original)(x)
+        torch._dynamo.reset()
+        e1 = torch._dynamo.explain(model)(x)
+        out["graph_breaks_original"] = e0.graph_break_count
+        out["graph_breaks_converted"] = e1.graph_break_count
+        out["break_reasons"] = sorted({str(b.reason)[:160] for b in e1.break_reasons})[:5]
+    except Exception as err:  # noqa: BLE001
+        out["explain_error"] = _first_line(err)
+    finally:
+        torch._dynamo.reset()
+    try:
+        torch.fx.symbolic_trace(original)
+        out["fx_original"] = True
+    except Exception as err:  # noqa: BLE001
+        out["fx_original"] = False
+        out["fx_original_error"] = _first_line(err)
+    if out["fx_original"]:
+        try:
+            gm = torch.fx.symbolic_trace(model)
+            out["fx_converted"] = _close(_forward(model, x), _forward(gm, x))
+        except Exception as err:  # noqa: BLE001
+            out["fx_converted"] = False
+            out["fx_error"] = _first_line(err)
+    try:
+        ep = torch.export.export(model.eval(), (x,))
+        out["export"] = _close(_forward(model, x), _forward(ep.module(), x))
+    except Exception as err:  # noqa: BLE001
+        out["export"] = False
+        out["export_error"] = _first_line(err)
+    return out
+
+
+def _close(a, b) -> bool:
+    import torch
+
+    return all(torch.allclose(u, v, rtol=1e-5, atol=1e-5) for u, v in zip(a, b))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+
+
+def worker(device: str, max_gb: float, threads: int) -> None:
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    sys.stdout = sys.stderr  # models that print must not corrupt the protocol
+    for line in sys.stdin:
+        spec, _, flag = line.strip().partition(" ")
+        rec = run_one(spec, device, max_gb, flag == "extras")
+        out.write(MARK + json.dumps(rec, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ parent
+def all_specs(libraries: list[str]) -> list[str]:
+    specs = []
+    if "timm" in libraries:
+        import timm
+
+        specs += [f"timm:{n}" for n in timm.list_models()]
+    if "torchvision" in libraries:
+        import torchvision
+
+        specs += [f"torchvision:{n}" for n in torchvision.models.list_models()]
+    return specs
+
+
+def done_specs(path: Path) -> set[str]:
+    done = set()
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            done.add(f"{r['library']}:{r['name']}")
+    return done
+
+
+class Worker:
+    def __init__(self, args) -> None:
+        cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--max-gb", str(args.max_gb), "--threads", str(args.threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+
+    def ask(self, spec: str, extras: bool, timeout: float) -> dict | None:
+        self.proc.stdin.write(spec + (" extras" if extras else "") + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if not ready:
+                continue
+            line = self.proc.stdout.readline()
+            if not line:
+                return {"status": "crash", "error": f"worker exited with {self.proc.wait()}"}
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def sweep(args) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    specs = all_specs(args.libraries.split(","))
+    if args.filter:
+        specs = [s for s in specs if any(fnmatch.fnmatchcase(s.split(":", 1)[1], p) or fnmatch.fnmatchcase(s, p) for p in args.filter)]
+    done = done_specs(out)
+    todo = [s for s in specs if s not in done][: args.limit or None]
+    print(f"{len(specs)} architectures, {len(done)} done, {len(todo)} to run", flush=True)
+    w = Worker(args)
+    t_start = time.monotonic()
+    with out.open("a") as fh:
+        for i, spec in enumerate(todo):
+            rec = w.ask(spec, spec in EXTRAS or args.extras_all, args.timeout)
+            library, name = spec.split(":", 1)
+            if rec is None or rec.get("status") == "crash":
+                status = "timeout" if rec is None else "crash"
+                err = f"exceeded the {args.timeout:g} s per-model limit" if rec is None else rec["error"]
+                rec = {"name": name, "library": library, "status": status, "error": err, "device": args.device}
+                w.kill()
+                w = Worker(args)
+            fh.write(json.dumps(rec, default=str) + "\n")
+            fh.flush()
+            print(f"[{i + 1}/{len(todo)} {time.monotonic() - t_start:7.0f}s] {spec}: {rec['status']} "
+                  f"{rec.get('rel_diff', '')} {rec.get('error', rec.get('fail_reason', ''))}", flush=True)
+    w.kill()
+
+
+# ------------------------------------------------------------------------------------------ summary
+def summarize(jsonl: Path, md: Path, total_timm: int | None = None) -> None:
+    recs = {}
+    for line in jsonl.read_text().splitlines():
+        r = json.loads(line)
+        recs[(r["library"], r["name"])] = r
+    rows = list(recs.values())
+    with_norm = [r for r in rows if r["status"] not in ("no_instance_norm",)]
+    lines = ["# Zoo sweep: ILM conversion of every timm / torchvision architecture", ""]
+    versions = rows[0].get("versions") if rows else None
+    lines += [
+        "Generated by `python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --summarize docs/zoo.md`",
+        "from the JSON lines of the sweep (one per architecture). Each architecture is built with random",
+        "weights (seed 0), converted with `init=\"preserve\"`, and checked: relative output difference",
+        "`max|after - before| / max|before|` on a random batch of 2 at the smallest input size that runs",
+        "(float64; float32 where the network cannot run in float64), a train-mode forward + backward with",
+        "finite gradients for every ILM parameter that takes part, and save -> load giving bit-identical",
+        "float32 outputs. **ok** = all of these with rel. diff <= 1e-10 (float64) / 1e-4 (float32).",
+        "",
+    ]
+    by_lib = defaultdict(list)
+    for r in rows:
+        by_lib[r["library"]].append(r)
+    lines += ["## Totals", "", "| library | architectures swept | with GN / LN / IN | ok | meta only | fail | error / timeout |", "|---|---|---|---|---|---|---|"]
+    for lib, rs in sorted(by_lib.items()):
+        wn = [r for r in rs if r["status"] != "no_instance_norm"]
+        c = Counter(r["status"] for r in wn)
+        lines.append(f"| {lib} | {len(rs)} | {len(wn)} | {c['ok']} | {c['meta']} | {c['fail']} | {c['error'] + c['timeout'] + c['crash']} |")
+    lines.append("")
+    for lib, rs in sorted(by_lib.items()):
+        wn = [r for r in rs if r["status"] != "no_instance_norm"]
+        if wn:
+            ok = sum(r["status"] == "ok" for r in wn)
+            lines.append(f"- {lib}: **{ok} / {len(wn)} = {100 * ok / len(wn):.1f} %** of the swept architectures with an instance-level norm convert, preserve, train and round-trip.")
+    if total_timm:
+        lines.append(f"- timm registers {total_timm} architectures; {len(by_lib.get('timm', []))} were swept.")
+    lines.append("")
+
+    # norm classes
+    found, conv = Counter(), Counter()
+    for r in with_norm:
+        for k in r.get("norms", {}):
+            found[k] += 1
+        for k in r.get("converted_by_class", {}):
+            conv[k] += 1
+    lines += ["## Norm classes met", "", "| class | architectures containing it | architectures where it was converted |", "|---|---|---|"]
+    lines += [f"| `{k}` | {n} | {conv.get(k, 0)} |" for k, n in found.most_common()]
+    skipped = Counter()
+    for r in with_norm:
+        for s in r.get("skipped", []):
+            skipped[(s["source"], s["reason"])] += 1
+    if skipped:
+        lines += ["", "Skipped (left as they are), by class and reason:", "", "| class | reason | architectures |", "|---|---|---|"]
+        lines += [f"| `{s}` | {reason} | {n} |" for (s, reason), n in skipped.most_common()]
+    other = Counter()
+    for r in rows:
+        for k in r.get("other_norms", {}):
+            other[k] += 1
+    if other:
+        lines += ["", "Norm-like modules that are not GroupNorm / LayerNorm / InstanceNorm subclasses (RMSNorm, EvoNorm, GRN, ...): "
+                  "not instance-level mean/variance standardization, so not converted:", ""]
+        lines.append(", ".join(f"`{k.rsplit('.', 1)[-1]}` ({n})" for k, n in other.most_common()))
+    lines.append("")
+
+    # families
+    fam = defaultdict(list)
+    for r in with_norm:
+        fam[(r["library"], r.get("family", "?"))].append(r)
+    lines += ["## By family", "", "| library | family | archs | ok | meta | fail/error | max rel. diff (float64) | mean param. increase % | max convert s |", "|---|---|---|---|---|---|---|---|---|"]
+    for (lib, f), rs in sorted(fam.items()):
+        c = Counter(r["status"] for r in rs)
+        diffs = [r["rel_diff"] for r in rs if r.get("dtype") == "float64" and "rel_diff" in r]
+        inc = [r["increase_pct"] for r in rs if "increase_pct" in r]
+        cs = [r["convert_s"] for r in rs if "convert_s" in r]
+        lines.append(
+            f"| {lib} | {f} | {len(rs)} | {c['ok']} | {c['meta']} | {len(rs) - c['ok'] - c['meta']} | "
+            f"{max(diffs):.1e} | {sum(inc) / len(inc):.2f} | {max(cs):.2f} |".replace("| 0.0e+00 |", "| 0 |")
+            if diffs and inc and cs else
+            f"| {lib} | {f} | {len(rs)} | {c['ok']} | {c['meta']} | {len(rs) - c['ok'] - c['meta']} | - | "
+            f"{(sum(inc) / len(inc)) if inc else float('nan'):.2f} | {max(cs) if cs else float('nan'):.2f} |"
+        )
+    lines.append("")
+
+    # failures
+    bad = [r for r in with_norm if r["status"] not in ("ok", "meta")]
+    lines += ["## Every failure and its cause", ""]
+    if not bad:
+        lines.append("None.")
+    else:
+        lines += ["| architecture | status | stage | cause |", "|---|---|---|---|"]
+        for r in sorted(bad, key=lambda r: (r["library"], r["name"])):
+            cause = r.get("fail_reason") or r.get("error", "")
+            lines.append(f"| {r['library']}:{r['name']} | {r['status']} | {r.get('stage', '')} | {cause.replace('|', '/')[:220]} |")
+    metas = [r for r in with_norm if r["status"] == "meta"]
+    if metas:
+        lines += ["", "## Converted on the meta device only (structure and report, no numerical check)", ""]
+        lines += [f"- {r['library']}:{r['name']} ({r['params'] / 1e6:.0f} M params): {r.get('meta_reason', '')}" for r in sorted(metas, key=lambda r: -r["params"])]
+    # extras
+    ex = [r for r in rows if "extras" in r]
+    if ex:
+        lines += ["", "## torch.compile / fx / export (representative subset, float32, eval)", "",
+                  "| architecture | graph breaks original -> converted | fx (where the original traces) | export |", "|---|---|---|---|"]
+        for r in ex:
+            e = r["extras"]
+            gb = f"{e.get('graph_breaks_original')} -> {e.get('graph_breaks_converted')}" if "graph_breaks_converted" in e else e.get("explain_error", "")
+            fx = ("ok" if e.get("fx_converted") else f"FAIL: {e.get('fx_error', '')[:120]}") if e.get("fx_original") else "original does not trace"
+            exp = "ok" if e.get("export") else f"FAIL: {e.get('export_error', '')[:120]}"
+            lines.append(f"| {r['library']}:{r['name']} | {gb} | {fx} | {exp} |")
+    # slowest / largest
+    timed = [r for r in with_norm if "convert_s" in r]
+    lines += ["", "## Slowest and largest conversions", "", "| architecture | params (M) | norms converted | convert s | status |", "|---|---|---|---|---|"]
+    for r in sorted(timed, key=lambda r: -r["convert_s"])[:10]:
+        lines.append(f"| {r['library']}:{r['name']} | {r['params'] / 1e6:.0f} | {r.get('converted', 0)} | {r['convert_s']:.3f} | {r['status']} |")
+    lines += ["", "Largest:", ""]
+    for r in sorted(timed, key=lambda r: -r["params"])[:5]:
+        lines.append(f"- {r['library']}:{r['name']}: {r['params'] / 1e6:.0f} M params, {r.get('converted', 0)} norms, convert {r['convert_s']:.3f} s ({r['status']})")
+    wall = sum(r.get("total_s", 0) for r in rows)
+    lines += ["", f"Sweep wall time (sum over architectures, excluding worker start-up): {wall / 60:.1f} min.", ""]
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="benchmarks/results/zoo_cpu.jsonl")
+    p.add_argument("--libraries", default="timm,torchvision")
+    p.add_argument("--filter", action="append", help="fnmatch pattern on the name (repeatable)")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=240.0, help="per-architecture limit, seconds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-gb", type=float, default=20.0, help="RAM for the float64 check; larger networks go to the meta device")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--extras-all", action="store_true", help="run the compile / fx / export checks on every architecture")
+    p.add_argument("--summarize", metavar="MD", help="write the Markdown summary of --out to MD and exit")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.device, args.max_gb, args.threads)
+    elif args.summarize:
+        import timm
+
+        summarize(Path(args.out), Path(args.summarize), len(timm.list_models()))
+    else:
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()
