@@ -224,3 +224,21 @@ def test_torch_compile_without_graph_breaks(make, shape):
     assert explanation.graph_break_count == 0
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_inductor_compiled_forward_and_backward_match_eager():
+    """The real torch.compile backend (inductor, C++ on CPU): outputs and gradients as in eager mode."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    layer = ILMGroupNorm(4, 32)
+    _randomize(layer, seed=12)
+    x = torch.randn(2, 32, 5, 5)
+    eager_x, compiled_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    layer(eager_x).square().sum().backward()
+    eager_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    torch.compile(layer)(compiled_x).square().sum().backward()
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=1e-4, atol=1e-4)
+    for p, g in zip(layer.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)
