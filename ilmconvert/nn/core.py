@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast as _fast
+
 Init = Literal["preserve", "paper"]
 INITS: tuple[str, ...] = ("preserve", "paper")
 
@@ -89,6 +91,11 @@ class ILMNorm(nn.Module):
     #: True when one instance is a sample whose positions are pooled (GN / IN), False when every
     #: position is its own instance (LayerNorm over the last dim, timm's LayerNorm2d).
     pooled: bool = True
+
+    #: Fast-path selection (see :mod:`ilmconvert.nn.fast`): None / True = automatic, False = always
+    #: the reference path, "torch" / "triton" = that implementation. ``ILMCONVERT_REFERENCE=1``
+    #: in the environment forces the reference path everywhere.
+    fast: bool | str | None = None
 
     def __init__(
         self,
@@ -224,6 +231,8 @@ class ILMNorm(nn.Module):
                 f"{type(self).__name__} expects {self.num_channels} channels, got input of shape "
                 f"{tuple(x.shape)}"
             )
+        if _fast.use_fast_path(self, x):
+            return _fast.forward(self, x)
         mu, gamma = self.key_features(x)
         omega, beta = self.rescaling(mu, gamma)
         return self._rescale(self._standardize(x), omega, beta)

@@ -1,0 +1,478 @@
+"""Fast path of the ILM layers: one statistics pass, one fused ``y = x * a + d`` (DESIGN.md §4).
+
+The reference path (:meth:`ilmconvert.nn.core.ILMNorm.key_features`, ``rescaling``,
+``_standardize``, ``_rescale``) reads ``x`` three or four times and materializes the up-sampled
+``omega`` / ``beta``. An ILM layer is memory-bound like the norm it replaces, so this module
+computes the same function at the floor:
+
+- **Pooled instances** (GroupNorm / InstanceNorm, ``x`` is ``(B, C, *spatial)``): one pass gives
+  the per (instance, channel) mean ``m_c`` and biased variance ``v_c`` over the P positions (float32,
+  float64 for float64 input). Both the key groups (K channels, eq. 3) and the norm groups (C / G
+  channels, eq. 1) are combined from them *exactly* with Chan's formula for equal counts::
+
+      mean_g = avg_c m_c,    var_g = avg_c (v_c + (m_c - mean_g)^2)
+
+  then the auto-encoder (eqs. 4-5) runs on ``(B, N)``, and eqs. 1, 2, 6 collapse into one affine
+  map per (instance, channel)::
+
+      a = omega * rstd_g,   d = beta - mean_g * a,   y = x * a + d.
+
+- **Per-position instances** (LayerNorm over the last dim; timm's ``LayerNorm2d`` arrives here as a
+  permuted view): the key features are the ``(..., N)`` group moments of one pass over
+  ``x.unflatten(-1, (N, K))``, the token's moments are their Chan combination, and
+  ``y = x * a + d`` with ``a = rstd * (up(D_gamma) + B_omega)`` built on the ``(..., N, K)`` view.
+
+Backward (written by hand in :class:`_PooledILM` / :class:`_TokenILM`): one reduction pass over
+``(dy, x)`` gives ``S0 = sum dy`` and ``S1 = sum dy * x`` per (instance, channel); the gradients of
+the auto-encoder, ``weight`` and ``bias`` follow on ``(B, C)`` tensors; one fused pass gives
+``dx = dy * a + x * e + f``. Both are plain PyTorch, so ``torch.compile`` traces them without a
+graph break and fuses each pass into one kernel. On CUDA with Triton installed, the pooled case
+runs on hand-written kernels (:mod:`ilmconvert.nn.triton_ilm`, imported lazily).
+
+Selection: :func:`use_fast_path` picks this path automatically for the known front-ends and falls
+back to the reference path wherever it does not apply. ``ILMCONVERT_REFERENCE=1`` in the
+environment, or ``layer.fast = False``, forces the reference path; ``layer.fast = "torch"`` or
+``"triton"`` forces one implementation (``True`` / ``None``: automatic).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+REFERENCE_ENV = "ILMCONVERT_REFERENCE"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# kind of a front-end class: ("pooled", "group") / ("pooled", "instance") / ("tokens", "layer") / None
+_KIND_CACHE: dict[type, tuple[str, str] | None] = {}
+
+
+def reference_forced() -> bool:
+    """True when the environment variable ``ILMCONVERT_REFERENCE`` is set to ``1``/``true``/``yes``."""
+    return os.environ.get(REFERENCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _kind_of(cls: type) -> tuple[str, str] | None:
+    """Which standardization ``cls`` uses, or None when the fast path cannot vouch for it.
+
+    Only the unmodified front-ends qualify: a subclass that overrides the standardization, the key
+    features, the rescaling or the up-sampling keeps the reference path (its semantics may differ).
+    """
+    if cls in _KIND_CACHE:
+        return _KIND_CACHE[cls]
+    from .core import ILMNorm
+    from .layers import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm
+
+    kind: tuple[str, str] | None = None
+    same = all(
+        getattr(cls, name, None) is getattr(ILMNorm, name)
+        for name in ("key_features", "rescaling", "_upsample", "_rescale")
+    )
+    if same:
+        std = getattr(cls, "_standardize", None)
+        if std is ILMGroupNorm._standardize:
+            kind = ("pooled", "group")
+        elif std is ILMInstanceNorm._standardize:
+            kind = ("pooled", "instance")
+        elif std is ILMLayerNorm._standardize:
+            kind = ("tokens", "layer")
+    _KIND_CACHE[cls] = kind
+    return kind
+
+
+def output_dtype(x: torch.Tensor, norm: str) -> torch.dtype:
+    """Dtype the reference path returns for input ``x``: that of the standardization's output.
+
+    Under CUDA autocast ``F.group_norm`` and ``F.layer_norm`` run in float32 (autocast's fp32
+    list), so float16 / bfloat16 input gives float32 output; ``F.instance_norm`` keeps the input
+    dtype, as does every norm on CPU autocast and outside autocast.
+    """
+    if (
+        x.dtype in _LOW_PRECISION
+        and norm in ("group", "layer")
+        and x.device.type == "cuda"
+        and torch.is_autocast_enabled("cuda")
+    ):
+        return torch.float32
+    return x.dtype
+
+
+def use_fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer(x)`` can take the fast path; False means: use the reference path.
+
+    Applies to the unmodified ILMGroupNorm / ILMInstanceNorm / ILMLayerNorm front-ends on
+    float16 / bfloat16 / float32 / float64 input with at least one element, on CPU or CUDA.
+    It does not apply (reference path) when ``ILMCONVERT_REFERENCE=1``, when ``layer.fast`` is
+    False, under autocast on another device type, or for input the reference would reject in
+    the standardization (InstanceNorm with a single position), and for ``(B, C)`` input to a pooled
+    layer (no positions: nothing to gain).
+    """
+    choice = getattr(layer, "fast", None)
+    if choice is False or reference_forced():
+        return False
+    kind = _kind_of(type(layer))
+    if kind is None or x.dtype not in _FLOAT_DTYPES or x.numel() == 0:
+        return False
+    if x.device.type not in ("cpu", "cuda"):
+        return False
+    if kind[0] == "pooled":
+        if x.dim() < 3:
+            return False  # (B, C) input: no positions to pool, nothing to gain; reference path
+        if kind[1] == "instance" and x[0, 0].numel() <= 1:
+            return False  # F.instance_norm raises for one spatial element; let it
+    return True
+
+
+def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The fast ILM forward for ``layer`` (call only when :func:`use_fast_path` is True).
+
+    Args:
+        layer: an ILMGroupNorm / ILMInstanceNorm / ILMLayerNorm (ILMNorm core).
+        x: ``(B, C, *spatial)`` for the pooled front-ends, ``(..., C)`` for LayerNorm (the
+            channels-first LayerNorm passes its permuted view); any float dtype, any strides.
+
+    Returns:
+        The reference path's output (same shape, same dtype, equal up to rounding).
+    """
+    kind = _kind_of(type(layer))
+    assert kind is not None
+    out_dtype = output_dtype(x, kind[1])
+    b_omega, b_beta = layer.weight, layer.bias
+    w1, w2, w3 = layer.encoder.weight, layer.decoder_mu.weight, layer.decoder_gamma.weight
+    if kind[0] == "pooled":
+        groups = layer.num_groups if kind[1] == "group" else layer.num_channels
+        spec = (int(groups), int(layer.key_group_size), float(layer.eps), out_dtype)
+        if _want_triton(layer, x):
+            from . import triton_ilm
+
+            return triton_ilm.pooled_ilm(x, b_omega, b_beta, w1, w2, w3, spec)
+        return _PooledILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
+    spec = (int(layer.key_group_size), float(layer.eps), out_dtype)
+    return _TokenILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
+
+
+def _triton_usable() -> bool:
+    try:
+        from . import triton_ilm  # noqa: F401  (imports triton)
+    except Exception:  # pragma: no cover - triton missing or broken
+        return False
+    return True
+
+
+def _want_triton(layer: nn.Module, x: torch.Tensor) -> bool:
+    choice = getattr(layer, "fast", None)
+    if choice == "torch":
+        return False
+    interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
+    if choice == "triton":
+        return (x.is_cuda or interpret) and _triton_usable()
+    if not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling():
+        return False
+    return _triton_usable() and _pooled_view_strides(x) is not None
+
+
+def _pooled_view_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """Strides ``(sB, sC, sP)`` under which ``x`` is a ``(B, C, P)`` tensor, or None.
+
+    True for contiguous (NCHW-like) and channels_last (NHWC-like) tensors: every spatial dim
+    collapses into one P axis of constant stride.
+    """
+    if x.dim() < 2:
+        return None
+    sizes, strides = x.shape[2:], x.stride()[2:]
+    sp = 1
+    expected = None
+    for size, stride in reversed(list(zip(sizes, strides))):
+        if size == 1:
+            continue
+        if expected is None:
+            sp, expected = stride, stride * size
+        elif stride != expected:
+            return None
+        else:
+            expected = stride * size
+    return x.stride(0), x.stride(1), sp
+
+
+# ====================================================================== shared small pieces
+def _group_moments(m: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan's exact combination of equal-count moments over ``groups`` groups of contiguous channels.
+
+    ``m``, ``v``: ``(..., C)`` means and biased variances; returns ``(..., groups)`` of each.
+    """
+    if groups == m.shape[-1]:
+        return m, v
+    m3 = m.unflatten(-1, (groups, -1))
+    v3 = v.unflatten(-1, (groups, -1))
+    mg = m3.mean(-1)
+    vg = (v3 + (m3 - mg.unsqueeze(-1)).square()).mean(-1)
+    return mg, vg
+
+
+def _up(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """Repeat each of the ``(..., G)`` values over its ``channels // G`` channels: ``(..., C)``."""
+    g = t.shape[-1]
+    if g == channels:
+        return t
+    return t.unsqueeze(-1).expand(*t.shape, channels // g).reshape(*t.shape[:-1], channels)
+
+
+def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum ``(..., C)`` over each group of ``C // groups`` contiguous channels: ``(..., groups)``."""
+    if groups == t.shape[-1]:
+        return t
+    return t.unflatten(-1, (groups, -1)).sum(-1)
+
+
+def _mlp_forward(mu, gamma, w1, w2, w3):
+    """Eqs. 4-5 on ``(R, N)`` key features; returns ``(d_mu, d_gamma, saved)``."""
+    h_mu = mu @ w1.t()
+    h_g = gamma @ w1.t()
+    e_mu, e_g = F.relu(h_mu), F.relu(h_g)
+    d_mu = torch.tanh(e_mu @ w2.t())
+    d_g = torch.sigmoid(e_g @ w3.t())
+    return d_mu, d_g, (e_mu, e_g, d_mu, d_g)
+
+
+def _mlp_backward(g_dmu, g_dg, mu, gamma, w1, w2, w3, saved):
+    """Hand-written backward of :func:`_mlp_forward`.
+
+    Returns ``(g_mu, g_gamma, g_w1, g_w2, g_w3)``; all ``(R, N)`` / weight shaped.
+    """
+    e_mu, e_g, d_mu, d_g = saved
+    z_mu = g_dmu * (1 - d_mu * d_mu)  # tanh'
+    z_g = g_dg * d_g * (1 - d_g)  # sigmoid'
+    g_w2 = z_mu.t() @ e_mu
+    g_w3 = z_g.t() @ e_g
+    h_mu = (z_mu @ w2) * (e_mu > 0)  # relu'
+    h_g = (z_g @ w3) * (e_g > 0)
+    g_w1 = h_mu.t() @ mu + h_g.t() @ gamma
+    return h_mu @ w1, h_g @ w1, g_w1, g_w2, g_w3
+
+
+def _cast_grad(g: torch.Tensor | None, like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    if like is None or not needed or g is None:
+        return None
+    return g.to(like.dtype)
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ====================================================================== pooled (GN / IN)
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (instance, channel) mean and biased variance of ``(B, C, *spatial)`` (>= 1 spatial dim).
+
+    Returns ``(m, v)``, each ``(B, C)`` in float32 (float64 for float64 input). Uses
+    ``torch.var_mean`` (Welford / two-level on every backend), so large means such as
+    ``1e3 + N(0, 1)`` do not lose the variance to cancellation as a sum of squares would.
+    """
+    st = _stats_dtype(x)
+    xf = x if x.dtype == st else x.to(st)
+    v, m = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
+    return m, v
+
+
+def _pooled_coefficients(m_c, v_c, weight, bias, w1, w2, w3, groups, k, eps):
+    """From per-channel moments to ``(a, d)`` (each ``(B, C)``) and what backward needs."""
+    c = m_c.shape[-1]
+    n = c // k
+    mg, vg = _group_moments(m_c, v_c, groups)  # eq. 1 statistics, (B, G)
+    mu, gamma = _group_moments(m_c, v_c, n)  # eq. 3 key features, (B, N)
+    d_mu, d_g, saved = _mlp_forward(mu, gamma, w1, w2, w3)
+    omega = _up(d_g, c) + weight  # eq. 6
+    beta = _up(d_mu, c)
+    if bias is not None:
+        beta = beta + bias
+    rstd = torch.rsqrt(vg + eps)
+    big_m = _up(mg, c)
+    a = omega * _up(rstd, c)
+    d = beta - big_m * a
+    return a, d, (mg, mu, gamma, rstd, omega, saved)
+
+
+def _channel_sums(
+    dy: torch.Tensor, x: torch.Tensor, big_m: torch.Tensor, rstd_c: torch.Tensor, st: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``S0 = sum_p dy`` and ``S1 = sum_p dy * (x - M)`` per (instance, channel), ``(B, C)`` in ``st``.
+
+    ``M`` is the norm-group mean of each channel. Centring keeps ``S1`` exact when the mean is
+    large against the spread (``1e3 + N(0, 1)``), where ``sum dy * x - M * S0`` cancels. In eager
+    CPU mode with contiguous tensors and a well-conditioned input (``|M| * rstd <= 4`` everywhere)
+    the uncentred batched dot product is used instead: no ``(B, C, P)`` temporary. Also returns the
+    centred input ``x - M`` when it was built (the dx pass reuses it), else None.
+    """
+    b, c = x.shape[:2]
+    dims = tuple(range(2, x.dim()))
+    shape = (b, c, *([1] * len(dims)))
+    dyf = dy if dy.dtype == st else dy.to(st)
+    xf = x if x.dtype == st else x.to(st)
+    s0 = dyf.sum(dims)
+    if (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and xf.is_contiguous()
+        and dyf.is_contiguous()
+        and bool((big_m.abs() * rstd_c).max() <= 4.0)
+    ):
+        s1 = torch.bmm(dyf.reshape(b * c, 1, -1), xf.reshape(b * c, -1, 1)).reshape(b, c)
+        return s0, s1 - big_m * s0, None
+    xc = xf - big_m.reshape(shape)
+    return s0, (dyf * xc).sum(dims), xc
+
+
+class _PooledILM(torch.autograd.Function):
+    """ILM+GN / ILM+IN as one autograd node: two passes forward, two passes backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
+        groups, k, eps, out_dtype = spec
+        st = _stats_dtype(x)
+        m_c, v_c = channel_moments(x)
+        p = [t.to(st) if t is not None else None for t in (weight, bias, w1, w2, w3)]
+        a, d, aux = _pooled_coefficients(m_c, v_c, *p, groups, k, eps)
+        shape = (*a.shape, *([1] * (x.dim() - 2)))
+        xf = x if x.dtype == st else x.to(st)
+        y = torch.addcmul(d.reshape(shape), xf, a.reshape(shape))
+        y = y.to(out_dtype)
+        mg, mu, gamma, rstd, omega, saved = aux
+        ctx.spec = spec
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy):
+        groups, k, eps, _ = ctx.spec
+        x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
+        st = m_c.dtype
+        bsz, c = a.shape
+        n = c // k
+        cg = c // groups
+        npos = math.prod(x.shape[2:])
+        w1f, w2f, w3f = w1.to(st), w2.to(st), w3.to(st)
+        big_m = _up(mg, c)
+        r = _up(rstd, c)
+        # y = x * a + d with d = beta - M * a  =>  dL/da = S1 - M S0, dL/dbeta = S0, dL/dM = -a S0
+        s0, g_a, xc = _channel_sums(dy, x, big_m, r, st)
+        g_beta = s0
+        g_omega = g_a * r
+        g_rstd = _group_sum(g_a * omega, groups)
+        g_mg = -_group_sum(a * s0, groups)
+        g_vg = -0.5 * g_rstd * rstd * rstd * rstd
+        g_dg = _group_sum(g_omega, n)
+        g_dmu = _group_sum(g_beta, n)
+        g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
+        # chain through Chan's combination to the per-channel moments
+        g_m = (
+            _up(g_mg, c) / cg
+            + _up(g_vg, c) * (2.0 / cg) * (m_c - big_m)
+            + _up(g_mu, c) / k
+            + _up(g_gamma, c) * (2.0 / k) * (m_c - _up(mu, c))
+        )
+        g_v = _up(g_vg, c) / cg + _up(g_gamma, c) / k
+        # dm/dx = 1/P, dv/dx = 2 (x - m) / P  =>  dx = dy * a + x * e + f  (or (x - M) * e + f')
+        e = g_v * (2.0 / npos)
+        shape = (bsz, c, *([1] * (x.dim() - 2)))
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if xc is not None:
+                f = g_m / npos + e * (big_m - m_c)
+                dx = torch.addcmul(f.reshape(shape), xc, e.reshape(shape))
+            else:
+                f = g_m / npos - e * m_c
+                dx = torch.addcmul(f.reshape(shape), x if x.dtype == st else x.to(st), e.reshape(shape))
+            dx = torch.addcmul(dx, dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
+        need = ctx.needs_input_grad
+        return (
+            dx,
+            _cast_grad(g_omega.sum(0), weight, need[1]),
+            _cast_grad(g_beta.sum(0), bias, need[2]),
+            _cast_grad(g_w1, w1, need[3]),
+            _cast_grad(g_w2, w2, need[4]),
+            _cast_grad(g_w3, w3, need[5]),
+            None,
+        )
+
+
+# ====================================================================== per position (LN)
+class _TokenILM(torch.autograd.Function):
+    """ILM+LN over the last dim, every position an instance, as one autograd node."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
+        k, eps, out_dtype = spec
+        st = _stats_dtype(x)
+        c = x.shape[-1]
+        n = c // k
+        xf = x if x.dtype == st else x.to(st)
+        x3 = xf.unflatten(-1, (n, k))  # (..., N, K), a view
+        gamma, mu = torch.var_mean(x3, dim=-1, correction=0)  # eq. 3, (..., N)
+        lead = mu.shape[:-1]
+        mu2, gamma2 = mu.reshape(-1, n), gamma.reshape(-1, n)
+        mean, var = _group_moments(mu2, gamma2, 1)  # the token's moments, (R, 1)
+        rstd = torch.rsqrt(var + eps)
+        wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
+        d_mu, d_g, saved = _mlp_forward(mu2, gamma2, w1f, w2f, w3f)
+        # a = rstd * (up(D_gamma) + B_omega), d = up(D_mu) + B_beta - mean * a, on (R, N, K)
+        a = (d_g.unsqueeze(-1) + wf.view(n, k)) * rstd.unsqueeze(-1)
+        dd = d_mu.unsqueeze(-1)
+        if bias is not None:
+            dd = dd + bias.to(st).view(n, k)
+        d = torch.addcmul(dd, a, mean.unsqueeze(-1), value=-1.0)
+        y = torch.addcmul(d.view(*lead, n, k), x3, a.view(*lead, n, k)).flatten(-2)
+        ctx.spec = spec
+        ctx.save_for_backward(x, weight, bias, w1, w2, w3, mu2, gamma2, mean, rstd, d_g, *saved)
+        return y.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy):
+        k, eps, _ = ctx.spec
+        x, weight, bias, w1, w2, w3, mu, gamma, mean, rstd, d_g, *saved = ctx.saved_tensors
+        st = mu.dtype
+        c = x.shape[-1]
+        n = c // k
+        rows = mu.shape[0]
+        wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
+        x3 = x.to(st).reshape(rows, n, k)
+        dy3 = dy.to(st).reshape(rows, n, k)
+        xc = x3 - mean.unsqueeze(-1)  # (R, N, K)
+        omega = d_g.unsqueeze(-1) + wf.view(n, k)
+        xhat = xc * rstd.unsqueeze(-1)
+        dy_xhat = dy3 * xhat
+        g_dg = dy_xhat.sum(-1)  # (R, N)
+        g_dmu = dy3.sum(-1)
+        dyo = dy3 * omega  # dL/d(x_hat)
+        g_rstd = (dyo * xc).sum((-1, -2))  # (R,)
+        g_mean = -(dyo.sum((-1, -2))) * rstd.squeeze(-1)
+        g_var = -0.5 * g_rstd * rstd.squeeze(-1) ** 3
+        g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
+        need = ctx.needs_input_grad
+        dx = None
+        if need[0]:
+            # dx = dy*a + g_mean/C + g_var*2(x-mean)/C + g_mu/K + g_gamma*2(x-mu)/K
+            #    = dy*a + (x-mean)*E + Fc  with E, Fc per (row, key group)
+            e = (g_var * (2.0 / c)).view(rows, 1) + g_gamma * (2.0 / k)
+            fc = (g_mean / c).view(rows, 1) + g_mu / k - g_gamma * (2.0 / k) * (mu - mean)
+            dx = torch.addcmul(fc.unsqueeze(-1), xc, e.unsqueeze(-1))
+            dx = torch.addcmul(dx, dyo, rstd.view(rows, 1, 1))
+            dx = dx.reshape(x.shape).to(x.dtype)
+        return (
+            dx,
+            _cast_grad(dy_xhat.sum(0).reshape(c), weight, need[1]),
+            _cast_grad(dy3.sum(0).reshape(c), bias, need[2]),
+            _cast_grad(g_w1, w1, need[3]),
+            _cast_grad(g_w2, w2, need[4]),
+            _cast_grad(g_w3, w3, need[5]),
+            None,
+        )

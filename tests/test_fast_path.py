@@ -1,0 +1,276 @@
+"""The fast path (ilmconvert.nn.fast) against the reference path: outputs and every gradient.
+
+The reference path (``layer.fast = False``) is the oracle. Exactness: 1e-5 relative in float32,
+1e-2 in bfloat16, outputs and gradients of x, weight, bias, W1, W2, W3; on fresh random inputs,
+random parameters (so every term of eqs. 4-6 matters) and awkward shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm
+from ilmconvert.nn import fast
+
+PARAMS = ("weight", "bias", "encoder.weight", "decoder_mu.weight", "decoder_gamma.weight")
+
+
+def _randomize(layer: nn.Module, seed: int, scale: float = 0.5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+        layer.weight.add_(1.0)
+
+
+def _run(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, *, fast_choice):
+    """Output and gradients (x first, then PARAMS) of ``layer`` on ``x`` with upstream ``dy``."""
+    layer = copy.deepcopy(layer)
+    layer.fast = fast_choice
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    params = dict(layer.named_parameters())
+    grads = [x.grad] + [params[n].grad if n in params else None for n in PARAMS]
+    return y.detach(), grads
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| in float64; NaN never passes."""
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _compare(layer, x, *, tol, fast_choice="torch", seed=0):
+    """Fast path vs the reference path evaluated exactly (float64 copy of layer and input).
+
+    In float32 the fast path must also agree with the float32 reference path; in bfloat16 the
+    reference path itself rounds x_s and the rescaling to bfloat16, so only the exact oracle
+    is a fair judge.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(layer(x).shape, generator=g).to(x.dtype)
+    y_f, g_f = _run(layer, x, dy, fast_choice=fast_choice)
+    y_r, g_r = _run(layer, x, dy, fast_choice=False)
+    y_o, g_o = _run(copy.deepcopy(layer).double(), x.double(), dy.double(), fast_choice=False)
+    assert y_f.dtype == y_r.dtype and y_f.shape == y_r.shape
+    checks = [("oracle", y_o, g_o)] + ([("reference", y_r, g_r)] if x.dtype == torch.float32 else [])
+    for what, y_b, g_b in checks:
+        assert _rel(y_f, y_b) < tol, (what, "output", _rel(y_f, y_b))
+        for name, a, b, r in zip(("x",) + PARAMS, g_f, g_b, g_r):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert a.dtype == r.dtype, name
+                assert _rel(a, b) < tol, (what, name, _rel(a, b))
+
+
+# ------------------------------------------------------------------ shapes
+POOLED = [
+    # (factory, input shape)
+    (lambda: ILMGroupNorm(8, 64), (3, 64, 5, 7)),  # odd H*W
+    (lambda: ILMGroupNorm(4, 40), (1, 40, 3, 3)),  # C not divisible by K=16 (K=10), batch 1
+    (lambda: ILMGroupNorm(1, 48), (2, 48, 9)),  # GN(1) = the paper's "LN", 1-d spatial
+    (lambda: ILMGroupNorm(6, 24, key_group_size=4), (2, 24, 2, 3, 3)),  # 3-d spatial
+    (lambda: ILMGroupNorm(32, 32), (2, 32, 4, 4)),  # one channel per norm group
+    (lambda: ILMGroupNorm(4, 32, bias=False), (2, 32, 3, 5)),  # no B_beta
+    (lambda: ILMGroupNorm(2, 16, key_group_size=4), (4, 16, 1)),  # one position
+    (lambda: ILMInstanceNorm(32), (2, 32, 6, 5)),
+    (lambda: ILMInstanceNorm(20, key_group_size=1), (1, 20, 7)),  # the paper's IN scheme K=1
+]
+TOKENS = [
+    (lambda: ILMLayerNorm(48), (2, 7, 48)),
+    (lambda: ILMLayerNorm(40), (5, 40)),  # K=10
+    (lambda: ILMLayerNorm(24, key_group_size=4, bias=False), (3, 2, 5, 24)),
+    (lambda: ILMLayerNorm(32, channels_first=True), (2, 32, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("make, shape", POOLED + TOKENS)
+def test_float32_outputs_and_gradients_match_reference(make, shape):
+    layer = make()
+    _randomize(layer, seed=1)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 2 + 0.3
+    _compare(layer, x, tol=1e-5)
+
+
+@pytest.mark.parametrize("make, shape", [POOLED[0], POOLED[1], POOLED[7], TOKENS[3]])
+def test_channels_last_matches_reference(make, shape):
+    layer = make()
+    _randomize(layer, seed=3)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    _compare(layer, x, tol=1e-5)
+
+
+def test_strided_token_input_matches_reference():
+    layer = ILMLayerNorm(48)
+    _randomize(layer, seed=3)
+    x = torch.randn(7, 2, 48).transpose(0, 1)  # (2, 7, 48), not contiguous
+    _compare(layer, x, tol=1e-5)
+
+
+@pytest.mark.parametrize("make, shape", [POOLED[0], POOLED[1], POOLED[7], TOKENS[0], TOKENS[3]])
+def test_bfloat16_matches_reference(make, shape):
+    layer = make()
+    _randomize(layer, seed=4)
+    x = torch.randn(shape).bfloat16()
+    _compare(layer, x, tol=1e-2)
+
+
+def test_bfloat16_parameters_get_bfloat16_gradients():
+    layer = ILMGroupNorm(4, 32).bfloat16()
+    _randomize(layer, seed=5)
+    _compare(layer, torch.randn(2, 32, 5, 5).bfloat16(), tol=1e-2)
+
+
+@pytest.mark.parametrize("make, shape", [POOLED[0], POOLED[7], TOKENS[0], TOKENS[3]])
+def test_float64_gradcheck_of_the_fast_path(make, shape):
+    layer = make().double()
+    _randomize(layer, seed=6)
+    layer.fast = "torch"
+    small = tuple(min(s, 3) if i != 1 and not (i == len(shape) - 1 and not layer.pooled) else s for i, s in enumerate(shape))
+    x = torch.randn(small, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
+
+    def fn(inp, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ large means
+def _naive_group_norm_stats(x: torch.Tensor, groups: int):
+    """A sum-of-squares variance in float32: what the test must catch."""
+    xg = x.reshape(x.shape[0], groups, -1)
+    m = xg.mean(-1)
+    return m, (xg * xg).mean(-1) - m * m
+
+
+@pytest.mark.parametrize("make, shape", [POOLED[0], POOLED[7], TOKENS[0]])
+def test_large_mean_keeps_the_variance(make, shape):
+    """x = 1e3 + N(0, 1): the fast path against a float64 oracle of the reference path.
+
+    An fp32 input of size 1e3 carries 6e-5 of rounding, so any float32 algorithm is off by
+    about ``eps32 * |x| * |a|`` in the output; the bound allows that and 1e-5 relative besides,
+    and asks the fast path to be no worse than the float32 reference path. A sum-of-squares
+    variance is off by percents and fails (checked below).
+    """
+    layer = make()
+    _randomize(layer, seed=7)
+    g = torch.Generator().manual_seed(8)
+    x = 1e3 + torch.randn(shape, generator=g)
+    dy = torch.randn(shape, generator=g)
+    oracle = copy.deepcopy(layer).double()
+    y64, g64 = _run(oracle, x.double(), dy.double(), fast_choice=False)
+    y_f, g_f = _run(layer, x, dy, fast_choice="torch")
+    y_r, g_r = _run(layer, x, dy, fast_choice=False)
+    bound = 1e-5 * y64.abs().max() + 4 * 2.0**-24 * 1e3 * layer.weight.abs().max().item() * 2
+    err_fast, err_ref = (y_f.double() - y64).abs().max(), (y_r.double() - y64).abs().max()
+    assert err_fast < bound and err_fast <= 2 * err_ref + 1e-5 * y64.abs().max()
+    for name, a, b, c in zip(("x",) + PARAMS, g_f, g_r, g64):
+        if c is None:
+            continue
+        scale = c.abs().max()
+        ea, eb = (a.double() - c).abs().max(), (b.double() - c).abs().max()
+        assert ea <= max(2 * eb, 1e-4 * scale), (name, ea.item(), eb.item(), scale.item())
+    if layer.pooled and isinstance(layer, ILMGroupNorm):
+        _, v_naive = _naive_group_norm_stats(x, layer.num_groups)
+        _, v_exact = _naive_group_norm_stats(x.double(), layer.num_groups)
+        assert (v_naive.double() - v_exact).abs().max() / v_exact.abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ dispatch
+def test_fast_path_is_taken_and_can_be_forced_off(monkeypatch):
+    layer = ILMGroupNorm(4, 32)
+    x = torch.randn(2, 32, 3, 3)
+    calls = []
+    real = fast.forward
+    monkeypatch.setattr(fast, "forward", lambda *a: calls.append(1) or real(*a))
+    layer(x)
+    assert calls == [1]
+    layer.fast = False
+    layer(x)
+    assert calls == [1]
+    layer.fast = None
+    monkeypatch.setenv("ILMCONVERT_REFERENCE", "1")
+    layer(x)
+    assert calls == [1]
+    monkeypatch.delenv("ILMCONVERT_REFERENCE")
+    layer(x)
+    assert calls == [1, 1]
+
+
+def test_fallback_for_overridden_front_ends_and_unsupported_input():
+    class Custom(ILMGroupNorm):
+        def _standardize(self, x):
+            return super()._standardize(x) * 2
+
+    assert not fast.use_fast_path(Custom(4, 32), torch.randn(2, 32, 3))
+    assert fast.use_fast_path(ILMGroupNorm(4, 32), torch.randn(2, 32, 3))
+    assert not fast.use_fast_path(ILMGroupNorm(4, 32), torch.randn(2, 32, 3).long())
+    inorm = ILMInstanceNorm(8)
+    assert not fast.use_fast_path(inorm, torch.randn(2, 8, 1))  # reference raises: let it
+    assert not fast.use_fast_path(ILMGroupNorm(4, 32), torch.randn(2, 32))  # no positions
+    with pytest.raises(ValueError):
+        inorm(torch.randn(2, 8, 1))
+
+
+def test_unbatched_instance_norm_and_eval_no_grad():
+    layer = ILMInstanceNorm(16, spatial_dims=2)
+    _randomize(layer, seed=9)
+    x = torch.randn(16, 5, 5)
+    with torch.no_grad():
+        y = layer(x)
+        layer.fast = False
+        torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_autocast_keeps_the_reference_dtype():
+    layer = ILMGroupNorm(4, 32)
+    _randomize(layer, seed=10)
+    x = torch.randn(2, 32, 4, 4).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        layer.fast = False
+        y_ref = layer(x)
+    assert y.dtype == y_ref.dtype
+    assert _rel(y, y_ref) < 1e-2
+
+
+def test_output_dtype_follows_cuda_autocast_rules():
+    # F.group_norm / F.layer_norm are on CUDA autocast's fp32 list, F.instance_norm is not.
+    x = torch.empty(2, 3, dtype=torch.bfloat16)
+    assert fast.output_dtype(x, "group") == torch.bfloat16  # CPU: never promoted
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [(lambda: ILMGroupNorm(4, 32), (2, 32, 5, 5)), (lambda: ILMLayerNorm(48), (2, 7, 48)),
+     (lambda: ILMLayerNorm(32, channels_first=True), (2, 32, 4, 4))],
+)
+def test_compiled_fast_path_has_no_graph_break_and_matches(make, shape):
+    import torch._dynamo
+
+    layer = make()
+    _randomize(layer, seed=11)
+    x = torch.randn(*shape)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    xr = x.clone().requires_grad_(True)
+    y = compiled(xr)
+    y.square().sum().backward()
+    ref = copy.deepcopy(layer)
+    ref.fast = False
+    xr2 = x.clone().requires_grad_(True)
+    y2 = ref(xr2)
+    y2.square().sum().backward()
+    assert _rel(y, y2) < 1e-5 and _rel(xr.grad, xr2.grad) < 1e-5
+    assert _rel(layer.encoder.weight.grad, ref.encoder.weight.grad) < 1e-5
