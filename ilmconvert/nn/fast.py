@@ -268,16 +268,38 @@ def _stats_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # ====================================================================== pooled (GN / IN)
+#: sum-of-squares variance is used (eager CPU only) where E[x^2] <= this * Var[x]: at most 4 bits lost
+_SUMSQ_MAX_CONDITION = 16.0
+
+
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (instance, channel) mean and biased variance of ``(B, C, *spatial)`` (>= 1 spatial dim).
 
-    Returns ``(m, v)``, each ``(B, C)`` in float32 (float64 for float64 input). Uses
-    ``torch.var_mean`` (Welford / two-level on every backend), so large means such as
-    ``1e3 + N(0, 1)`` do not lose the variance to cancellation as a sum of squares would.
+    Returns ``(m, v)``, each ``(B, C)`` in float32 (float64 for float64 input). Large means such
+    as ``1e3 + N(0, 1)`` never lose the variance to cancellation:
+
+    - compiled or on CUDA: ``torch.var_mean`` (Welford; inductor fuses it into one pass);
+    - eager CPU, channels_last: ``torch.batch_norm_update_stats`` per sample (vectorized Welford);
+    - eager CPU, other layouts: a sum and a sum of squares (two vectorized reductions, ~3x faster
+      than CPU ``var_mean``), accepted only where ``E[x^2] <= 16 Var[x]`` in every channel
+      (at most 4 bits lost); otherwise the exact two-pass ``mean((x - m)^2)``.
     """
     st = _stats_dtype(x)
     xf = x if x.dtype == st else x.to(st)
-    v, m = torch.var_mean(xf, dim=tuple(range(2, x.dim())), correction=0)
+    dims = tuple(range(2, x.dim()))
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        v, m = torch.var_mean(xf, dim=dims, correction=0)
+        return m, v
+    if x.dim() == 4 and xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous():
+        stats = [torch.batch_norm_update_stats(xf[i : i + 1], None, None, 0.0) for i in range(x.shape[0])]
+        return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+    npos = math.prod(x.shape[2:])
+    m = xf.sum(dims) / npos
+    q = torch.linalg.vector_norm(xf, dim=dims).square() / npos  # E[x^2]
+    v = q - m * m
+    if bool((q > _SUMSQ_MAX_CONDITION * v).any()):
+        shape = (*m.shape, *([1] * len(dims)))
+        v = torch.linalg.vector_norm(xf - m.reshape(shape), dim=dims).square() / npos
     return m, v
 
 
@@ -305,10 +327,10 @@ def _channel_sums(
     """``S0 = sum_p dy`` and ``S1 = sum_p dy * (x - M)`` per (instance, channel), ``(B, C)`` in ``st``.
 
     ``M`` is the norm-group mean of each channel. Centring keeps ``S1`` exact when the mean is
-    large against the spread (``1e3 + N(0, 1)``), where ``sum dy * x - M * S0`` cancels. In eager
-    CPU mode with contiguous tensors and a well-conditioned input (``|M| * rstd <= 4`` everywhere)
-    the uncentred batched dot product is used instead: no ``(B, C, P)`` temporary. Also returns the
-    centred input ``x - M`` when it was built (the dx pass reuses it), else None.
+    large against the spread (``1e3 + N(0, 1)``), where ``sum dy * x - M * S0`` cancels; eager
+    mode uses the uncentred sum (no ``(B, C, P)`` temporary for ``x - M``) wherever the input is
+    well conditioned (``|M| * rstd <= 4`` in every channel). Also returns the centred input
+    ``x - M`` when it was built (the dx pass reuses it), else None.
     """
     b, c = x.shape[:2]
     dims = tuple(range(2, x.dim()))
@@ -316,14 +338,8 @@ def _channel_sums(
     dyf = dy if dy.dtype == st else dy.to(st)
     xf = x if x.dtype == st else x.to(st)
     s0 = dyf.sum(dims)
-    if (
-        not torch.compiler.is_compiling()
-        and x.device.type == "cpu"
-        and xf.is_contiguous()
-        and dyf.is_contiguous()
-        and bool((big_m.abs() * rstd_c).max() <= 4.0)
-    ):
-        s1 = torch.bmm(dyf.reshape(b * c, 1, -1), xf.reshape(b * c, -1, 1)).reshape(b, c)
+    if not torch.compiler.is_compiling() and bool((big_m.abs() * rstd_c).max() <= 4.0):
+        s1 = (dyf * xf).sum(dims)
         return s0, s1 - big_m * s0, None
     xc = xf - big_m.reshape(shape)
     return s0, (dyf * xc).sum(dims), xc
@@ -391,7 +407,7 @@ class _PooledILM(torch.autograd.Function):
             else:
                 f = g_m / npos - e * m_c
                 dx = torch.addcmul(f.reshape(shape), x if x.dtype == st else x.to(st), e.reshape(shape))
-            dx = torch.addcmul(dx, dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
+            dx = dx.addcmul_(dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
         need = ctx.needs_input_grad
         return (
             dx,
