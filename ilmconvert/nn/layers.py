@@ -242,7 +242,12 @@ class _ActMixin(nn.Module):
         self.act = act if act is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(super().forward(x)))
+        y = self.drop(super().forward(x))
+        if y._is_view() and torch.is_grad_enabled() and getattr(self.act, "inplace", False):
+            # an in-place activation on a view (LayerNorm2d's permute) of an autograd Function's
+            # output is forbidden: give it its own storage, same strides
+            y = y.clone(memory_format=torch.preserve_format)
+        return self.act(y)
 
 
 class ILMGroupNormAct(_ActMixin, ILMGroupNorm):
