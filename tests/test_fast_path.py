@@ -243,6 +243,30 @@ def test_cpu_autocast_keeps_the_reference_dtype():
     assert _rel(y, y_ref) < 1e-2
 
 
+@pytest.mark.parametrize("make, shape", [POOLED[0], TOKENS[0]])
+def test_float32_input_under_cpu_autocast_stays_exact(make, shape):
+    """Autocast must not reach the statistics or the auto-encoder (the reference disables it).
+
+    Forward under autocast, backward outside it (as in a training loop).
+    """
+    layer = make()
+    _randomize(layer, seed=12)
+    x = torch.randn(shape)
+    dy = torch.randn(shape)
+    outs = []
+    for choice in ("torch", False):
+        lay = copy.deepcopy(layer)
+        lay.fast = choice
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lay(xr)
+        y.backward(dy)
+        outs.append([y.detach(), xr.grad, lay.encoder.weight.grad, lay.weight.grad])
+    assert outs[0][0].dtype == outs[1][0].dtype == torch.float32
+    for a, b in zip(*outs):
+        assert _rel(a, b) < 1e-5
+
+
 def test_output_dtype_follows_cuda_autocast_rules():
     # F.group_norm / F.layer_norm are on CUDA autocast's fp32 list, F.instance_norm is not.
     x = torch.empty(2, 3, dtype=torch.bfloat16)

@@ -152,10 +152,13 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if _want_triton(layer, x):
             from . import triton_ilm
 
-            return triton_ilm.pooled_ilm(x, b_omega, b_beta, w1, w2, w3, spec)
-        return _PooledILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
+            with torch.autocast(x.device.type, enabled=False):
+                return triton_ilm.pooled_ilm(x, b_omega, b_beta, w1, w2, w3, spec)
+        with torch.autocast(x.device.type, enabled=False):  # statistics and MLP never autocast
+            return _PooledILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
     spec = (int(layer.key_group_size), float(layer.eps), out_dtype)
-    return _TokenILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
+    with torch.autocast(x.device.type, enabled=False):
+        return _TokenILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
 
 
 def _triton_usable() -> bool:
@@ -368,56 +371,82 @@ class _PooledILM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy):
-        groups, k, eps, _ = ctx.spec
+        with torch.autocast(dy.device.type, enabled=False):
+            return _PooledILM._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx: Any, dy):
         x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
         st = m_c.dtype
-        bsz, c = a.shape
-        n = c // k
-        cg = c // groups
-        npos = math.prod(x.shape[2:])
-        w1f, w2f, w3f = w1.to(st), w2.to(st), w3.to(st)
+        c = a.shape[1]
         big_m = _up(mg, c)
-        r = _up(rstd, c)
-        # y = x * a + d with d = beta - M * a  =>  dL/da = S1 - M S0, dL/dbeta = S0, dL/dM = -a S0
-        s0, g_a, xc = _channel_sums(dy, x, big_m, r, st)
-        g_beta = s0
-        g_omega = g_a * r
-        g_rstd = _group_sum(g_a * omega, groups)
-        g_mg = -_group_sum(a * s0, groups)
-        g_vg = -0.5 * g_rstd * rstd * rstd * rstd
-        g_dg = _group_sum(g_omega, n)
-        g_dmu = _group_sum(g_beta, n)
-        g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
-        # chain through Chan's combination to the per-channel moments
-        g_m = (
-            _up(g_mg, c) / cg
-            + _up(g_vg, c) * (2.0 / cg) * (m_c - big_m)
-            + _up(g_mu, c) / k
-            + _up(g_gamma, c) * (2.0 / k) * (m_c - _up(mu, c))
+        s0, g_a, xc = _channel_sums(dy, x, big_m, _up(rstd, c), st)
+        npos = math.prod(x.shape[2:])
+        e, f0, grads = _pooled_small_backward(
+            s0, g_a, ctx.spec, npos, (weight, bias, w1, w2, w3), m_c, a, mg, mu, gamma, rstd, omega, saved,
+            ctx.needs_input_grad,
         )
-        g_v = _up(g_vg, c) / cg + _up(g_gamma, c) / k
-        # dm/dx = 1/P, dv/dx = 2 (x - m) / P  =>  dx = dy * a + x * e + f  (or (x - M) * e + f')
-        e = g_v * (2.0 / npos)
-        shape = (bsz, c, *([1] * (x.dim() - 2)))
+        shape = (*a.shape, *([1] * (x.dim() - 2)))
         dx = None
         if ctx.needs_input_grad[0]:
-            if xc is not None:
-                f = g_m / npos + e * (big_m - m_c)
-                dx = torch.addcmul(f.reshape(shape), xc, e.reshape(shape))
+            # dx = dy * a + (x - m) * e + f0  (dm/dx = 1/P, dv/dx = 2 (x - m) / P)
+            if xc is not None:  # xc = x - M
+                dx = torch.addcmul((f0 + e * (big_m - m_c)).reshape(shape), xc, e.reshape(shape))
             else:
-                f = g_m / npos - e * m_c
-                dx = torch.addcmul(f.reshape(shape), x if x.dtype == st else x.to(st), e.reshape(shape))
+                xf = x if x.dtype == st else x.to(st)
+                dx = torch.addcmul((f0 - e * m_c).reshape(shape), xf, e.reshape(shape))
             dx = dx.addcmul_(dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
-        need = ctx.needs_input_grad
-        return (
-            dx,
-            _cast_grad(g_omega.sum(0), weight, need[1]),
-            _cast_grad(g_beta.sum(0), bias, need[2]),
-            _cast_grad(g_w1, w1, need[3]),
-            _cast_grad(g_w2, w2, need[4]),
-            _cast_grad(g_w3, w3, need[5]),
-            None,
-        )
+        return (dx, *grads, None)
+
+
+def _pooled_small_backward(s0, g_a, spec, npos, params, m_c, a, mg, mu, gamma, rstd, omega, saved, needs):
+    """Backward of everything between the two passes, on ``(B, C)`` tensors.
+
+    Args:
+        s0: ``sum_p dy`` per (instance, channel); g_a: ``sum_p dy * (x - M)`` (= dL/da).
+        spec: ``(groups, K, eps, out_dtype)``; npos: P, positions per instance.
+        params: ``(weight, bias, w1, w2, w3)`` as given to the forward (for dtypes).
+
+    Returns:
+        ``(e, f0, grads)`` with ``dx = dy * a + (x - m_c) * e + f0`` and ``grads`` the gradients of
+        ``(weight, bias, w1, w2, w3)`` (None where not needed).
+    """
+    groups, k, _, _ = spec
+    weight, bias, w1, w2, w3 = params
+    st = m_c.dtype
+    c = a.shape[1]
+    n = c // k
+    cg = c // groups
+    w1f, w2f, w3f = w1.to(st), w2.to(st), w3.to(st)
+    big_m = _up(mg, c)
+    r = _up(rstd, c)
+    # y = (x - M) * a + beta, a = omega * rstd: dL/dbeta = S0, dL/dM = -a S0
+    g_beta = s0
+    g_omega = g_a * r
+    g_rstd = _group_sum(g_a * omega, groups)
+    g_mg = -_group_sum(a * s0, groups)
+    g_vg = -0.5 * g_rstd * rstd * rstd * rstd
+    g_dg = _group_sum(g_omega, n)
+    g_dmu = _group_sum(g_beta, n)
+    g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
+    # chain through Chan's combination to the per-channel moments
+    g_m = (
+        _up(g_mg, c) / cg
+        + _up(g_vg, c) * (2.0 / cg) * (m_c - big_m)
+        + _up(g_mu, c) / k
+        + _up(g_gamma, c) * (2.0 / k) * (m_c - _up(mu, c))
+    )
+    g_v = _up(g_vg, c) / cg + _up(g_gamma, c) / k
+    e = g_v * (2.0 / npos)
+    f0 = g_m / npos
+    grads = (
+        _cast_grad(g_omega.sum(0), weight, needs[1]),
+        _cast_grad(g_beta.sum(0), bias, needs[2]),
+        _cast_grad(g_w1, w1, needs[3]),
+        _cast_grad(g_w2, w2, needs[4]),
+        _cast_grad(g_w3, w3, needs[5]),
+    )
+    return e, f0, grads
 
 
 # ====================================================================== per position (LN)
@@ -453,6 +482,11 @@ class _TokenILM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy):
+        with torch.autocast(dy.device.type, enabled=False):
+            return _TokenILM._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx: Any, dy):
         k, eps, _ = ctx.spec
         x, weight, bias, w1, w2, w3, mu, gamma, mean, rstd, d_g, *saved = ctx.saved_tensors
         st = mu.dtype

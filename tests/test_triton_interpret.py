@@ -1,0 +1,89 @@
+"""The Triton kernels of the pooled fast path, run by Triton's interpreter on CPU.
+
+``TRITON_INTERPRET=1`` must be in the environment before Triton is imported, and recent PyTorch
+imports Triton with ``import torch``. So in an ordinary test session the single launcher test
+below re-runs this file in a child process with ``TRITON_INTERPRET=1``; in that child the kernel
+tests run and the launcher skips itself. Skipped where Triton is not installed. Shapes stay
+tiny: the interpreter executes every program in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm
+
+pytest.importorskip("triton")
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the child process (see module doc)")
+
+from test_fast_path import _compare, _randomize  # noqa: E402
+
+
+@pytest.mark.skipif(INTERPRETING, reason="this is the child")
+def test_kernels_under_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" in proc.stdout
+
+CASES = [
+    (lambda: ILMGroupNorm(8, 64), (2, 64, 5, 7)),  # odd H*W, channels-first tiles
+    (lambda: ILMGroupNorm(4, 40), (1, 40, 3, 3)),  # K = 10, batch 1
+    (lambda: ILMGroupNorm(2, 16, bias=False), (2, 16, 9, 9)),  # several P tiles per reduction
+    (lambda: ILMInstanceNorm(24, key_group_size=4), (2, 24, 6, 5)),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("make, shape", CASES)
+def test_triton_matches_reference_float32(make, shape, layout, monkeypatch):
+    from ilmconvert.nn import triton_ilm
+
+    calls = []
+    real = triton_ilm.moments
+    monkeypatch.setattr(triton_ilm, "moments", lambda x: calls.append(1) or real(x))
+    layer = make()
+    _randomize(layer, seed=21)
+    x = torch.randn(shape) * 1.5 - 0.4
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _compare(layer, x, tol=1e-5, fast_choice="triton")
+    assert calls, "the Triton kernels were not used"
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_triton_half_precision(dtype, layout):
+    layer = ILMGroupNorm(8, 64)
+    _randomize(layer, seed=22)
+    x = torch.randn(2, 64, 5, 7).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _compare(layer, x, tol=1e-2, fast_choice="triton")
+
+
+@needs_interpreter
+def test_triton_large_mean_is_exact():
+    """1e3 + N(0, 1): tile-wise Chan merging keeps the variance; centred sums keep the gradients."""
+    from ilmconvert.nn import triton_ilm
+
+    x = 1e3 + torch.randn(2, 32, 7, 9)
+    m, v = triton_ilm.moments(x)
+    v64, m64 = torch.var_mean(x.double(), dim=(2, 3), correction=0)
+    assert ((v.double() - v64).abs() / v64).max() < 1e-5
+    assert ((m.double() - m64).abs() / m64).max() < 1e-7
+    y = triton_ilm.apply(x, m, torch.ones_like(m), torch.zeros_like(m), torch.float32)
+    assert (y.double() - (x.double() - m64[..., None, None])).abs().max() < 1e-4
