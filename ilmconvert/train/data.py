@@ -1,0 +1,270 @@
+"""Image classification data: an ImageFolder tree or torchvision's CIFAR-10 / CIFAR-100.
+
+``DATA`` is either a folder with ``train/`` and ``test/`` (or ``val/``) sub-folders in the
+torchvision :class:`~torchvision.datasets.ImageFolder` layout (``train/<class>/<image>``), or the
+word ``cifar10`` / ``cifar100`` (torchvision's datasets, downloaded into ``data_root``; offline the
+download fails with a one-line :class:`DataError` that suggests an ImageFolder path instead).
+
+Images travel as uint8 ``(3, H, W)`` tensors: they are decoded once (into memory when
+``cache`` is on: 3 KiB per 32x32 image, 180 MiB for all of CIFAR-10), augmented with torchvision
+``transforms.v2`` (RandomCrop with padding + horizontal flip), batched, and only converted to
+float and normalized on the training device (:func:`to_input`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import IlmconvertError
+from .recipes import DataSettings
+
+TORCHVISION_DATASETS = ("cifar10", "cifar100")
+TEST_SPLIT_NAMES = ("test", "val")
+
+
+class DataError(IlmconvertError):
+    """The data cannot be found, downloaded or read; the message says what to pass instead."""
+
+
+def default_data_root() -> Path:
+    """Where ``cifar10`` / ``cifar100`` are downloaded: ``$ILMCONVERT_DATA`` or ~/.cache/ilmconvert/data."""
+    return Path(os.environ.get("ILMCONVERT_DATA", Path.home() / ".cache" / "ilmconvert" / "data"))
+
+
+@dataclass
+class DataSource:
+    """Where the images of one DATA argument come from.
+
+    Attributes:
+        name: the DATA argument as given (``cifar10`` or a folder path).
+        kind: ``imagefolder``, ``cifar10`` or ``cifar100``.
+        root: the ImageFolder root, or the torchvision download folder.
+        splits: ``{"train": path, "test": path}`` for ImageFolder (``test`` may be a ``val/`` folder).
+    """
+
+    name: str
+    kind: str
+    root: Path
+    splits: dict[str, Path]
+
+
+def resolve_data(data: str, data_root: str | Path | None = None) -> DataSource:
+    """Find the data that ``data`` names, without reading any image.
+
+    Raises:
+        DataError: a folder that does not exist or lacks ``train/`` / ``test/`` (or ``val/``).
+    """
+    if data.lower() in TORCHVISION_DATASETS:
+        return DataSource(data, data.lower(), Path(data_root) if data_root else default_data_root(), {})
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; pass an ImageFolder root with train/ and test/ (or val/), or cifar10 / cifar100")
+    splits = {}
+    if (root / "train").is_dir():
+        splits["train"] = root / "train"
+    test = next((root / n for n in TEST_SPLIT_NAMES if (root / n).is_dir()), None)
+    if test is not None:
+        splits["test"] = test
+    missing = [n for n in ("train", "test") if n not in splits]
+    if missing:
+        wanted = " and ".join("test/ (or val/)" if n == "test" else "train/" for n in missing)
+        raise DataError(f"data folder {root} has no {wanted} sub-folder; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
+    return DataSource(data, "imagefolder", root, splits)
+
+
+# ------------------------------------------------------------------------------------------ images
+def _decode(path: str, size: int) -> np.ndarray:
+    """One image file as a (size, size, 3) uint8 array: RGB, shorter side resized, center-cropped."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = F.center_crop(F.resize(image, size), size)
+        return np.asarray(image)
+
+
+class ImageSet(Dataset):
+    """Labelled images as uint8 ``(3, H, W)`` tensors, decoded on demand or all at once.
+
+    Args:
+        items: per image, a file path (str) or an (H, W, 3) uint8 array.
+        labels: class index per image.
+        classes: class names, index order.
+        image_size: square size in pixels that images are brought to.
+        transform: applied to each uint8 ``(3, H, W)`` tensor (e.g. torchvision v2 RandomCrop).
+        cache: decode all files now (with a thread pool) and keep them as one uint8 tensor.
+
+    ``ds[i]`` returns ``(image uint8 (3, H, W), label int)``.
+
+    Raises:
+        DataError: an image file that cannot be decoded.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[Any],
+        labels: Sequence[int],
+        classes: Sequence[str],
+        image_size: int,
+        transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        cache: bool = True,
+    ) -> None:
+        self.items = list(items)
+        self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
+        self.classes = list(classes)
+        self.image_size = image_size
+        self.transform = transform
+        self.images: torch.Tensor | None = None
+        if cache:
+            self.images = self._decode_all()
+
+    def _load(self, item: Any) -> np.ndarray:
+        if isinstance(item, np.ndarray):
+            return item
+        try:
+            return _decode(item, self.image_size)
+        except Exception as err:  # PIL raises several types for broken files
+            raise DataError(f"cannot decode image {item}: {type(err).__name__}: {err}") from err
+
+    def _decode_all(self) -> torch.Tensor:
+        """All images as one uint8 tensor (N, 3, H, W); PIL decodes without the GIL, so threads help."""
+        workers = min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            arrays = list(pool.map(self._load, self.items, chunksize=256))
+        if not arrays:
+            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.images is not None:
+            image = self.images[index]
+        else:
+            image = torch.from_numpy(self._load(self.items[index])).permute(2, 0, 1).contiguous()
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+def train_transform(settings: DataSettings) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The training augmentation on uint8 tensors: ``cifar`` = RandomCrop(size, padding=size // 8)
+    (4 px at 32 px) + RandomHorizontalFlip, as in the paper and in most CIFAR work; ``none``."""
+    if settings.augment == "none":
+        return None
+    from torchvision.transforms import v2
+
+    size = settings.image_size
+    return v2.Compose([v2.RandomCrop(size, padding=max(1, size // 8)), v2.RandomHorizontalFlip()])
+
+
+def subset_indices(total: int, size: int | None, seed: int) -> list[int]:
+    """A fixed random subset of ``range(total)`` of ``size`` indices (sorted), or all of them."""
+    if size is None or size >= total:
+        return list(range(total))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(total, generator=generator)[:size].tolist())
+
+
+def _torchvision_split(source: DataSource, split: str) -> Any:
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[source.kind]
+    try:
+        return cls(str(source.root), train=split == "train", download=True)
+    except Exception as err:  # URLError, socket errors, checksum errors, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(
+            f"cannot download {source.kind} into {source.root} ({type(err).__name__}: {first}); offline, pass an "
+            f"ImageFolder root with train/ and test/ instead (e.g. --data /path/to/{source.kind})"
+        ) from None
+
+
+def open_split(
+    source: DataSource,
+    split: str,
+    settings: DataSettings,
+    *,
+    subset: int | None = None,
+    seed: int = 0,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> ImageSet:
+    """The ``train`` or ``test`` split of ``source`` as an :class:`ImageSet`.
+
+    Args:
+        subset: keep a fixed random subset of this many images (``seed`` picks it).
+        transform: per-image augmentation (see :func:`train_transform`).
+
+    Raises:
+        DataError: missing / empty folders, undecodable images, impossible download.
+    """
+    if source.kind == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        folder = source.splits[split]
+        try:
+            dataset = ImageFolder(str(folder))
+        except (FileNotFoundError, OSError) as err:
+            raise DataError(f"data folder {folder}: {str(err).splitlines()[0]}; expected {folder}/<class>/<image>") from None
+        indices = subset_indices(len(dataset.samples), subset, seed)
+        items = [dataset.samples[i][0] for i in indices]
+        labels = [dataset.samples[i][1] for i in indices]
+        classes = dataset.classes
+    else:
+        dataset = _torchvision_split(source, split)
+        indices = subset_indices(len(dataset.targets), subset, seed)
+        items = [dataset.data[i] for i in indices]  # (32, 32, 3) uint8 arrays, already in memory
+        labels = [int(dataset.targets[i]) for i in indices]
+        classes = dataset.classes
+    return ImageSet(items, labels, classes, settings.image_size, transform=transform, cache=settings.cache)
+
+
+def check_same_classes(train: ImageSet, test: ImageSet, source: DataSource) -> None:
+    """Raise :class:`DataError` when the train and test splits name different classes."""
+    if train.classes != test.classes:
+        extra = sorted(set(train.classes) ^ set(test.classes))
+        raise DataError(
+            f"data {source.name}: train/ and test/ have different class folders ({len(train.classes)} vs "
+            f"{len(test.classes)}; e.g. {extra[0] if extra else 'different order'})"
+        )
+
+
+def make_loader(dataset: ImageSet, batch_size: int, *, train: bool, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset`` yielding (uint8 (B, 3, H, W), int64 (B,)).
+
+    Training loaders shuffle with their own generator: call ``loader.generator.manual_seed(s)``
+    before each epoch to make the order depend only on (seed, epoch), which makes ``--resume``
+    replay the same order as an uninterrupted run.
+    """
+    generator = torch.Generator().manual_seed(seed) if train else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) >= 2 * batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        generator=generator,
+    )
+
+
+def to_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> normalized float32 on ``device``: ``(x / 255 - mean) / std``."""
+    from torchvision.transforms.v2 import functional as F
+
+    x = images.to(device, non_blocking=True).float().div_(255.0)
+    x = F.normalize(x, list(mean), list(std))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

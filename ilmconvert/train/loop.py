@@ -1,0 +1,275 @@
+"""The training loop's parts: device, network, optimizer, scheduler, one epoch, evaluation.
+
+SGD with momentum comes from timm's optimizer factory (``opt='momentum'``; biases and norm
+parameters get no weight decay, as timm does), the learning-rate schedule from timm's scheduler
+factory, stepped per update. On CUDA the network runs in channels-last memory format under bf16
+autocast; on CPU in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import IlmconvertError
+from .data import to_input
+from .recipes import ConversionSettings, DataSettings, ModelSettings, TrainSettings
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class TrainError(IlmconvertError):
+    """Training cannot start or go on as asked (no CUDA, diverged loss, ...)."""
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
+
+    Raises:
+        TrainError: unknown name, or ``cuda`` on a machine without CUDA.
+    """
+    if name not in DEVICES:
+        raise TrainError(f"--device must be one of {', '.join(DEVICES)}; got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Precision:
+    """How the network runs on ``device``: bf16 autocast and channels-last on CUDA only."""
+
+    device: torch.device
+
+    @property
+    def autocast(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device.type == "cuda"
+
+    def context(self) -> Any:
+        """The autocast context (disabled on CPU)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device (channels-last on CUDA); returns it."""
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+
+# ------------------------------------------------------------------------------------------ network
+def build_network(model: ModelSettings, conversion: ConversionSettings, num_classes: int, seed: int = 0) -> nn.Module:
+    """Create the recipe's network for ``num_classes`` classes and convert it to ILM Norm.
+
+    Uses :func:`ilmconvert.create_model` (``pretrained`` as the recipe says), applies the recipe's
+    adaptations (recorded in ``model.ilm_source`` so that :func:`ilmconvert.load` re-applies them)
+    and :func:`ilmconvert.convert`. ``seed`` seeds the fresh weights.
+
+    Raises:
+        ModelSourceError, ConversionError: bad network name, kwargs, adaptation or settings.
+    """
+    from ..convert import convert
+    from ..models import adapt, create_model
+
+    torch.manual_seed(seed)
+    network = create_model(model.name, pretrained=model.pretrained, num_classes=num_classes, **model.kwargs)
+    for name in model.adaptations:
+        adapt(network, name)
+    convert(network, **conversion.model_dump())
+    return network
+
+
+def fit_classifier(network: nn.Module, num_classes: int) -> bool:
+    """Resize the classifier of a converted network to ``num_classes`` when it differs.
+
+    Returns:
+        True when the head was replaced (freshly initialized), False when it already fit.
+    """
+    from ..models import classifier_size, resize_classifier
+
+    if classifier_size(network) == num_classes:
+        return False
+    resize_classifier(network, num_classes)
+    return True
+
+
+# ------------------------------------------------------------------------------------------ optimization
+def create_optimizer(network: nn.Module, train: TrainSettings) -> torch.optim.Optimizer:
+    """SGD with momentum through ``timm.optim.create_optimizer_v2(opt='momentum')``."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(network, opt="momentum", lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, train: TrainSettings, updates_per_epoch: int) -> Any:
+    """A per-update timm scheduler (``timm.scheduler.create_scheduler_v2``); ``None`` for ``sched: none``.
+
+    Raises:
+        TrainError: a scheduler name timm does not know.
+    """
+    from timm.scheduler import create_scheduler_v2
+
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=train.sched,
+            num_epochs=train.epochs,
+            warmup_epochs=train.warmup_epochs,
+            warmup_lr=train.warmup_lr,
+            min_lr=train.min_lr,
+            decay_milestones=train.decay_milestones,
+            decay_epochs=train.decay_milestones[0] if train.decay_milestones else 30,
+            decay_rate=train.decay_rate,
+            step_on_epochs=False,
+            updates_per_epoch=max(1, updates_per_epoch),
+        )
+    except (AssertionError, ValueError, TypeError) as err:
+        raise TrainError(f"timm cannot create the {train.sched!r} scheduler: {err}") from None
+    return scheduler
+
+
+def accuracy_counts(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """Number of samples whose target is among the top-k logits, per k (k capped at the class count).
+
+    Args:
+        logits: (B, classes) float; target: (B,) int64.
+
+    Returns:
+        One 0-d int64 tensor (a count, not a percentage) per k, on ``logits``' device.
+    """
+    maxk = min(max(topk), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hits = top.eq(target[:, None])
+    return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in topk]
+
+
+@dataclass
+class Batches:
+    """Hooks that let a caller draw progress: ``start(total)``, ``advance(loss)``, ``stop()``."""
+
+    start: Callable[[int], None] = lambda total: None
+    advance: Callable[[Optional[float]], None] = lambda loss: None
+    stop: Callable[[], None] = lambda: None
+
+
+def train_one_epoch(
+    network: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    train: TrainSettings,
+    data: DataSettings,
+    precision: Precision,
+    num_updates: int,
+    batches: Batches | None = None,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``.
+
+    Returns:
+        (``{"train_loss", "train_top1" (percent), "images", "seconds", "images_per_s"}``,
+        the update count after the epoch).
+
+    Raises:
+        TrainError: when the loss becomes NaN or infinite (lower the learning rate).
+    """
+    batches = batches or Batches()
+    criterion = nn.CrossEntropyLoss(label_smoothing=train.label_smoothing)
+    network.train()
+    device = precision.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    seen = 0
+    batches.start(len(loader))
+    start = time.perf_counter()
+    for step, (images, labels) in enumerate(loader):
+        x = to_input(images, data.mean, data.std, device, precision.channels_last)
+        y = labels.to(device, non_blocking=True)
+        with precision.context():
+            logits = network(x)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        num_updates += 1
+        if scheduler is not None:
+            scheduler.step_update(num_updates=num_updates)
+        loss_sum += loss.detach().double() * y.shape[0]
+        correct += accuracy_counts(logits.detach(), y, (1,))[0]
+        seen += y.shape[0]
+        shown = None
+        if step % 10 == 0:
+            shown = float(loss.detach())
+            if not math.isfinite(shown):
+                raise TrainError(f"the training loss became {shown} at update {num_updates}; lower --lr")
+        batches.advance(shown)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    batches.stop()
+    mean_loss = float(loss_sum) / max(1, seen)
+    if not math.isfinite(mean_loss):
+        raise TrainError(f"the training loss became {mean_loss} in this epoch; lower --lr")
+    return {
+        "train_loss": mean_loss,
+        "train_top1": 100.0 * float(correct) / max(1, seen),
+        "images": seen,
+        "seconds": seconds,
+        "images_per_s": seen / max(seconds, 1e-9),
+    }, num_updates
+
+
+@torch.no_grad()
+def evaluate(network: nn.Module, loader: DataLoader, data: DataSettings, precision: Precision, batches: Batches | None = None) -> dict[str, float]:
+    """Cross-entropy loss and top-1 / top-5 accuracy of ``network`` over ``loader``.
+
+    Returns:
+        ``{"loss" (mean, nats), "top1", "top5" (percent), "images" (count), "seconds"}``.
+    """
+    batches = batches or Batches()
+    network.eval()
+    device = precision.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    hits = torch.zeros(2, device=device, dtype=torch.int64)
+    seen = 0
+    batches.start(len(loader))
+    start = time.perf_counter()
+    for images, labels in loader:
+        x = to_input(images, data.mean, data.std, device, precision.channels_last)
+        y = labels.to(device, non_blocking=True)
+        with precision.context():
+            logits = network(x)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        hits += torch.stack(accuracy_counts(logits, y, (1, 5)))
+        seen += y.shape[0]
+        batches.advance(None)
+    batches.stop()
+    n = max(1, seen)
+    return {
+        "loss": float(loss_sum) / n,
+        "top1": 100.0 * float(hits[0]) / n,
+        "top5": 100.0 * float(hits[1]) / n,
+        "images": seen,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make the data order and augmentation of ``epoch`` depend only on (seed, epoch)."""
+    torch.manual_seed(seed * 1000 + epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed * 1000 + epoch)
+

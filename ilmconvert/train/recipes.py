@@ -1,0 +1,241 @@
+"""Training recipes: YAML files that name a network, its conversion and its training settings.
+
+A recipe is validated with pydantic; unknown keys are refused (a typo must not silently fall back
+to a default), and every problem becomes a one-line :class:`RecipeError` that names the file and
+the key. Bundled recipes live in the top-level ``recipes/`` folder, shipped in the wheel as the
+package ``ilmconvert.recipes``, and are read through :mod:`importlib.resources`.
+
+Example (``recipes/cifar10-smoke.yaml``)::
+
+    description: small GN ResNet on CIFAR-10 for a CPU
+    model: {name: "timm:resnet18", pretrained: false, kwargs: {norm_layer: groupnorm}}
+    conversion: {init: paper}
+    train: {epochs: 3, batch_size: 64, lr: 0.05}
+    data: {train_subset: 20000, test_subset: 2000}
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from ..errors import IlmconvertError
+
+RECIPE_PACKAGE = "ilmconvert.recipes"
+
+#: CIFAR-10 per-channel mean / std of the training images, in [0, 1] units (RGB).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class RecipeError(IlmconvertError):
+    """A recipe cannot be found, parsed or validated; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelSettings(_Strict):
+    """Which network to build when ``finetune`` is not given a converted checkpoint.
+
+    Attributes:
+        name: ``timm:NAME[.TAG]``, ``torchvision:NAME[.WEIGHTS]`` or a bare timm name.
+        pretrained: start from the library's pretrained weights (needs the hub, or its cache).
+        kwargs: constructor keyword arguments (JSON values only: they are saved in the checkpoint).
+        adaptations: structural changes by name (:data:`ilmconvert.models.ADAPTATIONS`), e.g.
+            ``["cifar_stem"]``: the paper's 3x3 stride-1 stem without max-pooling.
+    """
+
+    name: str
+    pretrained: bool = False
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    adaptations: list[str] = Field(default_factory=list)
+
+
+class ConversionSettings(_Strict):
+    """Arguments of :func:`ilmconvert.convert` (see its docstring for their meaning)."""
+
+    norms: str = "gn,in,ln"
+    init: Literal["preserve", "paper"] = "paper"
+    key_group_size: PositiveInt = 16
+    reduction: PositiveInt = 16
+    include: Optional[list[str]] = None
+    exclude: Optional[list[str]] = None
+    batchnorm: Optional[Literal["gn"]] = None
+
+
+class TrainSettings(_Strict):
+    """Optimization settings: SGD with momentum (timm ``opt='momentum'``) and a timm scheduler.
+
+    Attributes:
+        epochs: number of passes over the (sub-sampled) training set.
+        batch_size: images per step.
+        lr: peak learning rate (after warm-up).
+        momentum, weight_decay: SGD settings; the paper uses 0.9 and 5e-4. As in timm, biases
+            and norm parameters get no weight decay.
+        sched: a timm scheduler name (``cosine``, ``step``, ``multistep``, ``none`` ...).
+        warmup_epochs, warmup_lr, min_lr: scheduler settings, learning rates in absolute units.
+        decay_milestones, decay_rate: for ``multistep`` / ``step``.
+        label_smoothing: cross-entropy label smoothing.
+        seed: seeds the network initialization, the data order and augmentation.
+        cpu_threads: torch intra-op threads when training on CPU (``None``: torch's default, one
+            per core). Small networks train faster on one thread: OpenMP synchronization then
+            costs more than a second core gains, and the other core is left to the data loader
+            (``data.num_workers: 1``) or to other work.
+    """
+
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 128
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    sched: str = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    warmup_lr: float = Field(1e-5, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    decay_milestones: list[int] = Field(default_factory=lambda: [60, 120, 160])
+    decay_rate: float = Field(0.2, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    cpu_threads: Optional[PositiveInt] = None
+
+
+class DataSettings(_Strict):
+    """Input pipeline settings.
+
+    Attributes:
+        image_size: images are (resized and center-cropped to) this square size, in pixels.
+        mean, std: per-channel normalization of [0, 1] RGB pixels.
+        augment: ``cifar`` = RandomCrop(image_size, padding=image_size // 8) + horizontal flip
+            (the standard CIFAR augmentation, padding 4 at 32 px); ``none``.
+        cache: decode every image once into memory as uint8 (3 bytes per pixel) instead of
+            decoding JPEG files at each epoch.
+        train_subset, test_subset: use a fixed random subset (seeded) of this many images.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        eval_batch_size: images per evaluation step.
+    """
+
+    image_size: PositiveInt = 32
+    mean: tuple[float, float, float] = CIFAR10_MEAN
+    std: tuple[float, float, float] = CIFAR10_STD
+    augment: Literal["cifar", "none"] = "cifar"
+    cache: bool = True
+    train_subset: Optional[PositiveInt] = None
+    test_subset: Optional[PositiveInt] = None
+    num_workers: int = Field(0, ge=0)
+    eval_batch_size: PositiveInt = 256
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(value) <= 0:
+            raise ValueError("std entries must be > 0")
+        return value
+
+
+class Recipe(_Strict):
+    """A complete fine-tuning recipe (see the module docstring for the YAML layout)."""
+
+    name: str = ""
+    description: str = ""
+    model: ModelSettings
+    conversion: ConversionSettings = Field(default_factory=ConversionSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+
+    def with_overrides(self, *, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None) -> Recipe:
+        """A copy with the given training settings replaced (``None`` keeps the recipe's)."""
+        changes = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+        if not changes:
+            return self
+        merged = self.train.model_dump() | changes
+        return self.model_copy(update={"train": _validate(TrainSettings, merged, "command line")})
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML (what ``finetune`` writes to ``RUN/recipe.yaml``)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _describe(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        return f"recipe {origin}: unknown key {key!r}{more}"
+    if first["type"] == "missing":
+        return f"recipe {origin}: missing key {key!r}{more}"
+    return f"recipe {origin}: {key}: {first['msg']}{more}"
+
+
+def _validate(cls: type[BaseModel], data: Any, origin: str) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_describe(err, origin)) from None
+
+
+# ------------------------------------------------------------------------------------------ loading
+def parse_recipe(text: str, origin: str, default_name: str = "") -> Recipe:
+    """Parse and validate recipe YAML ``text``; ``origin`` names it in error messages.
+
+    Raises:
+        RecipeError: YAML syntax error, not a mapping, unknown or missing key, bad value.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"recipe {origin}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {origin}: expected a mapping with model/conversion/train/data keys")
+    recipe = _validate(Recipe, data, origin)
+    if not recipe.name:
+        recipe.name = default_name
+    return recipe
+
+
+def bundled_recipes() -> dict[str, str]:
+    """Names of the bundled recipes mapped to their YAML text (read from package resources)."""
+    found = {}
+    for entry in resources.files(RECIPE_PACKAGE).iterdir():
+        if entry.name.endswith(".yaml") and entry.is_file():
+            found[entry.name[: -len(".yaml")]] = entry.read_text(encoding="utf-8")
+    return dict(sorted(found.items()))
+
+
+def list_recipes() -> list[Recipe]:
+    """The bundled recipes, validated, sorted by name.
+
+    Raises:
+        RecipeError: if a bundled recipe is invalid (a packaging bug).
+    """
+    return [parse_recipe(text, f"{name} (bundled)", name) for name, text in bundled_recipes().items()]
+
+
+def load_recipe(name_or_file: str | Path) -> Recipe:
+    """A bundled recipe by name (``cifar10``) or a recipe YAML file by path.
+
+    A value that names an existing file, or ends with ``.yaml`` / ``.yml``, is read as a file.
+
+    Raises:
+        RecipeError: unknown name (the bundled names are listed), unreadable file, invalid recipe.
+    """
+    value = str(name_or_file)
+    path = Path(value).expanduser()
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise RecipeError(f"recipe file {path} cannot be read: {err.strerror or err}") from None
+        return parse_recipe(text, str(path), path.stem)
+    bundled = bundled_recipes()
+    if value not in bundled:
+        raise RecipeError(f"unknown recipe {value!r}; bundled recipes: {', '.join(bundled) or 'none'} (or pass a YAML file)")
+    return parse_recipe(bundled[value], f"{value} (bundled)", value)
