@@ -434,16 +434,17 @@ def all_specs(libraries: list[str]) -> list[str]:
     return specs
 
 
-def done_specs(path: Path) -> set[str]:
-    done = set()
+def done_specs(path: Path, retry: tuple[str, ...] = ()) -> set[str]:
+    """Names already recorded in ``path`` (the last record of a name wins), except statuses in ``retry``."""
+    last = {}
     if path.exists():
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
             except ValueError:
                 continue
-            done.add(f"{r['library']}:{r['name']}")
-    return done
+            last[f"{r['library']}:{r['name']}"] = r["status"]
+    return {k for k, status in last.items() if status not in retry}
 
 
 class Worker:
@@ -479,7 +480,7 @@ def sweep(args) -> None:
     specs = all_specs(args.libraries.split(","))
     if args.filter:
         specs = [s for s in specs if any(fnmatch.fnmatchcase(s.split(":", 1)[1], p) or fnmatch.fnmatchcase(s, p) for p in args.filter)]
-    done = done_specs(out)
+    done = done_specs(out, tuple(args.retry.split(",")) if args.retry else ())
     todo = [s for s in specs if s not in done][: args.limit or None]
     print(f"{len(specs)} architectures, {len(done)} done, {len(todo)} to run", flush=True)
     w = Worker(args)
@@ -502,7 +503,7 @@ def sweep(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------ summary
-def summarize(jsonl: Path, md: Path, total_timm: int | None = None) -> None:
+def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: int | None = None) -> None:
     recs = {}
     for line in jsonl.read_text().splitlines():
         r = json.loads(line)
@@ -536,8 +537,27 @@ def summarize(jsonl: Path, md: Path, total_timm: int | None = None) -> None:
             ok = sum(r["status"] == "ok" for r in wn)
             lines.append(f"- {lib}: **{ok} / {len(wn)} = {100 * ok / len(wn):.1f} %** of the swept architectures with an instance-level norm convert, preserve, train and round-trip.")
     if total_timm:
-        lines.append(f"- timm registers {total_timm} architectures; {len(by_lib.get('timm', []))} were swept.")
-    lines.append("")
+        lines.append(f"- timm registers {total_timm} architectures; {len(by_lib.get('timm', []))} were swept so far.")
+    if total_tv:
+        lines.append(f"- torchvision registers {total_tv} architectures; {len(by_lib.get('torchvision', []))} were swept so far.")
+    lines += [
+        "",
+        "Coverage is what the JSON lines hold: the sweep is resumable, and architectures not yet swept are",
+        "simply absent from the tables. To continue (skips every name already recorded; `--retry timeout`",
+        "re-runs the ones that hit the per-model limit, with a larger `--timeout`):",
+        "",
+        "```",
+        "HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --timeout 90",
+        "HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --retry timeout --timeout 900",
+        "python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --summarize docs/zoo.md",
+        "```",
+        "",
+        "Known limitation (torch.fx): `torch.fx.symbolic_trace` of a converted network fails with",
+        "`TraceError: symbolically traced variables cannot be used as inputs to control flow`, raised by the",
+        "input-shape check at the top of `ILMNorm.forward` (`if x.shape[...] != self.num_channels: raise`;",
+        "`_rescale`'s `x_s.dim()` would be next). `torch.compile` (no graph breaks) and `torch.export` work.",
+        "",
+    ]
 
     # norm classes
     found, conv = Counter(), Counter()
@@ -633,6 +653,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-gb", type=float, default=20.0, help="RAM for the float64 check; larger networks go to the meta device")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--retry", default="", help="re-run architectures recorded with these statuses, e.g. timeout,crash")
     p.add_argument("--extras-all", action="store_true", help="run the compile / fx / export checks on every architecture")
     p.add_argument("--summarize", metavar="MD", help="write the Markdown summary of --out to MD and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -642,7 +663,9 @@ def main() -> None:
     elif args.summarize:
         import timm
 
-        summarize(Path(args.out), Path(args.summarize), len(timm.list_models()))
+        import torchvision
+
+        summarize(Path(args.out), Path(args.summarize), len(timm.list_models()), len(torchvision.models.list_models()))
     else:
         sweep(args)
 
