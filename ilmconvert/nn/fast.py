@@ -296,13 +296,24 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() == 4 and xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous():
         stats = [torch.batch_norm_update_stats(xf[i : i + 1], None, None, 0.0) for i in range(x.shape[0])]
         return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
-    npos = math.prod(x.shape[2:])
-    m = xf.sum(dims) / npos
-    q = torch.linalg.vector_norm(xf, dim=dims).square() / npos  # E[x^2]
+    return _guarded_moments(xf, dims)
+
+
+def _guarded_moments(xf: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over ``dims`` for eager CPU, where ``torch.var_mean`` is slow.
+
+    A sum and a sum of squares (vectorized reductions), kept only where ``E[x^2] <= 16 Var[x]``
+    everywhere (at most 4 bits lost to cancellation); otherwise the exact two-pass variance.
+    """
+    count = math.prod(xf.shape[d] for d in dims)
+    m = xf.sum(dims) / count
+    q = torch.linalg.vector_norm(xf, dim=dims).square() / count  # E[x^2]
     v = q - m * m
     if bool((q > _SUMSQ_MAX_CONDITION * v).any()):
-        shape = (*m.shape, *([1] * len(dims)))
-        v = torch.linalg.vector_norm(xf - m.reshape(shape), dim=dims).square() / npos
+        shape = list(xf.shape)
+        for d in dims:
+            shape[d] = 1
+        v = torch.linalg.vector_norm(xf - m.reshape(shape), dim=dims).square() / count
     return m, v
 
 
@@ -331,7 +342,7 @@ def _channel_sums(
 
     ``M`` is the norm-group mean of each channel. Centring keeps ``S1`` exact when the mean is
     large against the spread (``1e3 + N(0, 1)``), where ``sum dy * x - M * S0`` cancels; eager
-    mode uses the uncentred sum (no ``(B, C, P)`` temporary for ``x - M``) wherever the input is
+    CPU mode uses the uncentred sum (no ``(B, C, P)`` temporary for ``x - M``) wherever the input is
     well conditioned (``|M| * rstd <= 4`` in every channel). Also returns the centred input
     ``x - M`` when it was built (the dx pass reuses it), else None.
     """
@@ -341,7 +352,11 @@ def _channel_sums(
     dyf = dy if dy.dtype == st else dy.to(st)
     xf = x if x.dtype == st else x.to(st)
     s0 = dyf.sum(dims)
-    if not torch.compiler.is_compiling() and bool((big_m.abs() * rstd_c).max() <= 4.0):
+    if (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"  # the check reads a value back: never on an accelerator
+        and bool((big_m.abs() * rstd_c).max() <= 4.0)
+    ):
         s1 = (dyf * xf).sum(dims)
         return s0, s1 - big_m * s0, None
     xc = xf - big_m.reshape(shape)
@@ -461,7 +476,10 @@ class _TokenILM(torch.autograd.Function):
         n = c // k
         xf = x if x.dtype == st else x.to(st)
         x3 = xf.unflatten(-1, (n, k))  # (..., N, K), a view
-        gamma, mu = torch.var_mean(x3, dim=-1, correction=0)  # eq. 3, (..., N)
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            gamma, mu = torch.var_mean(x3, dim=-1, correction=0)  # eq. 3, (..., N)
+        else:
+            mu, gamma = _guarded_moments(x3, (x3.dim() - 1,))
         lead = mu.shape[:-1]
         mu2, gamma2 = mu.reshape(-1, n), gamma.reshape(-1, n)
         mean, var = _group_moments(mu2, gamma2, 1)  # the token's moments, (R, 1)
