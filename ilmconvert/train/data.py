@@ -91,7 +91,7 @@ def _decode(path: str, size: int) -> np.ndarray:
         image = image.convert("RGB")
         if image.size != (size, size):
             image = F.center_crop(F.resize(image, size), size)
-        return np.asarray(image)
+        return np.array(image)  # a writable copy
 
 
 class ImageSet(Dataset):

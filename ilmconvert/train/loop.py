@@ -8,9 +8,10 @@ autocast; on CPU in float32.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -265,6 +266,18 @@ def evaluate(network: nn.Module, loader: DataLoader, data: DataSettings, precisi
         "images": seen,
         "seconds": time.perf_counter() - start,
     }
+
+
+@contextlib.contextmanager
+def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
+    """Run the body with ``threads`` torch intra-op threads on CPU; restores the previous count."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:

@@ -154,7 +154,7 @@ class Recipe(_Strict):
         if not changes:
             return self
         merged = self.train.model_dump() | changes
-        return self.model_copy(update={"train": _validate(TrainSettings, merged, "command line")})
+        return self.model_copy(update={"train": _validate(TrainSettings, merged, "with command-line overrides", "train.")})
 
     def to_yaml(self) -> str:
         """The recipe as YAML (what ``finetune`` writes to ``RUN/recipe.yaml``)."""
@@ -162,9 +162,9 @@ class Recipe(_Strict):
 
 
 # ------------------------------------------------------------------------------------------ errors
-def _describe(err: ValidationError, origin: str) -> str:
+def _describe(err: ValidationError, origin: str, prefix: str = "") -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    key = prefix + ".".join(str(p) for p in first["loc"]) or "(top level)"
     more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"recipe {origin}: unknown key {key!r}{more}"
@@ -173,11 +173,11 @@ def _describe(err: ValidationError, origin: str) -> str:
     return f"recipe {origin}: {key}: {first['msg']}{more}"
 
 
-def _validate(cls: type[BaseModel], data: Any, origin: str) -> Any:
+def _validate(cls: type[BaseModel], data: Any, origin: str, prefix: str = "") -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_describe(err, origin)) from None
+        raise RecipeError(_describe(err, origin, prefix)) from None
 
 
 # ------------------------------------------------------------------------------------------ loading

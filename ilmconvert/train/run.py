@@ -31,6 +31,7 @@ from .loop import (
     Precision,
     TrainError,
     build_network,
+    cpu_threads,
     create_optimizer,
     create_scheduler,
     evaluate,
@@ -241,6 +242,12 @@ def _metadata(plan: FinetunePlan, metrics: dict[str, Any], best_top1: float) -> 
 
 
 def run_finetune(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]:
+    """Train ``plan.network`` for the recipe's epochs, writing ``RUN`` as it goes (see :func:`_fit`)."""
+    with cpu_threads(plan.device, plan.recipe.train.cpu_threads):
+        return _fit(plan, progress)
+
+
+def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]:
     """Train ``plan.network`` for the recipe's epochs, writing ``RUN`` as it goes.
 
     After each epoch: one line appended to ``RUN/metrics.jsonl``, ``RUN/last`` saved with the
@@ -258,8 +265,6 @@ def run_finetune(plan: FinetunePlan, progress: Progress | None = None) -> dict[s
     recipe, run = plan.recipe, plan.run
     train_cfg, data_cfg = recipe.train, recipe.data
     precision = Precision(plan.device)
-    if plan.device.type == "cpu" and train_cfg.cpu_threads:
-        torch.set_num_threads(train_cfg.cpu_threads)
     network = precision.prepare(plan.network)
     pin = plan.device.type == "cuda"
     train_loader = make_loader(plan.train, train_cfg.batch_size, train=True, num_workers=data_cfg.num_workers, seed=train_cfg.seed, pin_memory=pin)
@@ -363,10 +368,8 @@ def evaluate_checkpoint(
     if trained_on and list(trained_on) != test.classes:
         raise RunError(f"{checkpoint} was trained on classes {trained_on[:3]}... but {data} has {test.classes[:3]}...; evaluate on the data it was trained for")
     precision = Precision(torch_device)
-    threads = (meta.get("train") or {}).get("cpu_threads")
-    if torch_device.type == "cpu" and threads:
-        torch.set_num_threads(int(threads))
     network = precision.prepare(network)
     loader = make_loader(test, batch_size or settings.eval_batch_size, train=False, pin_memory=torch_device.type == "cuda")
-    result = evaluate(network, loader, settings, precision, batches)
+    with cpu_threads(torch_device, (meta.get("train") or {}).get("cpu_threads")):
+        result = evaluate(network, loader, settings, precision, batches)
     return {"checkpoint": str(checkpoint), **result, "classes": len(test.classes)}

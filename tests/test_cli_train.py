@@ -1,0 +1,191 @@
+"""CLI tests for `ilmconvert finetune`, `eval` and `recipes` (typer's CliRunner, CPU, tiny data)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ilmconvert
+from ilmconvert.cli import app
+from ilmconvert.train import run as run_module
+from ilmconvert.train.run import METRIC_KEYS, read_metrics
+
+from test_train import TINY_RECIPE, make_image_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """3 classes (noisy stripe patterns), 24 train and 12 test PNGs per class."""
+    return make_image_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("recipes") / "tiny.yaml"
+    path.write_text(TINY_RECIPE)
+    return path
+
+
+def finetune(*args: str):
+    args = [str(a) for a in args]
+    return runner.invoke(app, ["finetune", *args, *([] if "--device" in args else ["--device", "cpu"])])
+
+
+def one_error_line(result) -> str:
+    """The single `error: ...` line of a failed command (asserts exit code 2, no traceback)."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tiny_recipe, tmp_path_factory) -> Path:
+    """A complete 2-epoch run on the tiny data."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    result = finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", run)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_recipes_lists_the_bundled_recipes():
+    result = runner.invoke(app, ["recipes"])
+    assert result.exit_code == 0, result.output
+    assert "cifar10-smoke" in result.output and "timm:resnet50_gn" in result.output
+    assert re.search(r"cifar10 .*200", result.output)
+
+
+def test_finetune_writes_metrics_and_loadable_checkpoints(finished_run):
+    metrics = read_metrics(finished_run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(set(METRIC_KEYS) <= set(m) for m in metrics)
+    assert all(0 <= m["top1"] <= m["top5"] <= 100 and m["images_per_s"] > 0 for m in metrics)
+    assert metrics[-1]["lr"] < metrics[0]["lr"]  # cosine decay
+    assert (finished_run / "recipe.yaml").is_file()
+    assert (finished_run / "last" / "trainer_state.pt").is_file()
+    best = ilmconvert.load(finished_run / "best")
+    assert best.ilm_source.kwargs["num_classes"] == 3 and len(best.ilm_conversion.converted) > 0
+    assert best(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    config = json.loads((finished_run / "best" / "config.json").read_text())
+    best_epoch = max(metrics, key=lambda m: m["top1"])
+    assert config["metadata"]["top1"] == best_epoch["top1"] and config["metadata"]["data"]["classes"] == ["checker", "horizontal", "vertical"]
+    # the patterns are easy: two short epochs must beat chance (33 %)
+    assert best_epoch["top1"] > 50, metrics
+
+
+def test_eval_prints_the_runs_best_top1(finished_run, tiny_data):
+    result = runner.invoke(app, ["eval", str(finished_run), "--data", str(tiny_data), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    match = re.search(r"top-1 ([\d.]+) % top-5 ([\d.]+) % loss ([\d.]+)", text)
+    assert match, result.output
+    assert str(finished_run / "best") in text and "36 images" in text
+    best = max(read_metrics(finished_run), key=lambda m: m["top1"])
+    assert float(match.group(1)) == pytest.approx(best["top1"], abs=0.01)
+    assert float(match.group(3)) == pytest.approx(best["test_loss"], abs=1e-3)
+
+
+def test_resume_continues_where_an_interrupted_run_stopped(tiny_data, tiny_recipe, finished_run, tmp_path, monkeypatch):
+    real = run_module.train_one_epoch
+    calls = []
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(run_module, "train_one_epoch", interrupt_second_epoch)
+    result = finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", run)
+    assert result.exit_code == 130 and "interrupted" in result.output
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
+    monkeypatch.setattr(run_module, "train_one_epoch", real)
+
+    result = finetune("--data", tiny_data, "--out", run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming after epoch 1" in " ".join(result.output.split())
+    resumed, uninterrupted = read_metrics(run), read_metrics(finished_run)
+    assert [m["epoch"] for m in resumed] == [1, 2]
+    # optimizer, scheduler, data order and augmentation are restored: epoch 2 is replayed exactly
+    for key in ("train_loss", "test_loss", "top1", "lr"):
+        assert resumed[1][key] == pytest.approx(uninterrupted[1][key], rel=1e-4, abs=1e-6), key
+    state = ilmconvert.io.load_trainer_state(run / "last")
+    assert state["epoch"] == 2 and state["num_updates"] == 2 * 4
+
+    # a finished run only goes on with more epochs
+    assert "already finished 2 of 2 epochs" in one_error_line(finetune("--data", tiny_data, "--out", run, "--resume"))
+    result = finetune("--data", tiny_data, "--out", run, "--resume", "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+def test_finetune_a_converted_checkpoint_resizes_its_head(tiny_data, tiny_recipe, tmp_path):
+    network = ilmconvert.create_model(
+        "timm:resnet18", pretrained=False, num_classes=10, norm_layer="groupnorm", channels=[32, 64, 128, 256], stem_width=32, layers=[1, 1, 1, 1]
+    )
+    ilmconvert.convert(network)
+    ilmconvert.save(network, tmp_path / "swapped")
+    run = tmp_path / "run"
+    result = finetune(tmp_path / "swapped", "--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "classifier resized to 3 classes" in " ".join(result.output.split())
+    best = ilmconvert.load(run / "best")
+    assert best.ilm_source.kwargs["num_classes"] == 3 and best.fc.out_features == 3
+
+
+def test_expected_mistakes_are_one_line_and_write_nothing(tiny_data, tiny_recipe, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_RECIPE.replace("epochs: 2", "epochz: 2"))
+    cases = [
+        (["--recipe", tiny_recipe, "--data", tmp_path / "missing", "--out", run], "does not exist"),
+        (["--recipe", bad, "--data", tiny_data, "--out", run], "unknown key 'train.epochz'"),
+        (["--recipe", "no-such-recipe", "--data", tiny_data, "--out", run], "unknown recipe 'no-such-recipe'"),
+        (["--data", tiny_data, "--out", run, "--resume"], "not a run folder"),
+        (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--resume"], "only --epochs may change"),
+        (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--lr", "0"], "train.lr"),
+        (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--device", "tpu"], "--device"),
+        ([tmp_path / "nockpt", "--recipe", tiny_recipe, "--data", tiny_data, "--out", run], "not an ilmconvert checkpoint"),
+    ]
+    for args, expected in cases:
+        line = one_error_line(finetune(*args))
+        assert expected in line, (args, line)
+    assert str(bad) in one_error_line(finetune("--recipe", bad, "--data", tiny_data, "--out", run))
+    assert not run.exists()
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert "not a writable directory" in one_error_line(finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", blocker / "run"))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert "--resume" in one_error_line(finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", full))
+    assert sorted(p.name for p in full.iterdir()) == ["keep.txt"]
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    line = one_error_line(finetune("--recipe", tiny_recipe, "--data", "cifar10", "--data-root", tmp_path / "dl", "--out", run))
+    assert "cannot download cifar10" in line and "ImageFolder" in line
+    assert not run.exists()
+
+
+def test_eval_errors_are_one_line(finished_run, tiny_data, tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path), "--data", str(tiny_data), "--device", "cpu"])
+    assert "neither a checkpoint" in one_error_line(result)
+    other = make_image_folder(tmp_path / "five", classes=("a", "b", "c", "d", "e"), n_train=1, n_test=1)
+    result = runner.invoke(app, ["eval", str(finished_run), "--data", str(other), "--device", "cpu"])
+    assert "predicts 3 classes but" in one_error_line(result)

@@ -1,0 +1,246 @@
+"""Library tests for ilmconvert.train: recipes, data, loop pieces, and a short real CIFAR-10 fine-tune."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ilmconvert.errors import IlmconvertError
+from ilmconvert.train import data as D
+from ilmconvert.train import loop as L
+from ilmconvert.train import recipes as R
+
+TINY_RECIPE = """
+description: tiny test network
+model:
+  name: timm:resnet18
+  kwargs: {norm_layer: groupnorm, channels: [32, 64, 128, 256], stem_width: 32, layers: [1, 1, 1, 1]}
+conversion: {norms: gn, init: preserve}
+train: {epochs: 2, batch_size: 16, lr: 0.05, cpu_threads: 1}
+data: {eval_batch_size: 64}
+"""
+
+
+def make_image_folder(root: Path, classes=("horizontal", "vertical", "checker"), n_train=24, n_test=12, size=32, test_name="test") -> Path:
+    """A small learnable ImageFolder of PNGs: class k is a noisy stripe pattern (horizontal,
+    vertical, checkerboard, ...) with a random phase. Patterns, not colors: instance-level norms
+    remove per-image channel means, so a color-coded toy set would be unlearnable by design."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split, n in (("train", n_train), (test_name, n_test)):
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                phase = rng.integers(0, 8)
+                coordinate = [yy, xx, yy + xx, yy - xx, yy * 0][k % 5] + phase
+                pattern = ((coordinate // 4) % 2) * 120 + (k // 5) * 60
+                pixels = rng.integers(0, 100, (size, size, 3)) + pattern[..., None]
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def test_bundled_recipes_come_from_package_resources():
+    files = {p.name for p in resources.files("ilmconvert.recipes").iterdir()}
+    assert {"cifar10.yaml", "cifar10-smoke.yaml"} <= files
+    names = [r.name for r in R.list_recipes()]
+    assert names == sorted(names) and {"cifar10", "cifar10-smoke"} <= set(names)
+
+
+def test_cifar10_recipe_is_the_papers_setup():
+    recipe = R.load_recipe("cifar10")
+    assert recipe.model.name == "timm:resnet50_gn" and recipe.model.pretrained is False
+    assert recipe.model.adaptations == ["cifar_stem"]
+    assert recipe.conversion.init == "paper" and recipe.conversion.key_group_size == 16
+    assert (recipe.train.momentum, recipe.train.weight_decay, recipe.train.lr) == (0.9, 5e-4, 0.1)
+    assert recipe.train.epochs >= 100 and recipe.data.augment == "cifar"
+
+
+def test_smoke_recipe_is_small_and_not_pretrained():
+    recipe = R.load_recipe("cifar10-smoke")
+    assert recipe.model.pretrained is False
+    assert recipe.train.cpu_threads == 1
+    network = L.build_network(recipe.model, recipe.conversion, 10)
+    assert sum(p.numel() for p in network.parameters()) < 3_000_000
+    assert len(network.ilm_conversion.converted) > 0
+
+
+def test_bad_key_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(TINY_RECIPE.replace("lr: 0.05", "lrr: 0.05"))
+    with pytest.raises(R.RecipeError) as info:
+        R.load_recipe(path)
+    message = str(info.value)
+    assert "train.lrr" in message and str(path) in message and "\n" not in message
+    assert isinstance(info.value, IlmconvertError)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (TINY_RECIPE.replace("lr: 0.05", "lr: -1"), "train.lr"),
+        (TINY_RECIPE.replace("init: preserve", "init: zeros"), "conversion.init"),
+        ("train: {epochs: 2}\n", "missing key 'model'"),
+        ("model: [unclosed\n", "invalid YAML"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
+def test_invalid_recipes_give_one_line(tmp_path, text, expected):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(R.RecipeError, match=expected) as info:
+        R.load_recipe(path)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_recipe_name_lists_the_bundled_ones():
+    with pytest.raises(R.RecipeError, match="unknown recipe 'cifar11'.*cifar10, cifar10-smoke"):
+        R.load_recipe("cifar11")
+
+
+def test_overrides_are_validated_and_round_trip(tmp_path):
+    recipe = R.parse_recipe(TINY_RECIPE, "tiny", "tiny")
+    changed = recipe.with_overrides(epochs=7, lr=0.3)
+    assert (changed.train.epochs, changed.train.lr, changed.train.batch_size) == (7, 0.3, 16)
+    assert recipe.train.epochs == 2  # the original is untouched
+    with pytest.raises(R.RecipeError, match="train.lr"):
+        recipe.with_overrides(lr=0.0)
+    again = R.parse_recipe(changed.to_yaml(), "round trip")
+    assert again == changed
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_resolve_data_checks_the_layout(tmp_path):
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.resolve_data(str(tmp_path / "nowhere"))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(D.DataError, match=r"no test/ \(or val/\)"):
+        D.resolve_data(str(tmp_path))
+    (tmp_path / "val").mkdir()
+    source = D.resolve_data(str(tmp_path))
+    assert source.kind == "imagefolder" and source.splits["test"] == tmp_path / "val"
+    assert D.resolve_data("CIFAR10", tmp_path).kind == "cifar10"
+
+
+def test_cifar_download_failure_is_one_line(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    source = D.resolve_data("cifar10", tmp_path)
+    with pytest.raises(D.DataError, match="cannot download cifar10.*ImageFolder") as info:
+        D.open_split(source, "test", R.DataSettings())
+    assert "\n" not in str(info.value)
+
+
+def test_cached_and_lazy_images_agree_and_subsets_are_fixed(tmp_path):
+    source = D.resolve_data(str(make_image_folder(tmp_path, n_train=10, n_test=4)))
+    settings = R.DataSettings()
+    cached = D.open_split(source, "train", settings, subset=12, seed=3)
+    lazy = D.open_split(source, "train", settings.model_copy(update={"cache": False}), subset=12, seed=3)
+    assert cached.images is not None and cached.images.shape == (12, 3, 32, 32) and cached.images.dtype == torch.uint8
+    assert lazy.images is None and len(lazy) == 12
+    for i in (0, 5, 11):
+        assert torch.equal(cached[i][0], lazy[i][0]) and cached[i][1] == lazy[i][1]
+    assert D.subset_indices(30, 12, 3) == D.subset_indices(30, 12, 3) != D.subset_indices(30, 12, 4)
+    assert D.subset_indices(5, None, 0) == list(range(5))
+
+
+def test_images_of_other_sizes_are_resized(tmp_path):
+    root = make_image_folder(tmp_path, n_train=2, n_test=2, size=48)
+    ds = D.open_split(D.resolve_data(str(root)), "test", R.DataSettings())
+    assert ds[0][0].shape == (3, 32, 32)
+
+
+def test_augmentation_and_normalization():
+    settings = R.DataSettings()
+    image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(3, 32, 32)
+    torch.manual_seed(0)
+    outs = [D.train_transform(settings)(image) for _ in range(8)]
+    assert all(o.shape == (3, 32, 32) and o.dtype == torch.uint8 for o in outs)
+    assert any(not torch.equal(o, image) for o in outs)  # crops / flips happen
+    assert D.train_transform(settings.model_copy(update={"augment": "none"})) is None
+    batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    x = D.to_input(batch, settings.mean, settings.std, torch.device("cpu"))
+    expected = (1 - torch.tensor(settings.mean)) / torch.tensor(settings.std)
+    assert x.dtype == torch.float32 and torch.allclose(x[0, :, 0, 0], expected)
+
+
+# ------------------------------------------------------------------------------------------ loop pieces
+def test_accuracy_counts():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.05, 0.15], [0.2, 0.3, 0.5]])
+    target = torch.tensor([1, 2, 0])
+    top1, top2 = L.accuracy_counts(logits, target, (1, 2))
+    assert (int(top1), int(top2)) == (1, 2)
+    (top5,) = L.accuracy_counts(logits, target, (5,))  # capped at 3 classes
+    assert int(top5) == 3
+
+
+def test_select_device():
+    assert L.select_device("cpu").type == "cpu"
+    with pytest.raises(L.TrainError):
+        L.select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(L.TrainError, match="no CUDA"):
+            L.select_device("cuda")
+
+
+def test_optimizer_and_scheduler_come_from_timm():
+    network = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    train = R.TrainSettings(epochs=4, lr=0.1, warmup_epochs=1, warmup_lr=0.01)
+    optimizer = L.create_optimizer(network, train)
+    assert isinstance(optimizer, torch.optim.SGD)
+    decays = sorted(g["weight_decay"] for g in optimizer.param_groups)
+    assert decays == [0.0, 5e-4] and all(g["momentum"] == 0.9 for g in optimizer.param_groups)
+    scheduler = L.create_scheduler(optimizer, train, updates_per_epoch=10)
+    lrs = []
+    for update in range(1, 41):
+        scheduler.step_update(num_updates=update)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] < 0.02 and 0.09 < max(lrs) <= 0.1 and lrs[-1] < 0.01  # warm-up, peak, cosine decay
+    with pytest.raises(L.TrainError):
+        L.create_scheduler(optimizer, train.model_copy(update={"sched": "nonsense"}), 10)
+
+
+def test_build_network_applies_the_cifar_stem_and_records_it():
+    recipe = R.parse_recipe(TINY_RECIPE, "tiny")
+    recipe.model.adaptations = ["cifar_stem"]
+    network = L.build_network(recipe.model, recipe.conversion, num_classes=3)
+    assert network.conv1.kernel_size == (3, 3) and network.conv1.stride == (1, 1)
+    assert network.ilm_source.adaptations == ["cifar_stem"] and network.ilm_source.kwargs["num_classes"] == 3
+    assert network(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------ real data
+# cifar10_root: session fixture in tests/conftest.py (unpacks ../shared/data/cifar10-jpeg.tgz, skips when absent)
+@pytest.mark.slow
+def test_short_finetune_on_real_cifar10_beats_chance(cifar10_root, tmp_path):
+    """About a minute of CPU training from scratch (24k augmented images) must be well above 10 %."""
+    from ilmconvert import load
+    from ilmconvert.train.run import evaluate_checkpoint, prepare_finetune, read_metrics, run_finetune
+
+    recipe = R.load_recipe("cifar10-smoke")
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"train_subset": 12000, "test_subset": 1000})})
+    recipe = recipe.with_overrides(epochs=2)
+    path = tmp_path / "short.yaml"
+    path.write_text(recipe.to_yaml())
+    plan = prepare_finetune(data=str(cifar10_root), run=tmp_path / "run", recipe=str(path), device="cpu")
+    assert len(plan.train) == 12000 and len(plan.test) == 1000 and plan.train.classes[0] == "airplane"
+    summary = run_finetune(plan)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    assert summary["best_top1"] > 25.0, metrics
+    result = evaluate_checkpoint(tmp_path / "run", str(cifar10_root), device="cpu", subset=2000)
+    assert result["images"] == 2000 and result["top1"] > 25.0
+    assert load(tmp_path / "run" / "best").ilm_source.kwargs["num_classes"] == 10
