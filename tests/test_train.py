@@ -244,3 +244,22 @@ def test_short_finetune_on_real_cifar10_beats_chance(cifar10_root, tmp_path):
     result = evaluate_checkpoint(tmp_path / "run", str(cifar10_root), device="cpu", subset=2000)
     assert result["images"] == 2000 and result["top1"] > 25.0
     assert load(tmp_path / "run" / "best").ilm_source.kwargs["num_classes"] == 10
+
+
+def test_gpu_style_precision_path_trains_and_saves(tmp_path, monkeypatch):
+    """The CUDA path (channels-last weights, bf16 autocast) exercised on CPU: it trains, and its
+    non-contiguous channels-last weights are saved and reloaded exactly."""
+    import ilmconvert
+    from ilmconvert.train.run import prepare_finetune, run_finetune
+
+    monkeypatch.setattr(L.Precision, "autocast", property(lambda self: True))
+    monkeypatch.setattr(L.Precision, "channels_last", property(lambda self: True))
+    data = make_image_folder(tmp_path / "data", n_train=16, n_test=4)
+    (tmp_path / "r.yaml").write_text(TINY_RECIPE.replace("epochs: 2", "epochs: 1"))
+    plan = prepare_finetune(data=str(data), run=tmp_path / "run", recipe=str(tmp_path / "r.yaml"), device="cpu")
+    summary = run_finetune(plan)
+    assert plan.network.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.isfinite(summary["last"]["train_loss"])
+    loaded = ilmconvert.load(tmp_path / "run" / "last")
+    for (name, a), b in zip(plan.network.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a.cpu(), b), name
