@@ -53,7 +53,7 @@ def _batches(bars: Progress, label: str) -> Any:
 @app.command()
 @expected_errors
 def finetune(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="A converted checkpoint (from `ilmconvert swap`) to train; without it the recipe's network is built and converted.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(metavar="DIR", show_default=False, help="A converted checkpoint (from `ilmconvert swap`) to train; without it the recipe's network is built and converted.")] = None,
     data: DataOpt = ...,  # type: ignore[assignment]
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: metrics.jsonl, last/, best/, recipe.yaml.")] = ...,  # type: ignore[assignment]
     recipe: Annotated[Optional[str], typer.Option("--recipe", help="Bundled recipe name (see `ilmconvert recipes`) or a YAML file. Default: cifar10.")] = None,
@@ -107,7 +107,7 @@ def finetune(
 @app.command("eval")
 @expected_errors
 def eval_(
-    path: Annotated[Path, typer.Argument(help="A checkpoint folder, or a run folder (its best/ checkpoint is used).")],
+    path: Annotated[Path, typer.Argument(metavar="RUN_OR_DIR", help="A checkpoint folder, or a run folder (its best/ checkpoint is used).")],
     data: DataOpt = ...,  # type: ignore[assignment]
     data_root: DataRootOpt = None,
     device: DeviceOpt = "auto",
