@@ -54,8 +54,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+STAT = {"fn": statistics.median}
+
+
 def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int, min_time: float) -> float:
-    """Median seconds of ``fn()`` after warm-up; CUDA events on GPU, perf_counter on CPU."""
+    """Seconds of ``fn()`` after warm-up (median, or minimum with ``--stat min``); CUDA events on
+    GPU, perf_counter on CPU."""
     for _ in range(3):
         fn()
     _sync(device)
@@ -73,7 +77,7 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, repeats: int, min
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return STAT["fn"](times)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
@@ -127,6 +131,36 @@ def build_variants(kind: str, c: int, device, dtype, names: list[str]) -> dict[s
     return out
 
 
+def check_against_float64(mod: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> float:
+    """Max relative error (output, dx, every parameter gradient) of ``mod`` on the first two
+    instances, against the reference path of the same layer in float64. NaN -> inf."""
+    import copy
+
+    layer = getattr(mod, "_orig_mod", mod)
+    oracle = copy.deepcopy(layer).double()
+    oracle.fast = False
+    xs, dys = x[:2].detach(), dy[:2]
+    outs = []
+    for m, inp, g in ((mod, xs.clone(), dys), (oracle, xs.double(), dys.double())):
+        for p in m.parameters():
+            p.grad = None
+        inp = inp.requires_grad_(True)
+        y = m(inp)
+        y.backward(g.to(y.dtype))
+        outs.append([y.detach(), inp.grad] + [p.grad for p in (layer if m is mod else oracle).parameters()])
+    worst = 0.0
+    for a, b in zip(*outs):
+        if a is None or b is None:
+            continue
+        a = a.double()
+        if not torch.isfinite(a).all():
+            return float("inf")
+        worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item())
+    for p in layer.parameters():
+        p.grad = None
+    return worst
+
+
 def bench_case(case: dict, args, device, copy_gbs: float) -> list[dict]:
     kind, dtype = case["kind"], DTYPES[case["dtype"]]
     shape = case["shape"]
@@ -162,6 +196,7 @@ def bench_case(case: dict, args, device, copy_gbs: float) -> list[dict]:
             continue
         if name == "native":
             native_t = {"fwd": t_f, "fwd_bwd": t_fb}
+        err = check_against_float64(mod, x, dy) if name in ("fast", "compiled", "triton", "reference") else None
         gbs = nbytes / t_f / 1e9
         row = {
             **case,
@@ -171,6 +206,8 @@ def bench_case(case: dict, args, device, copy_gbs: float) -> list[dict]:
             "fwd_GBs": gbs,
             "fwd_frac_copy_bw": gbs / copy_gbs,
         }
+        if err is not None:
+            row["max_rel_err_vs_float64"] = err
         if native_t:
             row["fwd_vs_native"] = t_f / native_t["fwd"]
             row["fwd_bwd_vs_native"] = t_fb / native_t["fwd_bwd"]
@@ -178,6 +215,7 @@ def bench_case(case: dict, args, device, copy_gbs: float) -> list[dict]:
         print(
             f"  {name:10s} fwd {t_f * 1e3:8.3f} ms ({gbs:7.1f} GB/s, {gbs / copy_gbs:5.1%} of copy)"
             f"  fwd+bwd {t_fb * 1e3:8.3f} ms"
+            + (f"  err {err:.1e}" if err is not None else "")
             + (f"  x native: {row['fwd_vs_native']:.2f} / {row['fwd_bwd_vs_native']:.2f}" if native_t else ""),
             flush=True,
         )
@@ -213,8 +251,8 @@ def summary_table(rows: list[dict]) -> str:
     """Markdown table: one line per (case, variant)."""
     head = (
         "| norm | shape | dtype | layout | variant | fwd ms | fwd+bwd ms | fwd GB/s | % copy BW "
-        "| fwd x native | fwd+bwd x native | fwd+bwd speed-up vs published |\n"
-        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| fwd x native | fwd+bwd x native | fwd+bwd speed-up vs published | max rel err vs fp64 |\n"
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
@@ -226,7 +264,12 @@ def summary_table(rows: list[dict]) -> str:
             f"| {r['kind']} | {shape} | {r['dtype']} | {r['layout']} | {r['variant']} | {r['fwd_ms']:.3f} "
             f"| {r['fwd_bwd_ms']:.3f} | {r['fwd_GBs']:.1f} | {100 * r['fwd_frac_copy_bw']:.0f} % "
             f"| {r.get('fwd_vs_native', float('nan')):.2f} | {r.get('fwd_bwd_vs_native', float('nan')):.2f} "
-            f"| {r.get('fwd_bwd_speedup_vs_published', float('nan')):.2f} |"
+            f"| {r.get('fwd_bwd_speedup_vs_published', float('nan')):.2f} "
+            f"| {r['max_rel_err_vs_float64']:.1e} |" if "max_rel_err_vs_float64" in r else
+            f"| {r['kind']} | {shape} | {r['dtype']} | {r['layout']} | {r['variant']} | {r['fwd_ms']:.3f} "
+            f"| {r['fwd_bwd_ms']:.3f} | {r['fwd_GBs']:.1f} | {100 * r['fwd_frac_copy_bw']:.0f} % "
+            f"| {r.get('fwd_vs_native', float('nan')):.2f} | {r.get('fwd_bwd_vs_native', float('nan')):.2f} "
+            f"| {r.get('fwd_bwd_speedup_vs_published', float('nan')):.2f} | - |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -269,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement (CUDA 50, CPU 15)")
     p.add_argument("--min-time", type=float, default=None, help="seconds to keep timing (CUDA 0.5, CPU 2)")
+    p.add_argument("--stat", choices=("median", "min"), default=None,
+                   help="statistic over the timed calls (CUDA: median; CPU: min, robust to preemption "
+                        "on a shared machine)")
     p.add_argument("--out", type=Path, default=None, help="JSON with environment and rows")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -285,7 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     args.repeats = args.repeats or (50 if cuda else 15)
     args.min_time = args.min_time if args.min_time is not None else (0.5 if cuda else 2.0)
 
+    args.stat = args.stat or ("median" if cuda else "min")
+    STAT["fn"] = min if args.stat == "min" else statistics.median
     env = environment(device)
+    env["stat"] = args.stat
     biggest = max(
         [args.batch * c * hw * hw for c, hw in args.shapes] + [b * t * c for b, t, c in args.tokens] + [1]
     )

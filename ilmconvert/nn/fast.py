@@ -363,6 +363,24 @@ def _channel_sums(
     return s0, (dyf * xc).sum(dims), xc
 
 
+def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` with ``(B, C)`` coefficients broadcast over the positions: one pass.
+
+    Eager CPU, contiguous: the inference kernel of ``F.batch_norm`` on the ``(1, B*C, P)`` view
+    (mean 0, variance 1, eps 0: exactly ``x * w + b``), which is vectorized per channel and
+    ~1.5x faster than a broadcasting ``addcmul``; elsewhere ``torch.addcmul`` (inductor fuses it).
+    """
+    b, c = scale.shape
+    if not torch.compiler.is_compiling() and x.device.type == "cpu" and x.is_contiguous():
+        flat = x.reshape(1, b * c, -1)
+        zeros = torch.zeros(b * c, dtype=x.dtype, device=x.device)
+        ones = torch.ones(b * c, dtype=x.dtype, device=x.device)
+        y = F.batch_norm(flat, zeros, ones, scale.reshape(-1), shift.reshape(-1), False, 0.0, 0.0)
+        return y.reshape(x.shape)
+    shape = (b, c, *([1] * (x.dim() - 2)))
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
+
+
 class _PooledILM(torch.autograd.Function):
     """ILM+GN / ILM+IN as one autograd node: two passes forward, two passes backward."""
 
@@ -373,10 +391,8 @@ class _PooledILM(torch.autograd.Function):
         m_c, v_c = channel_moments(x)
         p = [t.to(st) if t is not None else None for t in (weight, bias, w1, w2, w3)]
         a, d, aux = _pooled_coefficients(m_c, v_c, *p, groups, k, eps)
-        shape = (*a.shape, *([1] * (x.dim() - 2)))
         xf = x if x.dtype == st else x.to(st)
-        y = torch.addcmul(d.reshape(shape), xf, a.reshape(shape))
-        y = y.to(out_dtype)
+        y = _channel_affine(xf, a, d).to(out_dtype)
         mg, mu, gamma, rstd, omega, saved = aux
         ctx.spec = spec
         ctx.has_bias = bias is not None
@@ -408,8 +424,7 @@ class _PooledILM(torch.autograd.Function):
             if xc is not None:  # xc = x - M
                 dx = torch.addcmul((f0 + e * (big_m - m_c)).reshape(shape), xc, e.reshape(shape))
             else:
-                xf = x if x.dtype == st else x.to(st)
-                dx = torch.addcmul((f0 - e * m_c).reshape(shape), xf, e.reshape(shape))
+                dx = _channel_affine(x if x.dtype == st else x.to(st), e, f0 - e * m_c)
             dx = dx.addcmul_(dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
         return (dx, *grads, None)
 
