@@ -371,7 +371,12 @@ def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
     ~1.5x faster than a broadcasting ``addcmul``; elsewhere ``torch.addcmul`` (inductor fuses it).
     """
     b, c = scale.shape
-    if not torch.compiler.is_compiling() and x.device.type == "cpu" and x.is_contiguous():
+    if (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32  # its float64 CPU kernel is slow
+        and x.is_contiguous()
+    ):
         flat = x.reshape(1, b * c, -1)
         zeros = torch.zeros(b * c, dtype=x.dtype, device=x.device)
         ones = torch.ones(b * c, dtype=x.dtype, device=x.device)
