@@ -213,6 +213,25 @@ def test_fast_path_is_taken_and_can_be_forced_off(monkeypatch):
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("make, shape, cl", [(POOLED[0][0], POOLED[0][1], False), (POOLED[0][0], POOLED[0][1], True),
+                                             (TOKENS[0][0], TOKENS[0][1], False), (TOKENS[3][0], TOKENS[3][1], False)])
+def test_inplace_op_on_the_output_is_legal(make, shape, cl):
+    """timm follows norms with ReLU(inplace=True): the fast path's output must allow it."""
+    layer = make()
+    _randomize(layer, seed=13)
+    x = torch.randn(shape)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grads = []
+    for choice in ("torch", False):
+        lay = copy.deepcopy(layer)
+        lay.fast = choice
+        xr = x.clone().requires_grad_(True)
+        torch.nn.functional.relu(lay(xr), inplace=True).sum().backward()
+        grads.append(xr.grad)
+    assert _rel(grads[0], grads[1]) < 1e-5
+
+
 def test_fallback_for_overridden_front_ends_and_unsupported_input():
     class Custom(ILMGroupNorm):
         def _standardize(self, x):

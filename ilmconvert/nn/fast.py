@@ -155,10 +155,13 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
             with torch.autocast(x.device.type, enabled=False):
                 return triton_ilm.pooled_ilm(x, b_omega, b_beta, w1, w2, w3, spec)
         with torch.autocast(x.device.type, enabled=False):  # statistics and MLP never autocast
-            return _PooledILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
+            y = _PooledILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
+        # the Function returns a fresh tensor (maybe as (1, B*C, P)); reshaping out here keeps an
+        # in-place op on the result (timm's ReLU(inplace=True)) legal for autograd
+        return y if y.shape == x.shape else y.view(x.shape)
     spec = (int(layer.key_group_size), float(layer.eps), out_dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return _TokenILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
+        return _TokenILM.apply(x, b_omega, b_beta, w1, w2, w3, spec).flatten(-2)
 
 
 def _triton_usable() -> bool:
@@ -363,7 +366,7 @@ def _channel_sums(
     return s0, (dyf * xc).sum(dims), xc
 
 
-def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, keep_shape: bool = True) -> torch.Tensor:
     """``x * scale + shift`` with ``(B, C)`` coefficients broadcast over the positions: one pass.
 
     Eager CPU, contiguous: the inference kernel of ``F.batch_norm`` on the ``(1, B*C, P)`` view
@@ -381,7 +384,7 @@ def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
         zeros = torch.zeros(b * c, dtype=x.dtype, device=x.device)
         ones = torch.ones(b * c, dtype=x.dtype, device=x.device)
         y = F.batch_norm(flat, zeros, ones, scale.reshape(-1), shift.reshape(-1), False, 0.0, 0.0)
-        return y.reshape(x.shape)
+        return y.view(x.shape) if keep_shape else y  # (1, B*C, P) when not keep_shape
     shape = (b, c, *([1] * (x.dim() - 2)))
     return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
 
@@ -397,7 +400,7 @@ class _PooledILM(torch.autograd.Function):
         p = [t.to(st) if t is not None else None for t in (weight, bias, w1, w2, w3)]
         a, d, aux = _pooled_coefficients(m_c, v_c, *p, groups, k, eps)
         xf = x if x.dtype == st else x.to(st)
-        y = _channel_affine(xf, a, d).to(out_dtype)
+        y = _channel_affine(xf, a, d, keep_shape=False).to(out_dtype)  # fresh, maybe (1, B*C, P)
         mg, mu, gamma, rstd, omega, saved = aux
         ctx.spec = spec
         ctx.has_bias = bias is not None
@@ -413,6 +416,7 @@ class _PooledILM(torch.autograd.Function):
     @staticmethod
     def _backward(ctx: Any, dy):
         x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
+        dy = dy.view(x.shape) if dy.shape != x.shape else dy
         st = m_c.dtype
         c = a.shape[1]
         big_m = _up(mg, c)
@@ -512,7 +516,7 @@ class _TokenILM(torch.autograd.Function):
         if bias is not None:
             dd = dd + bias.to(st).view(n, k)
         d = torch.addcmul(dd, a, mean.unsqueeze(-1), value=-1.0)
-        y = torch.addcmul(d.view(*lead, n, k), x3, a.view(*lead, n, k)).flatten(-2)
+        y = torch.addcmul(d.view(*lead, n, k), x3, a.view(*lead, n, k))  # (..., N, K), fresh
         ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, w1, w2, w3, mu2, gamma2, mean, rstd, d_g, *saved)
         return y.to(out_dtype)
