@@ -269,3 +269,17 @@ def test_batchnorm_opt_in_converts_and_flags_the_change():
     report = ilmconvert.convert(model, batchnorm="gn")
     assert len(report.converted) == 20 and report.function_changing
     assert all(c.function_changing and c.norm_groups == 32 for c in report.converted)
+
+
+@pytest.mark.parametrize("spec, kwargs", [("timm:resnet50_gn", {}), ("timm:convnext_atto", {}), ("timm:resnetv2_50x1_bit", {})])
+def test_converted_network_traces_with_torch_fx(spec, kwargs):
+    """Each ILM layer is one node of the FX graph (ilmconvert.nn.core.ilm_forward), run eagerly."""
+    model = ilmconvert.create_model(spec, pretrained=False, **kwargs).eval()
+    torch.fx.symbolic_trace(model)  # the original traces
+    report = ilmconvert.convert(model)
+    traced = torch.fx.symbolic_trace(model)
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target.__name__ == "ilm_forward"]
+    assert len(calls) == len(report.converted)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)

@@ -64,6 +64,18 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@torch.fx.wrap
+def ilm_forward(layer: ILMNorm, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` as one opaque call for ``torch.fx.symbolic_trace``.
+
+    The layer picks its path from the input's dtype, device and shape (fast or reference path,
+    statistics dtype, unbatched input), which FX proxies cannot answer; wrapped with
+    ``torch.fx.wrap``, a converted network traces with each ILM layer as a single node that runs
+    the layer eagerly. ``torch.compile`` and ``torch.export`` trace through it as usual.
+    """
+    return layer._forward(x)
+
+
 class ILMNorm(nn.Module):
     """Base class of the ILM layers: key features, auto-encoder and alignment (eqs. 3-6).
 
@@ -225,7 +237,14 @@ class ILMNorm(nn.Module):
 
         Returns:
             A tensor of the shape of ``x``, in the dtype the replaced norm would return.
+
+        Raises:
+            ValueError: if ``x`` does not have ``num_channels`` channels.
         """
+        return ilm_forward(self, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The computation behind :meth:`forward`; front-ends extend this, not ``forward``."""
         if x.shape[-1 if not self.pooled else 1] != self.num_channels:
             raise ValueError(
                 f"{type(self).__name__} expects {self.num_channels} channels, got input of shape "

@@ -173,10 +173,10 @@ class ILMInstanceNorm(_FromNorm, ILMNorm):
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         return F.instance_norm(x, None, None, None, None, True, 0.0, self.eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial_dims is not None and x.dim() == self.spatial_dims + 1:
-            return super().forward(x.unsqueeze(0)).squeeze(0)
-        return super().forward(x)
+            return super()._forward(x.unsqueeze(0)).squeeze(0)
+        return super()._forward(x)
 
     @property
     def num_norm_groups(self) -> int:
@@ -224,10 +224,10 @@ class ILMLayerNorm(_FromNorm, ILMNorm):
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (self.num_channels,), None, None, self.eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_first:
-            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return super().forward(x)
+            return super()._forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super()._forward(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", channels_first=True" if self.channels_first else "")
@@ -241,8 +241,8 @@ class _ActMixin(nn.Module):
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.drop(super().forward(x))
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.drop(super()._forward(x))
         if y._is_view() and torch.is_grad_enabled() and getattr(self.act, "inplace", False):
             # an in-place activation on a view (LayerNorm2d's permute) of an autograd Function's
             # output is forbidden: give it its own storage, same strides
@@ -268,8 +268,8 @@ class _Fp32Mixin(nn.Module):
     features, standardization and rescaling see exactly the float32 tensor the original saw.
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super()._forward(x.float()).to(x.dtype)
 
 
 class ILMLayerNormFp32(_Fp32Mixin, ILMLayerNorm):
