@@ -196,7 +196,7 @@ def test_weights_file_and_class_resize(tmp_path):
     ilmconvert.create_model("timm:resnet50_gn", weights=tmp_path / "r.pth")
     with pytest.raises(ModelSourceError, match="does not fit timm:resnet18"):
         ilmconvert.create_model("timm:resnet18", weights=weights)
-    (tmp_path / "junk.pth").write_bytes(b"\x80\x04junk")
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(ModelSourceError, match="cannot read weights file"):
         ilmconvert.create_model("timm:resnet50_gn", weights=tmp_path / "junk.pth")
 
