@@ -9,6 +9,7 @@ again, which :func:`ilmconvert.save` writes and :func:`ilmconvert.load` reads.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 from collections.abc import Callable
@@ -120,17 +121,22 @@ def _construct(source: ModelSource, pretrained: bool) -> nn.Module:
 def build(source: ModelSource, *, device: torch.device | str | None = None) -> nn.Module:
     """Build ``source``'s architecture with fresh weights (no download) and apply its adaptations.
 
-    Use ``device="meta"`` to build the structure only (no memory for weights).
+    Use ``device="meta"`` to build the structure only (no memory for weights); architectures
+    whose constructor cannot run on the meta device are built on the CPU instead.
 
     Raises:
         ModelSourceError: if the architecture is unknown or the constructor rejects the kwargs.
     """
     _check_name(source.library, source.architecture)
     try:
-        if device is not None:
-            with torch.device(device):
+        try:
+            with torch.device(device) if device is not None else contextlib.nullcontext():
                 model = _construct(source, pretrained=False)
-        else:
+        except (NotImplementedError, RuntimeError):
+            if str(device) != "meta":
+                raise
+            # a few constructors compute on tensors (torchvision's RegNet block widths) and cannot
+            # run on the meta device: build for real instead
             model = _construct(source, pretrained=False)
     except (TypeError, ValueError, KeyError) as err:
         raise ModelSourceError(f"cannot build {source.spec()} with {source.kwargs}: {_first_line(err)}") from err

@@ -96,3 +96,10 @@ def test_swap_refuses_a_foreign_output_directory(tmp_path):
     result = _run("swap", "convnext_atto", "--no-pretrained", "--out", str(tmp_path))
     assert result.exit_code == 2 and "is not an ilmconvert checkpoint" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_inspect_builds_on_cpu_when_the_constructor_cannot_run_on_meta():
+    """torchvision's RegNet computes its widths with tensors: meta fails, the CPU build is used."""
+    result = _run("inspect", "torchvision:regnet_x_400mf", "--include-batchnorm", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["function_changing"]
