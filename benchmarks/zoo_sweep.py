@@ -552,10 +552,8 @@ def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: in
         "python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --summarize docs/zoo.md",
         "```",
         "",
-        "Known limitation (torch.fx): `torch.fx.symbolic_trace` of a converted network fails with",
-        "`TraceError: symbolically traced variables cannot be used as inputs to control flow`, raised by the",
-        "input-shape check at the top of `ILMNorm.forward` (`if x.shape[...] != self.num_channels: raise`;",
-        "`_rescale`'s `x_s.dim()` would be next). `torch.compile` (no graph breaks) and `torch.export` work.",
+        "torch.fx: each ILM layer is one opaque node of a `torch.fx.symbolic_trace` graph",
+        "(`ilmconvert.nn.core.ilm_forward`, wrapped with `torch.fx.wrap`), run eagerly; see the subset table below.",
         "",
     ]
 
