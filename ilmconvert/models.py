@@ -162,8 +162,8 @@ def create_model(
         pretrained: download (or read from the hub cache) the library's pretrained weights.
         weights: a local weights file (safetensors, or a state dict read with
             ``torch.load(weights_only=True)``); overrides ``pretrained``.
-        num_classes: classifier size; the head is re-initialized when it differs from the
-            pretrained one (as timm does).
+        num_classes: classifier size. A weights file with a head of that size is loaded whole;
+            otherwise (and for pretrained weights) the head is re-initialized, as timm does.
         device: ``"meta"`` builds the structure only.
         **kwargs: passed to the library's constructor (must be JSON-serializable to be saved).
 
@@ -179,9 +179,16 @@ def create_model(
     if weights is not None or not pretrained:
         source.pretrained_tag = None
         state = read_state_dict(Path(weights)) if weights is not None else None
+        if num_classes is not None:
+            source.kwargs["num_classes"] = num_classes
         model = build(source, device=device)
         if state is not None:
             problems = load_state_dict_checked(model, state)
+            if problems and num_classes is not None:
+                # the file may hold another head (e.g. the library's default): load it, then resize
+                del source.kwargs["num_classes"]
+                model = build(source, device=device)
+                problems = load_state_dict_checked(model, state)
             if problems:
                 raise ModelSourceError(f"weights file {weights} does not fit {spec}: {problems}")
             source.weights_file, source.weights_sha256 = str(weights), sha256_of(weights)

@@ -192,6 +192,10 @@ def test_weights_file_and_class_resize(tmp_path):
     assert model.fc.out_features == 10
     torch.testing.assert_close(model.conv1.weight, src.conv1.weight, rtol=0, atol=0)
     assert model.ilm_source.weights_sha256 == ilmconvert.models.sha256_of(weights)
+    tuned = timm.create_model("resnet50_gn", pretrained=False, num_classes=10)  # a fine-tuned head is kept
+    save_file(tuned.state_dict(), str(tmp_path / "tuned.safetensors"))
+    model = ilmconvert.create_model("timm:resnet50_gn", weights=tmp_path / "tuned.safetensors", num_classes=10)
+    assert torch.equal(model.fc.weight, tuned.fc.weight) and model.ilm_source.kwargs == {"num_classes": 10}
     torch.save({"state_dict": src.state_dict()}, tmp_path / "r.pth")
     ilmconvert.create_model("timm:resnet50_gn", weights=tmp_path / "r.pth")
     with pytest.raises(ModelSourceError, match="does not fit timm:resnet18"):
