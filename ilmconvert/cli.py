@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -134,16 +133,6 @@ def inspect(
 
 
 # ------------------------------------------------------------------------------------- swap
-def _check_output_dir(out: Path) -> None:
-    from .io import is_checkpoint
-
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not is_checkpoint(out))):
-        raise IlmconvertError(f"--out {out} exists and is not an ilmconvert checkpoint; choose a new or empty directory")
-    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise IlmconvertError(f"--out {out}: {parent} is not writable; choose another directory")
-
-
 @app.command()
 @expected_errors
 def swap(
@@ -167,12 +156,12 @@ def swap(
 
     from .check import check_conversion
     from .convert import convert
-    from .io import save
+    from .io import check_target, save
     from .models import create_model
 
     if init not in ("preserve", "paper"):
         raise IlmconvertError(f"--init must be preserve or paper, got {init!r}")
-    _check_output_dir(out)
+    check_target(out)
     torch.manual_seed(seed)
     with console.status(f"building {model}"):
         network = create_model(model, pretrained=not no_pretrained, weights=weights, num_classes=num_classes)

@@ -81,6 +81,24 @@ def is_checkpoint(directory: str | Path) -> bool:
     return isinstance(config, dict) and config.get("format") == FORMAT
 
 
+def check_target(directory: str | Path) -> Path:
+    """Check that a checkpoint can be written to ``directory`` before any work is done.
+
+    The directory must be new, empty or an earlier ilmconvert checkpoint (which is replaced), and
+    its nearest existing ancestor must be writable.
+
+    Raises:
+        CheckpointError: when either does not hold.
+    """
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_checkpoint(target))):
+        raise CheckpointError(f"{target} exists and is not an ilmconvert checkpoint; choose a new or empty directory")
+    parent = next((p for p in [target, *target.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not writable; choose another directory")
+    return target
+
+
 def save(
     model: nn.Module,
     directory: str | Path,
@@ -116,9 +134,7 @@ def save(
     if not isinstance(report, ConversionReport):
         raise CheckpointError("this model has not been converted; call ilmconvert.convert(model) before save()")
     resolved = _resolve_source(model, source)
-    target = Path(directory)
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_checkpoint(target))):
-        raise CheckpointError(f"{target} exists and is not an ilmconvert checkpoint; choose a new or empty directory")
+    target = check_target(directory)
 
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
