@@ -17,8 +17,11 @@ For each architecture (random weights, fixed seed) the sweep records, as one JSO
 
 Architectures whose float64 check would not fit ``--max-gb`` of RAM are checked in float32
 (criterion 1e-4); those where even float32 does not fit are converted on the meta device
-(structure and report only) and marked ``meta``. Non-classification torchvision models
-(detection, segmentation, optical flow, quantized) are converted on the meta device only.
+(structure and report only) and marked ``meta``. torchvision detection networks are called with a
+list of images (the raw head outputs are compared; the train step uses the detection losses for
+two boxes per image) and RAFT with two frames (in float32: torchvision builds RAFT's coordinate
+grid with ``.float()``); segmentation and quantized networks (which hold no instance-level norm)
+would be converted on the meta device only.
 
 Every architecture runs in a worker process with a per-model time limit (``--timeout``); a
 hung or crashed worker is replaced and the architecture recorded as ``timeout`` / ``crash``. The
@@ -50,6 +53,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MARK = "@@ZOO@@ "
 SMALL = 64  # input side tried first
+FLOW_UPDATES = 4  # RAFT refinement iterations in the sweep (the default is 12)
 #: Representative subset for the torch.compile / fx / export checks (one per registered source class).
 EXTRAS = {
     "timm:resnet50_gn",  # nn.GroupNorm
@@ -123,17 +127,74 @@ def _leaves(out):
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _forward(model, x):
+def _task(library: str, name: str) -> str:
+    """How the network is called: ``image`` (a batch tensor), ``detection`` or ``flow``."""
+    if library == "torchvision":
+        fam = _family(library, name).split(".")[0]
+        if fam in ("detection", "optical_flow"):
+            return "flow" if fam == "optical_flow" else "detection"
+    return "image"
+
+
+def _inputs(task: str, shape: tuple[int, ...], gen, dtype, device: str) -> tuple:
+    """Positional arguments of one forward call: a batch, a list of images, or two frames."""
+    import torch
+
+    x = torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+    if task == "detection":
+        return (list(x.unbind(0)),)
+    if task == "flow":
+        return (x, torch.randn(*shape, generator=gen, dtype=dtype).to(device))
+    return (x,)
+
+
+def _call(model, args: tuple, task: str):
+    return model(*args, num_flow_updates=FLOW_UPDATES) if task == "flow" else model(*args)
+
+
+def _forward(model, args: tuple, task: str = "image") -> list:
+    """The network's floating-point outputs, flattened. For detection networks these are the raw
+    outputs of ``model.head`` (class logits, box regression, centerness): the post-processed
+    detections pass a score threshold, top-k and NMS, which hide or exaggerate small differences."""
     import torch
 
     with torch.no_grad():
-        return [t.detach().clone() for t in _leaves(model(x))]
+        if task != "detection":
+            out = _call(model, args, task)
+        else:
+            out = []
+            hook = model.head.register_forward_hook(lambda mod, inp, o: out.append(o))
+            try:
+                model(*args)
+            finally:
+                hook.remove()
+        return [t.detach().clone() for t in _leaves(out)]
+
+
+def _train_loss(model, args: tuple, task: str):
+    """A scalar to backpropagate in train mode: the detection losses for two boxes per image, else
+    the mean square of every output."""
+    import torch
+
+    if task == "detection":
+        targets = [
+            {"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0], [16.0, 8.0, 60.0, 50.0]], dtype=img.dtype, device=img.device),
+             "labels": torch.tensor([1, 2], device=img.device)}
+            for img in args[0]
+        ]
+        return sum(model(args[0], targets).values())
+    return sum((o.float() ** 2).mean() for o in _leaves(_call(model, args, task)))
 
 
 def _rel(before, after) -> tuple[float, float]:
     max_abs = max(float((a.double() - b.double()).abs().max()) for a, b in zip(after, before))
     scale = max(float(b.double().abs().max()) for b in before)
     return max_abs, (max_abs / scale if scale else max_abs)
+
+
+def _small_side(name: str) -> int:
+    """The first input side to try: ``SMALL``, or 56 = 4 x 14 for patch-14 ViTs (64 is not a multiple)."""
+    return 56 if "patch14" in name or name.endswith("_14") else SMALL
 
 
 def _attempts(library: str, name: str) -> list[tuple[dict, tuple[int, ...]]]:
@@ -143,16 +204,23 @@ def _attempts(library: str, name: str) -> list[tuple[dict, tuple[int, ...]]]:
 
         cfg = timm.models.get_pretrained_cfg(name)
         size = tuple(cfg.input_size) if cfg is not None and cfg.input_size else (3, 224, 224)
-        out = [({"img_size": SMALL}, (2, 3, SMALL, SMALL)), ({}, (2, 3, SMALL, SMALL))]
+        small = _small_side(name)
+        out = [({"img_size": small}, (2, 3, small, small)), ({}, (2, 3, small, small))]
         if size[1] > 2 * SMALL:
             out.append(({"img_size": 2 * SMALL}, (2, 3, 2 * SMALL, 2 * SMALL)))
         out.append(({}, (2, *size)))
         return out
     fam = _family(library, name)
+    if fam.startswith("detection"):
+        # the transform resizes every image to min_size..max_size; keep it small
+        return [({"min_size": SMALL, "max_size": SMALL}, (2, 3, SMALL, SMALL))]
+    if fam.startswith("optical_flow"):
+        return [({}, (2, 3, 128, 128))]  # RAFT's correlation pyramid needs H, W >= 8 * 16
     if fam.startswith("video"):
         return [({}, (2, 3, 4, SMALL, SMALL)), ({}, (2, 3, 16, 224, 224))]
     if name.startswith("vit_"):
-        return [({"image_size": SMALL}, (2, 3, SMALL, SMALL)), ({}, (2, 3, 224, 224))]
+        small = _small_side(name)
+        return [({"image_size": small}, (2, 3, small, small)), ({}, (2, 3, 224, 224))]
     if name.startswith("maxvit"):
         return [({"input_size": (SMALL, SMALL)}, (2, 3, SMALL, SMALL)), ({}, (2, 3, 224, 224))]
     if name.startswith("inception") or name == "googlenet":
@@ -163,6 +231,7 @@ def _attempts(library: str, name: str) -> list[tuple[dict, tuple[int, ...]]]:
 def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
     import torch
     from torch import nn
+    from torch.utils._pytree import tree_map
 
     import ilmconvert
     from ilmconvert.nn import ILMNorm
@@ -171,6 +240,16 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
     rec: dict = {"name": name, "library": library, "family": _family(library, name), "device": device}
     t_all = time.perf_counter()
     stage = "meta-build"
+    stage_s: dict[str, float] = {}
+    clock = [t_all]
+
+    def enter(new: str) -> None:
+        """Start stage ``new``; the time since the previous stage began goes to that stage."""
+        nonlocal stage
+        now = time.perf_counter()
+        stage_s[stage] = stage_s.get(stage, 0.0) + now - clock[0]
+        clock[0], stage = now, new
+
     try:
         meta = _build(library, name, {}, device="meta")
         rec.update(_census(meta))
@@ -178,7 +257,8 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
         if not rec["norms"]:
             rec["status"] = "no_instance_norm"
             return rec
-        non_cls = library == "torchvision" and _family(library, name).split(".")[0] in ("detection", "segmentation", "optical_flow", "quantization")
+        non_cls = library == "torchvision" and _family(library, name).split(".")[0] in ("segmentation", "quantization")
+        task = _task(library, name)
         # float64 check: the network and its reloaded copy at 8 bytes a parameter; when that does not
         # fit but float32 does, the check runs in float32 (criterion 1e-4 instead of 1e-10)
         float32_only = rec["params"] * 16 > max_gb * 2**30
@@ -186,7 +266,7 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
         if float32_only and not too_big:
             rec["float32_reason"] = f"float64 check needs ~{rec['params'] * 16 / 2**30:.0f} GB > {max_gb:g} GB: checked in float32"
         if too_big or non_cls:
-            stage = "meta-convert"
+            enter("meta-convert")
             t0 = time.perf_counter()
             report = ilmconvert.convert(meta)
             rec["convert_s"] = time.perf_counter() - t0
@@ -194,14 +274,14 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
             rec["status"] = "meta"
             rec["meta_reason"] = (
                 f"even a float32 check needs ~{rec['params'] * 8 / 2**30:.0f} GB > {max_gb:g} GB" if too_big
-                else "non-classification input (structure and report only)"
+                else "no probe input for this task (structure and report only)"
             )
             return rec
         del meta
 
         # ---- build a real network at the smallest input size that runs (float64 when possible)
-        stage = "build"
-        model = x = before = None
+        enter("build")
+        model = args = before = None
         kwargs_built = None
         errors = []
         for kwargs, shape in _attempts(library, name):
@@ -224,8 +304,8 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
                 for dt in ((dtype, torch.float32) if dtype == torch.float64 else (torch.float32,)):
                     try:
                         model.to(dt)
-                        x = torch.randn(*shape, generator=gen, dtype=dt).to(device)
-                        before = _forward(model, x)
+                        args = _inputs(task, shape, gen, dt, device)
+                        before = _forward(model, args, task)
                         dtype = dt
                         break
                     except Exception as err:  # noqa: BLE001
@@ -247,21 +327,21 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
             original = copy.deepcopy(model).float()
 
         # ---- convert (timed), preservation
-        stage = "convert"
+        enter("convert")
         t0 = time.perf_counter()
         report = ilmconvert.convert(model, init="preserve")
         rec["convert_s"] = time.perf_counter() - t0
         _report_fields(rec, report)
-        stage = "preservation"
-        after = _forward(model, x)
+        enter("preservation")
+        after = _forward(model, args, task)
         rec["max_abs_diff"], rec["rel_diff"] = _rel(before, after)
         rec["finite"] = all(bool(torch.isfinite(a).all()) for a in after)
 
         # ---- forward + backward in train mode
-        stage = "backward"
+        enter("backward")
         model.train()
         model.zero_grad(set_to_none=True)
-        loss = sum((o.float() ** 2).mean() for o in _leaves(model(x)))
+        loss = _train_loss(model, args, task)
         loss.backward()
         ilm = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, ILMNorm)}
         unused, nonfinite = 0, []
@@ -278,10 +358,10 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
         del loss
 
         # ---- save -> load, exact (float32, as a checkpoint is used)
-        stage = "save-load"
+        enter("save-load")
         model.eval().float()
-        x32 = x.float()
-        ref = _forward(model, x32)
+        args32 = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) else t, args)
+        ref = _forward(model, args32, task)
         with tempfile.TemporaryDirectory() as tmp:
             ilmconvert.save(model, Path(tmp) / "ckpt")
             # rebuild the unconverted architecture without the (slow, overwritten) random init;
@@ -289,13 +369,13 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
             with _no_init():
                 fresh = _build(library, name, rec["input_kwargs"])
             loaded = ilmconvert.load(Path(tmp) / "ckpt", model=fresh).to(device)
-            got = _forward(loaded, x32)
+            got = _forward(loaded, args32, task)
         rec["save_load_exact"] = all(torch.equal(a, b) for a, b in zip(ref, got))
         del loaded
 
         if extras:
-            stage = "extras"
-            rec["extras"] = _extras(original, model, x32)
+            enter("extras")
+            rec["extras"] = _extras(original, model, *args32)
 
         ok = rec["finite"] and rec["backward_ok"] and rec["save_load_exact"]
         limit = 1e-10 if rec["dtype"] == "float64" else 1e-4
@@ -313,6 +393,8 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
         rec["traceback"] = traceback.format_exc(limit=-4)[-1500:]
         return rec
     finally:
+        enter("done")
+        rec["stage_s"] = {k: round(v, 3) for k, v in stage_s.items()}
         rec["total_s"] = time.perf_counter() - t_all
 
 
@@ -389,13 +471,13 @@ def _extras(original, model, x) -> dict:
     if out["fx_original"]:
         try:
             gm = torch.fx.symbolic_trace(model)
-            out["fx_converted"] = _close(_forward(model, x), _forward(gm, x))
+            out["fx_converted"] = _close(_forward(model, (x,)), _forward(gm, (x,)))
         except Exception as err:  # noqa: BLE001
             out["fx_converted"] = False
             out["fx_error"] = _first_line(err)
     try:
         ep = torch.export.export(model.eval(), (x,))
-        out["export"] = _close(_forward(model, x), _forward(ep.module(), x))
+        out["export"] = _close(_forward(model, (x,)), _forward(ep.module(), (x,)))
     except Exception as err:  # noqa: BLE001
         out["export"] = False
         out["export_error"] = _first_line(err)
