@@ -155,3 +155,26 @@ def test_metaformer_no_bias_norms_have_no_b_beta():
     no_bias = [m for m in layers if m.bias is None]
     assert no_bias and all("bias" not in dict(m.named_parameters(recurse=False)) for m in no_bias)
     assert all(m.eps == 1e-6 for m in no_bias)
+
+
+def test_raft_instance_norms_convert_preserve_and_train():
+    """torchvision RAFT: InstanceNorm2d without affine (taken over as w = 1, b = 0, so B_ω = 1/2 and
+    B_β = 0, both learnable) inside a two-frame optical-flow network. torchvision builds RAFT's coordinate grid with
+    ``.float()``, so the check is in float32 (criterion 1e-4, as in the zoo sweep)."""
+    torch.manual_seed(0)
+    model = ilmconvert.create_model("torchvision:raft_small", pretrained=False).eval()
+    g = torch.Generator().manual_seed(0)
+    frames = (torch.randn(1, 3, 128, 128, generator=g), torch.randn(1, 3, 128, 128, generator=g))
+    with torch.no_grad():
+        before = model(*frames, num_flow_updates=2)[-1]
+    report = ilmconvert.convert(model)
+    assert {c.source for c in report.converted} == {"torch.nn.modules.instancenorm.InstanceNorm2d"}
+    assert len(report.converted) + sum(len(c.aliases) for c in report.converted) == 21
+    with torch.no_grad():
+        after = model(*frames, num_flow_updates=2)[-1]
+    assert float((after - before).abs().max() / before.abs().max()) <= 1e-4
+
+    model.train()
+    (model(*frames, num_flow_updates=2)[-1] ** 2).mean().backward()
+    layers = [m for m in model.modules() if isinstance(m, ILMNorm)]
+    assert layers and all(m.encoder.weight.grad is not None and torch.isfinite(m.encoder.weight.grad).all() for m in layers)
