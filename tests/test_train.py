@@ -143,6 +143,25 @@ def test_cifar_download_failure_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(info.value)
 
 
+def test_failed_cifar_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A download cut off mid-way (as torchvision's urlretrieve leaves it) must not leave a partial
+    archive or empty folders that look like a data root."""
+    import urllib.error
+
+    import torchvision.datasets.cifar as cifar
+
+    def cut_off(url, download_root, extract_root=None, filename=None, md5=None, **kwargs):
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        (Path(download_root) / filename).write_bytes(b"\x1f\x8b partial")
+        raise urllib.error.URLError("Connection reset by peer")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", cut_off)
+    root = tmp_path / "cache" / "data"
+    with pytest.raises(D.DataError, match="cannot download cifar10"):
+        D.open_split(D.resolve_data("cifar10", root), "train", R.DataSettings())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cached_and_lazy_images_agree_and_subsets_are_fixed(tmp_path):
     source = D.resolve_data(str(make_image_folder(tmp_path, n_train=10, n_test=4)))
     settings = R.DataSettings()

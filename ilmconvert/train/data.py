@@ -3,7 +3,8 @@
 ``DATA`` is either a folder with ``train/`` and ``test/`` (or ``val/``) sub-folders in the
 torchvision :class:`~torchvision.datasets.ImageFolder` layout (``train/<class>/<image>``), or the
 word ``cifar10`` / ``cifar100`` (torchvision's datasets, downloaded into ``data_root``; offline the
-download fails with a one-line :class:`DataError` that suggests an ImageFolder path instead).
+download fails with a one-line :class:`DataError` that suggests an ImageFolder path instead, and
+a partial archive or the empty folders the attempt created are removed).
 
 Images travel as uint8 ``(3, H, W)`` tensors: they are decoded once (into memory when
 ``cache`` is on: 3 KiB per 32x32 image, 180 MiB for all of CIFAR-10), augmented with torchvision
@@ -182,14 +183,40 @@ def _torchvision_split(source: DataSource, split: str) -> Any:
     import torchvision
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[source.kind]
+    created = _first_missing(Path(source.root))
     try:
         return cls(str(source.root), train=split == "train", download=True)
     except Exception as err:  # URLError, socket errors, checksum errors, ...
+        _discard_partial_download(Path(source.root), cls, created)
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(
             f"cannot download {source.kind} into {source.root} ({type(err).__name__}: {first}); offline, pass an "
             f"ImageFolder root with train/ and test/ instead (e.g. --data /path/to/{source.kind})"
         ) from None
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (``None`` if it exists)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _discard_partial_download(root: Path, cls: type, created: Path | None) -> None:
+    """After a failed download: remove an archive that fails torchvision's md5 check (a partial
+    file), then the folders the attempt created if they hold no file."""
+    from torchvision.datasets.utils import check_integrity
+
+    filename, md5 = getattr(cls, "filename", None), getattr(cls, "tgz_md5", None)
+    if filename and (root / filename).is_file() and not check_integrity(str(root / filename), md5):
+        (root / filename).unlink()
+    if created is not None and created.is_dir() and not any(p.is_file() for p in created.rglob("*")):
+        import shutil
+
+        shutil.rmtree(created, ignore_errors=True)
 
 
 def open_split(
