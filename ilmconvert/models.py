@@ -298,6 +298,44 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return (3, 224, 224)
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def preprocessing(model: nn.Module) -> dict[str, Any] | None:
+    """Input side and normalization the network's pretrained weights expect.
+
+    timm: ``timm.data.resolve_data_config`` on the ``pretrained_cfg`` of the recorded tag;
+    torchvision: the weights enum's ``transforms()`` (``crop_size``, ``mean``, ``std``), ImageNet's
+    224 px statistics without weights.
+
+    Returns:
+        ``{"image_size": int (pixels), "mean": (r, g, b), "std": (r, g, b)}`` for [0, 1] RGB, or
+        ``None`` when the network was adapted away from its pretrained input (``cifar_stem``) or
+        its source is unknown.
+    """
+    source = source_of(model)
+    if source is None or "cifar_stem" in source.adaptations:
+        return None
+    if source.library == "timm":
+        import timm
+
+        cfg = None
+        if source.pretrained_tag not in (None, "default"):
+            found = timm.models.get_pretrained_cfg(f"{source.architecture}.{source.pretrained_tag}")
+            cfg = found.to_dict() if found is not None else None
+        data = timm.data.resolve_data_config({}, pretrained_cfg=cfg, model=model)
+        return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
+    if source.pretrained_tag is None:
+        return {"image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(source.architecture)
+    weights = enum.DEFAULT if source.pretrained_tag == "default" else enum.verify(source.pretrained_tag)
+    transform = weights.transforms()
+    return {"image_size": int(transform.crop_size[0]), "mean": tuple(transform.mean), "std": tuple(transform.std)}
+
+
 def _classifier(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
     """(parent, attribute, layer) of the last nn.Linear: the classifier of torchvision models."""
     found = None

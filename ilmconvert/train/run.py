@@ -342,8 +342,10 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Test loss, top-1 and top-5 of a checkpoint (or a run's ``best/``) on DATA's test split.
 
-    The input size and normalization are those recorded in the checkpoint by ``finetune``
-    (the recipe defaults, CIFAR-10 statistics at 32 px, for checkpoints written by ``swap``).
+    The input size and normalization are those recorded in the checkpoint by ``finetune``; for a
+    checkpoint written by ``swap``, those its pretrained weights expect
+    (:func:`ilmconvert.models.preprocessing`: timm's data config, torchvision's weights
+    transforms), or the recipe defaults (CIFAR-10 statistics at 32 px) for a ``cifar_stem`` network.
 
     Returns:
         ``{"checkpoint", "loss", "top1", "top5" (percent), "images", "seconds", "classes"}``.
@@ -352,15 +354,16 @@ def evaluate_checkpoint(
         RunError, CheckpointError, DataError, TrainError: one-line messages.
     """
     from ..io import load, read_config
-    from ..models import classifier_size
+    from ..models import classifier_size, preprocessing
 
     checkpoint = resolve_checkpoint(path)
     torch_device = select_device(device)
     meta = read_config(checkpoint).get("metadata", {}) or {}
-    settings = DataSettings.model_validate(meta.get("data", {}).get("settings", {}))
+    network = load(checkpoint)
+    recorded = meta.get("data", {}).get("settings")
+    settings = DataSettings.model_validate(recorded if recorded is not None else {"augment": "none", **(preprocessing(network) or {})})
     source = resolve_data(data, data_root)
     test = open_split(source, "test", settings, subset=subset, seed=1)
-    network = load(checkpoint)
     classes = classifier_size(network)
     if classes != len(test.classes):
         raise RunError(f"{checkpoint} predicts {classes} classes but {data} has {len(test.classes)}; evaluate on the data it was trained for")
