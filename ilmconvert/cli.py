@@ -197,4 +197,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m ilmconvert.cli`: run the imported module's app, on which the fine-tuning commands
+    # registered (this file's `__main__` copy of `app` has none of them)
+    from ilmconvert.cli import main as _main
+
+    _main()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +192,30 @@ def test_eval_errors_are_one_line(finished_run, tiny_data, tmp_path):
     other = make_image_folder(tmp_path / "five", classes=("a", "b", "c", "d", "e"), n_train=1, n_test=1)
     result = runner.invoke(app, ["eval", str(finished_run), "--data", str(other), "--device", "cpu"])
     assert "predicts 3 classes but" in one_error_line(result)
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="torch was built without the Gloo backend")
+def test_finetune_under_torchrun_with_two_cpu_processes(tiny_data, tiny_recipe, tmp_path):
+    """`torchrun --nproc_per_node 2 -m ilmconvert finetune` on CPU (Gloo): rank 0 alone reports and
+    writes, and the test metrics summed over the two disjoint test slices are those of the whole
+    test split evaluated by one process from the saved weights (which also shows that both
+    processes held the same weights)."""
+    from ilmconvert.train.run import evaluate_checkpoint
+
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ilmconvert", "finetune", "--recipe", str(tiny_recipe), "--data", str(tiny_data), "--out", str(run), "--device", "cpu"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("epoch   2/2") == 1
+    assert "2 processes: batch 16 per process, 32 per update" in done.stdout
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    best = max(metrics, key=lambda m: m["top1"])
+    alone = evaluate_checkpoint(run, str(tiny_data), device="cpu")
+    assert alone["images"] == 36
+    assert alone["top1"] == pytest.approx(best["top1"]) and alone["top5"] == pytest.approx(best["top5"])
+    assert alone["loss"] == pytest.approx(best["test_loss"], rel=1e-5)
+    # 72 training images over 2 processes: 2 full batches of 16 each, so 64 images per epoch
+    assert all(abs(m["train_top1"] * 64 / 100 - round(m["train_top1"] * 64 / 100)) < 1e-9 for m in metrics)

@@ -162,6 +162,30 @@ def test_failed_cifar_download_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_loaders_of_several_processes_split_the_data(tmp_path):
+    """torchrun shards: training shards are disjoint, equal in size and reshuffled per epoch; the
+    test slices cover every test image exactly once (so summed metrics count each image once)."""
+    from ilmconvert.train.distributed import Distributed
+
+    source = D.resolve_data(str(make_image_folder(tmp_path, n_train=10, n_test=5)))
+    settings = R.DataSettings(augment="none")
+    train, test = D.open_split(source, "train", settings), D.open_split(source, "test", settings)
+    world = 3
+    shards, slices = [], []
+    for rank in range(world):
+        processes = Distributed(rank, world, rank)
+        loader = D.make_loader(train, 4, train=True, seed=0, processes=processes)
+        L.seed_epoch(loader, 0, 1, rank)
+        shards.append(list(loader.sampler))
+        L.seed_epoch(loader, 0, 2, rank)
+        assert list(loader.sampler) != shards[-1]  # another order in another epoch
+        test_loader = D.make_loader(test, 4, train=False, processes=processes)
+        slices.append([int(i) for i in test_loader.dataset.indices])
+    assert {len(s) for s in shards} == {30 // world}
+    assert len(set().union(*map(set, shards))) == 30  # disjoint, and together the whole set
+    assert sorted(sum(slices, [])) == list(range(15))
+
+
 def test_cached_and_lazy_images_agree_and_subsets_are_fixed(tmp_path):
     source = D.resolve_data(str(make_image_folder(tmp_path, n_train=10, n_test=4)))
     settings = R.DataSettings()

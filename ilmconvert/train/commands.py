@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..cli import app, console, expected_errors
+from .distributed import Distributed
 
 DataOpt = Annotated[str, typer.Option("--data", help="ImageFolder root with train/ and test/ (or val/), or cifar10 / cifar100 (downloaded into --data-root).")]
 DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Download folder for cifar10 / cifar100 (default $ILMCONVERT_DATA or ~/.cache/ilmconvert/data).")]
@@ -64,20 +65,41 @@ def finetune(
     data_root: DataRootOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last/ checkpoint (optimizer, scheduler, epoch, best top-1).")] = False,
 ) -> None:
-    """Fine-tune an ILM network on DATA with a recipe: SGD + momentum, CIFAR augmentation, per-epoch test."""
-    from .run import METRICS_FILE, Progress as Hooks, prepare_finetune, run_finetune
+    """Fine-tune an ILM network on DATA with a recipe: SGD + momentum, CIFAR augmentation, per-epoch test.
 
-    with console.status("reading data and building the network"):
-        plan = prepare_finetune(
-            data=data, run=out, checkpoint=checkpoint, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
+    Several GPUs: `torchrun --nproc_per_node N -m ilmconvert finetune ...` (batch size per process).
+    """
+    from .distributed import destroy_process_group, from_environment
+
+    processes = from_environment()
+    try:
+        _finetune(
+            processes, checkpoint=checkpoint, data=data, run=out, recipe=recipe, epochs=epochs, batch_size=batch_size, lr=lr,
             device=device, data_root=data_root, resume=resume,
         )
+    finally:
+        destroy_process_group()
+
+
+def _finetune(processes: Distributed, **options: Any) -> None:
+    """``finetune`` in one process: rank 0 (or the only process) reports, the others train silently."""
+    import contextlib
+
+    from .run import METRICS_FILE, Progress as Hooks, prepare_finetune, run_finetune
+
+    with console.status("reading data and building the network") if processes.is_main else contextlib.nullcontext():
+        plan = prepare_finetune(**options, processes=processes)
+    checkpoint, data, out = options["checkpoint"], options["data"], options["run"]
+    if not processes.is_main:  # the other torchrun processes train in silence; rank 0 reports and writes
+        run_finetune(plan)
+        return
     r = plan.recipe
     what = str(checkpoint) if checkpoint else f"{r.model.name} ({', '.join(r.model.adaptations) or 'as built'}, ILM init={r.conversion.init})"
     console.print(
         f"[bold]{r.name or 'recipe'}[/]: {what} on {plan.source.name}: {len(plan.train)} train / {len(plan.test)} test images, "
         f"{len(plan.train.classes)} classes; {r.train.epochs} epochs, batch {r.train.batch_size}, lr {r.train.lr:g}, "
-        f"{r.train.sched}, device {plan.device.type}" + (f"; resuming after epoch {plan.start_epoch}" if plan.start_epoch else "")
+        f"{r.train.sched}, device {plan.device.type}" + (f" x {processes.world_size} processes" if processes.enabled else "")
+        + (f"; resuming after epoch {plan.start_epoch}" if plan.start_epoch else "")
     )
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -23,9 +23,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import IlmconvertError
+from .distributed import SINGLE, Distributed
 from .recipes import DataSettings
 
 TORCHVISION_DATASETS = ("cifar10", "cifar100")
@@ -268,19 +269,40 @@ def check_same_classes(train: ImageSet, test: ImageSet, source: DataSource) -> N
         )
 
 
-def make_loader(dataset: ImageSet, batch_size: int, *, train: bool, num_workers: int = 0, seed: int = 0, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: ImageSet,
+    batch_size: int,
+    *,
+    train: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+    processes: Distributed = SINGLE,
+) -> DataLoader:
     """A DataLoader over ``dataset`` yielding (uint8 (B, 3, H, W), int64 (B,)).
 
     Training loaders shuffle with their own generator: call ``loader.generator.manual_seed(s)``
     before each epoch to make the order depend only on (seed, epoch), which makes ``--resume``
-    replay the same order as an uninterrupted run.
+    replay the same order as an uninterrupted run. With several processes, a training loader
+    reads this process's shard through torch's ``DistributedSampler`` (shuffled with ``seed`` and
+    the epoch set by ``sampler.set_epoch``, equal shard sizes), and a test loader the disjoint
+    slice ``rank::world_size``, so that sums over the processes count every test image once.
     """
     generator = torch.Generator().manual_seed(seed) if train else None
+    sampler = None
+    if processes.enabled and train:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, processes.world_size, processes.rank, shuffle=True, seed=seed, drop_last=True)
+    elif processes.enabled:
+        dataset = Subset(dataset, range(processes.rank, len(dataset), processes.world_size))
+    per_process = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) >= 2 * batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train and per_process >= 2 * batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

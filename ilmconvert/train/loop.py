@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import IlmconvertError
 from .data import to_input
+from .distributed import SINGLE, Distributed
 from .recipes import ConversionSettings, DataSettings, ModelSettings, TrainSettings
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -176,12 +177,14 @@ def train_one_epoch(
     precision: Precision,
     num_updates: int,
     batches: Batches | None = None,
+    processes: Distributed = SINGLE,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``.
+    """One pass over ``loader`` (this process's shard when ``processes`` is distributed).
 
     Returns:
         (``{"train_loss", "train_top1" (percent), "images", "seconds", "images_per_s"}``,
-        the update count after the epoch).
+        the update count after the epoch). Loss, top-1 and images are over all processes;
+        ``images_per_s`` is all processes' images over this process's seconds.
 
     Raises:
         TrainError: when the loss becomes NaN or infinite (lower the learning rate).
@@ -220,21 +223,38 @@ def train_one_epoch(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     batches.stop()
-    mean_loss = float(loss_sum) / max(1, seen)
+    loss_sum, correct, seen = _summed(processes, loss_sum, correct, seen)
+    mean_loss = loss_sum / max(1, seen)
     if not math.isfinite(mean_loss):
         raise TrainError(f"the training loss became {mean_loss} in this epoch; lower --lr")
     return {
         "train_loss": mean_loss,
-        "train_top1": 100.0 * float(correct) / max(1, seen),
+        "train_top1": 100.0 * correct / max(1, seen),
         "images": seen,
         "seconds": seconds,
         "images_per_s": seen / max(seconds, 1e-9),
     }, num_updates
 
 
+def _summed(processes: Distributed, *values: torch.Tensor | int) -> list[float]:
+    """Each value summed over the processes (float64: exact for counts below 2**53), computed on
+    the device of the tensors among ``values`` (NCCL reduces CUDA tensors only)."""
+    device = next(v.device for v in values if isinstance(v, torch.Tensor))
+    total = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    return [float(v) for v in processes.all_sum(total)]
+
+
 @torch.no_grad()
-def evaluate(network: nn.Module, loader: DataLoader, data: DataSettings, precision: Precision, batches: Batches | None = None) -> dict[str, float]:
-    """Cross-entropy loss and top-1 / top-5 accuracy of ``network`` over ``loader``.
+def evaluate(
+    network: nn.Module,
+    loader: DataLoader,
+    data: DataSettings,
+    precision: Precision,
+    batches: Batches | None = None,
+    processes: Distributed = SINGLE,
+) -> dict[str, float]:
+    """Cross-entropy loss and top-1 / top-5 accuracy of ``network`` over ``loader``; when
+    ``processes`` is distributed, over the union of every process's (disjoint) slice.
 
     Returns:
         ``{"loss" (mean, nats), "top1", "top5" (percent), "images" (count), "seconds"}``.
@@ -258,12 +278,13 @@ def evaluate(network: nn.Module, loader: DataLoader, data: DataSettings, precisi
         seen += y.shape[0]
         batches.advance(None)
     batches.stop()
+    loss_sum, top1, top5, seen = _summed(processes, loss_sum, hits[0], hits[1], seen)
     n = max(1, seen)
     return {
-        "loss": float(loss_sum) / n,
-        "top1": 100.0 * float(hits[0]) / n,
-        "top5": 100.0 * float(hits[1]) / n,
-        "images": seen,
+        "loss": loss_sum / n,
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+        "images": int(seen),
         "seconds": time.perf_counter() - start,
     }
 
@@ -280,9 +301,11 @@ def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Make the data order and augmentation of ``epoch`` depend only on (seed, epoch)."""
-    torch.manual_seed(seed * 1000 + epoch)
+def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None:
+    """Make the data order and augmentation of ``epoch`` depend only on (seed, epoch, rank)."""
+    torch.manual_seed(seed * 1000 + epoch + 1_000_003 * rank)
     if loader.generator is not None:
         loader.generator.manual_seed(seed * 1000 + epoch)
+    if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: shuffles with (seed, epoch)
+        loader.sampler.set_epoch(epoch)
 

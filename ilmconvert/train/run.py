@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import IlmconvertError
 from .data import DataSource, ImageSet, check_same_classes, make_loader, open_split, resolve_data, train_transform
+from .distributed import SINGLE, Distributed, init_process_group
 from .loop import (
     Batches,
     Precision,
@@ -119,6 +120,7 @@ class FinetunePlan:
         start_epoch: epochs already done (0 for a new run).
         trainer_state: the saved optimizer / scheduler / counters when resuming, else ``None``.
         notes: one-line remarks for the user (head resized, recipe settings ignored, ...).
+        processes: this process's rank among torchrun's processes (``SINGLE`` without torchrun).
     """
 
     recipe: Recipe
@@ -131,6 +133,7 @@ class FinetunePlan:
     start_epoch: int = 0
     trainer_state: Optional[dict[str, Any]] = None
     notes: list[str] = field(default_factory=list)
+    processes: Distributed = SINGLE
 
 
 def _open_data(recipe: Recipe, data: str, data_root: str | Path | None) -> tuple[DataSource, ImageSet, ImageSet]:
@@ -155,6 +158,7 @@ def prepare_finetune(
     data_root: str | Path | None = None,
     resume: bool = False,
     default_recipe: str = "cifar10",
+    processes: Distributed = SINGLE,
 ) -> FinetunePlan:
     """Check the arguments, read the data and build (or load) the network; writes nothing.
 
@@ -170,6 +174,8 @@ def prepare_finetune(
         data_root: download folder for ``cifar10`` / ``cifar100``.
         resume: continue ``run`` from ``run/last`` with the recipe saved in ``run/recipe.yaml``
             (only ``epochs`` may change).
+        processes: under torchrun, this process's rank (see :mod:`.distributed`): joins the
+            process group and takes the device ``cuda:LOCAL_RANK``; rank 0 downloads data first.
 
     Raises:
         RecipeError, DataError, RunError, TrainError, ModelSourceError, CheckpointError: one-line
@@ -178,7 +184,7 @@ def prepare_finetune(
     from ..io import is_checkpoint, load, load_trainer_state
 
     run = Path(run).expanduser()
-    torch_device = select_device(device)
+    torch_device = init_process_group(processes, select_device(device))
     notes: list[str] = []
     state = None
     if resume:
@@ -200,7 +206,8 @@ def prepare_finetune(
         if checkpoint is not None and not is_checkpoint(checkpoint):
             raise RunError(f"{checkpoint} is not an ilmconvert checkpoint (no config.json); write one with `ilmconvert swap`")
 
-    source, train, test = _open_data(resolved, data, data_root)
+    with processes.main_first():  # one download of cifar10 / cifar100
+        source, train, test = _open_data(resolved, data, data_root)
     num_classes = len(train.classes)
     if resume:
         network = load(run / LAST)
@@ -215,7 +222,12 @@ def prepare_finetune(
             notes.append(f"batch size {resolved.train.batch_size} is larger than the {len(train)} training images")
     else:
         network = build_network(resolved.model, resolved.conversion, num_classes, seed=resolved.train.seed)
-    return FinetunePlan(resolved, run, source, train, test, network, torch_device, int(state["epoch"]) if state else 0, state, notes)
+    if processes.enabled:
+        notes.append(
+            f"{processes.world_size} processes: batch {resolved.train.batch_size} per process, "
+            f"{resolved.train.batch_size * processes.world_size} per update; the learning rate is not rescaled"
+        )
+    return FinetunePlan(resolved, run, source, train, test, network, torch_device, int(state["epoch"]) if state else 0, state, notes, processes)
 
 
 @dataclass
@@ -251,7 +263,8 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
     """Train ``plan.network`` for the recipe's epochs, writing ``RUN`` as it goes.
 
     After each epoch: one line appended to ``RUN/metrics.jsonl``, ``RUN/last`` saved with the
-    trainer state, and ``RUN/best`` when the test top-1 improved.
+    trainer state, and ``RUN/best`` when the test top-1 improved. Under torchrun every process
+    trains a ``DistributedDataParallel`` copy on its shard and only rank 0 writes.
 
     Returns:
         ``{"epochs": done, "best_top1", "best_epoch", "last": metrics of the final epoch}``.
@@ -262,13 +275,21 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
     from ..io import save
 
     progress = progress or Progress()
-    recipe, run = plan.recipe, plan.run
+    recipe, run, processes = plan.recipe, plan.run, plan.processes
+    main = processes.is_main
     train_cfg, data_cfg = recipe.train, recipe.data
     precision = Precision(plan.device)
     network = precision.prepare(plan.network)
+    trained_network = network
+    if processes.enabled:
+        # static_graph: a norm that the forward never reaches is no error for DDP's reduction
+        device_ids = [plan.device.index] if plan.device.type == "cuda" else None
+        trained_network = nn.parallel.DistributedDataParallel(network, device_ids=device_ids, static_graph=True)
+        processes.barrier()  # every process has checked the run folder before rank 0 writes it
     pin = plan.device.type == "cuda"
-    train_loader = make_loader(plan.train, train_cfg.batch_size, train=True, num_workers=data_cfg.num_workers, seed=train_cfg.seed, pin_memory=pin)
-    test_loader = make_loader(plan.test, data_cfg.eval_batch_size, train=False, num_workers=data_cfg.num_workers, pin_memory=pin)
+    loaders = {"num_workers": data_cfg.num_workers, "pin_memory": pin, "processes": processes}
+    train_loader = make_loader(plan.train, train_cfg.batch_size, train=True, seed=train_cfg.seed, **loaders)
+    test_loader = make_loader(plan.test, data_cfg.eval_batch_size, train=False, **loaders)
     optimizer = create_optimizer(network, train_cfg)
     scheduler = create_scheduler(optimizer, train_cfg, len(train_loader))
     state = plan.trainer_state or {}
@@ -280,19 +301,20 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
             scheduler.load_state_dict(state["scheduler"])
         if scheduler is not None:
             scheduler.step_update(num_updates=num_updates)
-        _keep_metrics_until(run, plan.start_epoch)
-    else:
+        if main:
+            _keep_metrics_until(run, plan.start_epoch)
+    elif main:
         run.mkdir(parents=True, exist_ok=True)
         (run / RECIPE_FILE).write_text(recipe.to_yaml())
         (run / METRICS_FILE).touch()
 
     metrics: dict[str, Any] = {}
     for epoch in range(plan.start_epoch, train_cfg.epochs):
-        seed_epoch(train_loader, train_cfg.seed, epoch)
+        seed_epoch(train_loader, train_cfg.seed, epoch, processes.rank)
         trained, num_updates = train_one_epoch(
-            network, train_loader, optimizer, scheduler, train_cfg, data_cfg, precision, num_updates, progress.train(epoch + 1)
+            trained_network, train_loader, optimizer, scheduler, train_cfg, data_cfg, precision, num_updates, progress.train(epoch + 1), processes
         )
-        tested = evaluate(network, test_loader, data_cfg, precision, progress.test(epoch + 1))
+        tested = evaluate(network, test_loader, data_cfg, precision, progress.test(epoch + 1), processes)
         lr = float(optimizer.param_groups[0]["lr"])
         if scheduler is not None:
             scheduler.step(epoch + 1)
@@ -319,13 +341,15 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else {},
         }
-        metadata = _metadata(plan, metrics, best_top1)
-        save(network, run / LAST, metadata=metadata, trainer_state=trainer_state)
-        if improved:
-            save(network, run / BEST, metadata=metadata)
-        with open(run / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
-        progress.epoch_done(metrics, improved)
+        if main:
+            metadata = _metadata(plan, metrics, best_top1)
+            save(network, run / LAST, metadata=metadata, trainer_state=trainer_state)
+            if improved:
+                save(network, run / BEST, metadata=metadata)
+            with open(run / METRICS_FILE, "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            progress.epoch_done(metrics, improved)
+    processes.barrier()  # RUN is complete when any process returns
     return {"epochs": train_cfg.epochs, "best_top1": best_top1, "best_epoch": best_epoch, "last": metrics}
 
 

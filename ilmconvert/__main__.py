@@ -1,0 +1,5 @@
+"""``python -m ilmconvert ...`` (and ``torchrun --nproc_per_node N -m ilmconvert finetune ...``)."""
+
+from ilmconvert.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""Several processes with ``torchrun``: process group, per-process device, sums across processes.
+
+``torchrun --nproc_per_node N -m ilmconvert finetune ...`` starts N copies of the command;
+torchrun sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in their environment. Each process
+then trains a :class:`~torch.nn.parallel.DistributedDataParallel` copy of the network on its own
+shard of the training set (``batch_size`` images per process and step, as in timm's
+``train.py``: the global batch is ``batch_size x N``) and tests on its own slice of the test set;
+the metrics are summed over processes with ``all_reduce``. Only rank 0 writes the run folder and
+draws progress. ILM's statistics are per instance, so unlike BatchNorm nothing needs to be
+synchronized across processes beyond DDP's gradient averaging.
+
+Backends: NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``), Gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import IlmconvertError
+
+
+class DistributedError(IlmconvertError):
+    """The torchrun environment cannot be used as it is (bad variables, too few GPUs)."""
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place among the ``world_size`` training processes (1: not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files and prints."""
+        return self.rank == 0
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the processes, in place (a no-op for one process); returns it."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the body on rank 0 first (e.g. a download), then on the other ranks."""
+        if not self.is_main:
+            self.barrier()
+        try:
+            yield
+        finally:
+            if self.is_main:
+                self.barrier()
+
+
+SINGLE = Distributed()
+
+
+def from_environment() -> Distributed:
+    """The :class:`Distributed` torchrun describes in the environment (``SINGLE`` without it).
+
+    Raises:
+        DistributedError: when ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` are not integers.
+    """
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise DistributedError("WORLD_SIZE, RANK and LOCAL_RANK must be integers; start several processes with torchrun") from None
+    return Distributed(rank, world, local) if world > 1 else SINGLE
+
+
+def init_process_group(info: Distributed, device: torch.device) -> torch.device:
+    """Join torchrun's process group and return this process's device.
+
+    On CUDA each process takes ``cuda:LOCAL_RANK`` (NCCL); on CPU all use Gloo. A no-op that
+    returns ``device`` for a single process.
+
+    Raises:
+        DistributedError: when there are fewer visible GPUs than processes on this node.
+    """
+    if not info.enabled:
+        return device
+    if device.type == "cuda":
+        if info.local_rank >= torch.cuda.device_count():
+            raise DistributedError(
+                f"process {info.rank} wants cuda:{info.local_rank} but this node shows {torch.cuda.device_count()} GPU(s); "
+                "pass --nproc_per_node at most the GPU count"
+            )
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def destroy_process_group() -> None:
+    """Leave the process group (if one was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
