@@ -230,7 +230,7 @@ def train_one_epoch(
     return {
         "train_loss": mean_loss,
         "train_top1": 100.0 * correct / max(1, seen),
-        "images": seen,
+        "images": int(seen),
         "seconds": seconds,
         "images_per_s": seen / max(seconds, 1e-9),
     }, num_updates
