@@ -635,6 +635,10 @@ def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: in
         "(float64; float32 where the network cannot run in float64), a train-mode forward + backward with",
         "finite gradients for every ILM parameter that takes part, and save -> load giving bit-identical",
         "float32 outputs. **ok** = all of these with rel. diff <= 1e-10 (float64) / 1e-4 (float32).",
+        "torchvision's detection networks (FCOS, RetinaNet v2) take a list of two images: their raw head outputs",
+        "are compared, and the train step backpropagates the detection losses for two boxes per image.",
+        "RAFT takes two frames (four refinement steps) and is checked in float32: torchvision builds its",
+        "coordinate grid with `.float()`.",
         "",
     ]
     by_lib = defaultdict(list)
@@ -662,7 +666,7 @@ def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: in
         "re-runs the ones that hit the per-model limit, with a larger `--timeout`):",
         "",
         "```",
-        "HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --timeout 90",
+        "HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --timeout 240",
         "HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --retry timeout --timeout 900",
         "python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --summarize docs/zoo.md",
         "```",
