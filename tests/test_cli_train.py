@@ -219,3 +219,11 @@ def test_finetune_under_torchrun_with_two_cpu_processes(tiny_data, tiny_recipe, 
     assert alone["loss"] == pytest.approx(best["test_loss"], rel=1e-5)
     # 72 training images over 2 processes: 2 full batches of 16 each, so 64 images per epoch
     assert all(abs(m["train_top1"] * 64 / 100 - round(m["train_top1"] * 64 / 100)) < 1e-9 for m in metrics)
+
+
+@pytest.mark.parametrize("module", ["ilmconvert", "ilmconvert.cli"])
+def test_python_dash_m_knows_the_fine_tuning_commands(module):
+    """`python -m ilmconvert.cli` once ran a second copy of the app without finetune / eval."""
+    done = subprocess.run([sys.executable, "-m", module, "recipes"], env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cifar10-smoke" in done.stdout
