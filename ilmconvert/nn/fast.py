@@ -490,7 +490,12 @@ def _pooled_small_backward(s0, g_a, spec, npos, params, m_c, a, mg, mu, gamma, r
 
 # ====================================================================== per position (LN)
 class _TokenILM(torch.autograd.Function):
-    """ILM+LN over the last dim, every position an instance, as one autograd node."""
+    """ILM+LN over the last dim, every position an instance, as one autograd node.
+
+    With ``a = rstd * (up(D_gamma) + B_omega)`` the output is ``y = LN(x; B_omega, B_beta) +
+    x_hat * up(D_gamma) + up(D_mu)``: the affine LayerNorm is ``torch.native_layer_norm`` (which
+    also gives the token's mean and rstd), the per-(token, key group) part two in-place passes.
+    """
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
@@ -504,22 +509,21 @@ class _TokenILM(torch.autograd.Function):
             gamma, mu = torch.var_mean(x3, dim=-1, correction=0)  # eq. 3, (..., N)
         else:
             mu, gamma = _guarded_moments(x3, (x3.dim() - 1,))
-        lead = mu.shape[:-1]
-        mu2, gamma2 = mu.reshape(-1, n), gamma.reshape(-1, n)
-        mean, var = _group_moments(mu2, gamma2, 1)  # the token's moments, (R, 1)
-        rstd = torch.rsqrt(var + eps)
+        rows = mu.numel() // n
+        mu2, gamma2 = mu.reshape(rows, n), gamma.reshape(rows, n)
         wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
         d_mu, d_g, saved = _mlp_forward(mu2, gamma2, w1f, w2f, w3f)
-        # a = rstd * (up(D_gamma) + B_omega), d = up(D_mu) + B_beta - mean * a, on (R, N, K)
-        a = (d_g.unsqueeze(-1) + wf.view(n, k)) * rstd.unsqueeze(-1)
-        dd = d_mu.unsqueeze(-1)
-        if bias is not None:
-            dd = dd + bias.to(st).view(n, k)
-        d = torch.addcmul(dd, a, mean.unsqueeze(-1), value=-1.0)
-        y = torch.addcmul(d.view(*lead, n, k), x3, a.view(*lead, n, k))  # (..., N, K), fresh
+        bf = bias.to(st) if bias is not None else None
+        # B_omega * x_hat + B_beta over the (N, K) view: a fresh (..., N, K) tensor, not a view
+        y, mean, rstd = torch.native_layer_norm(x3, [n, k], wf.view(n, k), bf.view(n, k) if bf is not None else None, eps)
+        mean, rstd = mean.reshape(rows, 1), rstd.reshape(rows, 1)
+        p = d_g * rstd  # (R, N): x_hat * D_gamma + D_mu = x * p + (D_mu - mean * p)
+        y3 = y.view(rows, n, k)
+        y3.addcmul_(x3.reshape(rows, n, k), p.unsqueeze(-1))
+        y3.add_(torch.addcmul(d_mu, mean, p, value=-1.0).unsqueeze(-1))
         ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, w1, w2, w3, mu2, gamma2, mean, rstd, d_g, *saved)
-        return y.to(out_dtype)
+        return y.to(out_dtype)  # (..., N, K): the caller flattens it
 
     @staticmethod
     @once_differentiable
@@ -536,18 +540,18 @@ class _TokenILM(torch.autograd.Function):
         n = c // k
         rows = mu.shape[0]
         wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
-        x3 = x.to(st).reshape(rows, n, k)
-        dy3 = dy.to(st).reshape(rows, n, k)
-        xc = x3 - mean.unsqueeze(-1)  # (R, N, K)
-        omega = d_g.unsqueeze(-1) + wf.view(n, k)
-        xhat = xc * rstd.unsqueeze(-1)
-        dy_xhat = dy3 * xhat
-        g_dg = dy_xhat.sum(-1)  # (R, N)
-        g_dmu = dy3.sum(-1)
-        dyo = dy3 * omega  # dL/d(x_hat)
-        g_rstd = (dyo * xc).sum((-1, -2))  # (R,)
-        g_mean = -(dyo.sum((-1, -2))) * rstd.squeeze(-1)
-        g_var = -0.5 * g_rstd * rstd.squeeze(-1) ** 3
+        dy2 = dy.to(st).reshape(rows, c)
+        xc = x.to(st).reshape(rows, c) - mean  # centred first: no cancellation for large means
+        dyxc = dy2 * xc  # (R, C); the only other full-size temporaries are a and dx
+        s_dy = _group_sum(dy2, n)  # (R, N)
+        s_dyxc = _group_sum(dyxc, n)
+        g_dg = s_dyxc * rstd  # sum_k dy * x_hat
+        g_dmu = s_dy
+        # with omega = up(D_gamma) + B_omega: sum_c dy * omega * (x - mean) and sum_c dy * omega
+        r = rstd.squeeze(-1)
+        g_rstd = (d_g * s_dyxc).sum(-1) + dyxc @ wf  # (R,)
+        g_mean = -((d_g * s_dy).sum(-1) + dy2 @ wf) * r
+        g_var = -0.5 * g_rstd * r**3
         g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
         need = ctx.needs_input_grad
         dx = None
@@ -556,13 +560,17 @@ class _TokenILM(torch.autograd.Function):
             #    = dy*a + (x-mean)*E + Fc  with E, Fc per (row, key group)
             e = (g_var * (2.0 / c)).view(rows, 1) + g_gamma * (2.0 / k)
             fc = (g_mean / c).view(rows, 1) + g_mu / k - g_gamma * (2.0 / k) * (mu - mean)
-            dx = torch.addcmul(fc.unsqueeze(-1), xc, e.unsqueeze(-1))
-            dx = torch.addcmul(dx, dyo, rstd.view(rows, 1, 1))
+            # dy*a = rstd * dy * B_omega + dy * up(D_gamma * rstd): in-place passes, no (R, C) `a`
+            dx = torch.mul(dy2, wf).mul_(rstd)
+            dx3 = dx.view(rows, n, k)
+            dx3.addcmul_(dy2.view(rows, n, k), (d_g * rstd).unsqueeze(-1))
+            dx3.addcmul_(xc.view(rows, n, k), e.unsqueeze(-1))
+            dx3.add_(fc.unsqueeze(-1))
             dx = dx.reshape(x.shape).to(x.dtype)
         return (
             dx,
-            _cast_grad(dy_xhat.sum(0).reshape(c), weight, need[1]),
-            _cast_grad(dy3.sum(0).reshape(c), bias, need[2]),
+            _cast_grad(rstd.t().matmul(dyxc).reshape(c), weight, need[1]),  # sum_r dy * x_hat
+            _cast_grad(dy2.sum(0), bias, need[2]),
             _cast_grad(g_w1, w1, need[3]),
             _cast_grad(g_w2, w2, need[4]),
             _cast_grad(g_w3, w3, need[5]),
