@@ -19,8 +19,8 @@ computes the same function at the floor:
 
 - **Per-position instances** (LayerNorm over the last dim; timm's ``LayerNorm2d`` arrives here as a
   permuted view): the key features are the ``(..., N)`` group moments of one pass over
-  ``x.unflatten(-1, (N, K))``, the token's moments are their Chan combination, and
-  ``y = x * a + d`` with ``a = rstd * (up(D_gamma) + B_omega)`` built on the ``(..., N, K)`` view.
+  ``x.unflatten(-1, (N, K))``; ``torch.native_layer_norm`` gives ``B_omega * x_hat + B_beta`` and
+  the token's mean and rstd, and two in-place passes add ``x_hat * up(D_gamma) + up(D_mu)``.
 
 Backward (written by hand in :class:`_PooledILM` / :class:`_TokenILM`): one reduction pass over
 ``(dy, x)`` gives ``S0 = sum dy`` and ``S1 = sum dy * x`` per (instance, channel); the gradients of
