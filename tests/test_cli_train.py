@@ -227,3 +227,15 @@ def test_python_dash_m_knows_the_fine_tuning_commands(module):
     done = subprocess.run([sys.executable, "-m", module, "recipes"], env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cifar10-smoke" in done.stdout
+
+
+def test_world_size_without_torchrun_is_one_line(tiny_data, tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    line = one_error_line(finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", tmp_path / "run"))
+    assert "joining the process group failed" in line and "torchrun" in line
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert "must be integers" in one_error_line(finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", tmp_path / "run"))

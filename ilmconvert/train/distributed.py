@@ -93,7 +93,8 @@ def init_process_group(info: Distributed, device: torch.device) -> torch.device:
     returns ``device`` for a single process.
 
     Raises:
-        DistributedError: when there are fewer visible GPUs than processes on this node.
+        DistributedError: when there are fewer visible GPUs than processes on this node, or the
+            process group cannot be joined (e.g. ``WORLD_SIZE`` set without torchrun's rendezvous).
     """
     if not info.enabled:
         return device
@@ -106,7 +107,13 @@ def init_process_group(info: Distributed, device: torch.device) -> torch.device:
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        except (RuntimeError, ValueError) as err:  # no MASTER_ADDR / MASTER_PORT, unreachable peers, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DistributedError(
+                f"WORLD_SIZE={info.world_size} but joining the process group failed ({first}); start several processes with torchrun"
+            ) from None
     return device
 
 
