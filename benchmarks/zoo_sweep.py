@@ -127,13 +127,9 @@ def _leaves(out):
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def _task(library: str, name: str) -> str:
-    """How the network is called: ``image`` (a batch tensor), ``detection`` or ``flow``."""
-    if library == "torchvision":
-        fam = _family(library, name).split(".")[0]
-        if fam in ("detection", "optical_flow"):
-            return "flow" if fam == "optical_flow" else "detection"
-    return "image"
+def _task(family: str) -> str:
+    """How a network of ``family`` is called: ``image`` (a batch tensor), ``detection`` or ``flow``."""
+    return {"detection": "detection", "optical_flow": "flow"}.get(family.split(".")[0], "image")
 
 
 def _inputs(task: str, shape: tuple[int, ...], gen, dtype, device: str) -> tuple:
@@ -257,8 +253,8 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
         if not rec["norms"]:
             rec["status"] = "no_instance_norm"
             return rec
-        non_cls = library == "torchvision" and _family(library, name).split(".")[0] in ("segmentation", "quantization")
-        task = _task(library, name)
+        non_cls = library == "torchvision" and rec["family"].split(".")[0] in ("segmentation", "quantization")
+        task = _task(rec["family"])
         # float64 check: the network and its reloaded copy at 8 bytes a parameter; when that does not
         # fit but float32 does, the check runs in float32 (criterion 1e-4 instead of 1e-10)
         float32_only = rec["params"] * 16 > max_gb * 2**30
@@ -491,8 +487,9 @@ def _close(a, b) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
+    from ilmconvert.errors import first_line
+
+    return first_line(err)[:300]
 
 
 def worker(device: str, max_gb: float, threads: int) -> None:

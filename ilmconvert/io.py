@@ -81,6 +81,12 @@ def is_checkpoint(directory: str | Path) -> bool:
     return isinstance(config, dict) and config.get("format") == FORMAT
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself or its nearest parent that exists (``.`` when none does): where a new
+    directory at ``path`` would be created, so the folder whose permissions matter."""
+    return next((p for p in [path, *path.parents] if p.exists()), Path("."))
+
+
 def check_target(directory: str | Path) -> Path:
     """Check that a checkpoint can be written to ``directory`` before any work is done.
 
@@ -93,7 +99,7 @@ def check_target(directory: str | Path) -> Path:
     target = Path(directory)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_checkpoint(target))):
         raise CheckpointError(f"{target} exists and is not an ilmconvert checkpoint; choose a new or empty directory")
-    parent = next((p for p in [target, *target.parents] if p.exists()), Path("."))
+    parent = existing_ancestor(target)
     if not os.access(parent, os.W_OK):
         raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not writable; choose another directory")
     return target

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import IlmconvertError
+from .errors import IlmconvertError, first_line
 
 LIBRARIES = ("timm", "torchvision")
 
@@ -139,7 +139,7 @@ def build(source: ModelSource, *, device: torch.device | str | None = None) -> n
             # run on the meta device: build for real instead
             model = _construct(source, pretrained=False)
     except (TypeError, ValueError, KeyError) as err:
-        raise ModelSourceError(f"cannot build {source.spec()} with {source.kwargs}: {_first_line(err)}") from err
+        raise ModelSourceError(f"cannot build {source.spec()} with {source.kwargs}: {first_line(err)}") from err
     for name in source.adaptations:
         adapt(model, name)
     model.ilm_source = source
@@ -200,18 +200,13 @@ def create_model(
             model = _construct(source, pretrained=True)
         except Exception as err:  # the libraries raise many types for "no network"
             raise ModelSourceError(
-                f"cannot get pretrained weights for {spec} ({_first_line(err)}); offline, pass "
+                f"cannot get pretrained weights for {spec} ({first_line(err)}); offline, pass "
                 "--weights FILE (safetensors or a state dict) or --no-pretrained"
             ) from err
         model.ilm_source = source
     if num_classes is not None and num_classes != classifier_size(model):
         resize_classifier(model, num_classes)
     return model
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def sha256_of(path: str | Path) -> str:
@@ -241,7 +236,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelSourceError(f"cannot read weights file {path}: {_first_line(err)}") from err
+        raise ModelSourceError(f"cannot read weights file {path}: {first_line(err)}") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -298,10 +293,6 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return (3, 224, 224)
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def preprocessing(model: nn.Module) -> dict[str, Any] | None:
     """Input side and normalization the network's pretrained weights expect.
 
@@ -317,9 +308,9 @@ def preprocessing(model: nn.Module) -> dict[str, Any] | None:
     source = source_of(model)
     if source is None or "cifar_stem" in source.adaptations:
         return None
-    if source.library == "timm":
-        import timm
+    import timm
 
+    if source.library == "timm":
         cfg = None
         if source.pretrained_tag not in (None, "default"):
             found = timm.models.get_pretrained_cfg(f"{source.architecture}.{source.pretrained_tag}")
@@ -327,7 +318,7 @@ def preprocessing(model: nn.Module) -> dict[str, Any] | None:
         data = timm.data.resolve_data_config({}, pretrained_cfg=cfg, model=model)
         return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
     if source.pretrained_tag is None:
-        return {"image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        return {"image_size": 224, "mean": timm.data.IMAGENET_DEFAULT_MEAN, "std": timm.data.IMAGENET_DEFAULT_STD}
     import torchvision
 
     enum = torchvision.models.get_model_weights(source.architecture)

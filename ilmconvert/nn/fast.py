@@ -492,9 +492,9 @@ def _pooled_small_backward(s0, g_a, spec, npos, params, m_c, a, mg, mu, gamma, r
 class _TokenILM(torch.autograd.Function):
     """ILM+LN over the last dim, every position an instance, as one autograd node.
 
-    With ``a = rstd * (up(D_gamma) + B_omega)`` the output is ``y = LN(x; B_omega, B_beta) +
-    x_hat * up(D_gamma) + up(D_mu)``: the affine LayerNorm is ``torch.native_layer_norm`` (which
-    also gives the token's mean and rstd), the per-(token, key group) part two in-place passes.
+    The output is ``y = LN(x; B_omega, B_beta) + x_hat * up(D_gamma) + up(D_mu)``: the affine
+    LayerNorm is ``torch.native_layer_norm`` (which also gives the token's mean and rstd), the
+    per-(token, key group) part two in-place passes.
     """
 
     @staticmethod
@@ -513,9 +513,9 @@ class _TokenILM(torch.autograd.Function):
         mu2, gamma2 = mu.reshape(rows, n), gamma.reshape(rows, n)
         wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
         d_mu, d_g, saved = _mlp_forward(mu2, gamma2, w1f, w2f, w3f)
-        bf = bias.to(st) if bias is not None else None
+        bf = bias.to(st).view(n, k) if bias is not None else None
         # B_omega * x_hat + B_beta over the (N, K) view: a fresh (..., N, K) tensor, not a view
-        y, mean, rstd = torch.native_layer_norm(x3, [n, k], wf.view(n, k), bf.view(n, k) if bf is not None else None, eps)
+        y, mean, rstd = torch.native_layer_norm(x3, [n, k], wf.view(n, k), bf, eps)
         mean, rstd = mean.reshape(rows, 1), rstd.reshape(rows, 1)
         p = d_g * rstd  # (R, N): x_hat * D_gamma + D_mu = x * p + (D_mu - mean * p)
         y3 = y.view(rows, n, k)
@@ -542,7 +542,7 @@ class _TokenILM(torch.autograd.Function):
         wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
         dy2 = dy.to(st).reshape(rows, c)
         xc = x.to(st).reshape(rows, c) - mean  # centred first: no cancellation for large means
-        dyxc = dy2 * xc  # (R, C); the only other full-size temporaries are a and dx
+        dyxc = dy2 * xc  # (R, C); with xc and dx the only full-size temporaries
         s_dy = _group_sum(dy2, n)  # (R, N)
         s_dyxc = _group_sum(dyxc, n)
         g_dg = s_dyxc * rstd  # sum_k dy * x_hat

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..errors import IlmconvertError
+from ..errors import IlmconvertError, first_line
 from .distributed import SINGLE, Distributed
 from .recipes import DataSettings
 
@@ -189,9 +189,8 @@ def _torchvision_split(source: DataSource, split: str) -> Any:
         return cls(str(source.root), train=split == "train", download=True)
     except Exception as err:  # URLError, socket errors, checksum errors, ...
         _discard_partial_download(Path(source.root), cls, created)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DataError(
-            f"cannot download {source.kind} into {source.root} ({type(err).__name__}: {first}); offline, pass an "
+            f"cannot download {source.kind} into {source.root} ({first_line(err)}); offline, pass an "
             f"ImageFolder root with train/ and test/ instead (e.g. --data /path/to/{source.kind})"
         ) from None
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..errors import IlmconvertError
+from ..errors import IlmconvertError, first_line
 
 
 class DistributedError(IlmconvertError):
@@ -110,9 +110,9 @@ def init_process_group(info: Distributed, device: torch.device) -> torch.device:
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
         except (RuntimeError, ValueError) as err:  # no MASTER_ADDR / MASTER_PORT, unreachable peers, ...
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise DistributedError(
-                f"WORLD_SIZE={info.world_size} but joining the process group failed ({first}); start several processes with torchrun"
+                f"WORLD_SIZE={info.world_size} but joining the process group failed ({first_line(err)}); "
+                "start several processes with torchrun"
             ) from None
     return device
 

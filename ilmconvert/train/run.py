@@ -57,19 +57,17 @@ class RunError(IlmconvertError):
 
 
 # ------------------------------------------------------------------------------------------ run folder
-def _writable_parent(path: Path) -> Path:
-    return next((p for p in [path, *path.parents] if p.exists()), Path("."))
-
-
 def check_new_run(run: Path) -> None:
     """``run`` must be absent or an empty folder, inside a writable folder.
 
     Raises:
         RunError: otherwise (the message says to pass --resume or choose another folder).
     """
+    from ..io import existing_ancestor
+
     if run.exists() and (not run.is_dir() or any(run.iterdir())):
         raise RunError(f"--out {run} exists and is not empty; pass --resume to continue that run, or choose a new directory")
-    parent = _writable_parent(run)
+    parent = existing_ancestor(run)
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise RunError(f"--out {run}: {parent} is not a writable directory; choose another --out")
 
