@@ -4,16 +4,15 @@ Python API::
 
     import ilmconvert
     model = ilmconvert.create_model("timm:resnet50_gn", pretrained=False)
-    report = ilmconvert.convert(model)              # in place, init="preserve"
+    report = ilmconvert.convert(model)              # in place, init="preserve", default_mapping()
     ilmconvert.save(model, "out/resnet50_gn-ilm")   # model.safetensors + config.json
     model = ilmconvert.load("out/resnet50_gn-ilm")  # rebuild, re-convert, strict load
 """
 
-__version__ = "0.1.0"
-
-from .convert import ConversionError, ConversionReport, convert, register  # noqa: E402
-from .io import CheckpointError, load, save  # noqa: E402
-from .models import ModelSource, ModelSourceError, create_model  # noqa: E402
+from .convert import ConversionError, ConversionReport, NormAdapter, convert, default_mapping, register, swap_module
+from .io import CheckpointError, load, save
+from .models import ModelSource, ModelSourceError, create_model
+from .version import __version__
 
 __all__ = [
     "__version__",
@@ -22,9 +21,12 @@ __all__ = [
     "ConversionReport",
     "ModelSource",
     "ModelSourceError",
+    "NormAdapter",
     "convert",
     "create_model",
+    "default_mapping",
     "load",
     "register",
     "save",
+    "swap_module",
 ]

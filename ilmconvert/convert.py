@@ -1,15 +1,18 @@
 """Model surgery: replace a network's instance-level norms by ILM layers, in place.
 
-The pattern is ``torch.ao.quantization.convert``: an explicit registry maps each *exact* source
-class to an ILM class with a ``from_norm`` constructor; the walker knows nothing about particular
-norms. Classes that merely subclass ``nn.GroupNorm`` / ``nn.LayerNorm`` / ``_InstanceNorm`` may
-override ``forward`` with other semantics, so they are skipped and reported, never guessed at.
+The pattern is ``torch.ao.quantization.convert``: a *mapping* from each exact source class to a
+:class:`NormAdapter` whose target class has a ``from_norm`` constructor. :func:`convert` walks
+the network and plans every replacement, :func:`swap_module` builds one, and nothing is assigned
+until every replacement is built, so a failure leaves the network untouched (docs/design.md §3).
+The walker knows nothing about particular norms. Classes that merely subclass ``nn.GroupNorm`` /
+``nn.LayerNorm`` / ``_InstanceNorm`` may override ``forward`` with other semantics, so they are
+skipped and reported, never guessed at; add them to a mapping to convert them.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +27,8 @@ from .nn import (
     ILMInstanceNorm,
     ILMLayerNorm,
     ILMLayerNormAct,
+    ILMLayerNormActFp32,
+    ILMLayerNormFp32,
     ILMNorm,
     UnsupportedNormError,
 )
@@ -31,6 +36,8 @@ from .nn.core import INITS
 
 #: Norm kinds a user can select (``norms=``), with their long names.
 NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "LayerNorm"}
+#: Adapter kinds: the selectable norm kinds and ``"bn"`` (BatchNorm, opt-in, function-changing).
+ADAPTER_KINDS: tuple[str, ...] = (*NORM_KINDS, "bn")
 BATCHNORM_MODES: tuple[str, ...] = ("gn",)
 
 
@@ -43,78 +50,112 @@ class NormAdapter:
     """How to convert one exact source class.
 
     Attributes:
-        kind: ``"gn"``, ``"in"``, ``"ln"`` or ``"bn"`` (BatchNorm, opt-in, function-changing).
-        target: the ILM class; its ``from_norm(module, init=, key_group_size=, reduction=,
-            **layout)`` builds the replacement.
+        kind: ``"gn"``, ``"in"``, ``"ln"`` or ``"bn"`` (BatchNorm, opt-in, function-changing);
+            selects the adapter through ``convert(norms=..., batchnorm=...)``.
+        target: the replacement class; ``target.from_norm(module, init=, key_group_size=,
+            reduction=, **layout)`` builds the replacement (see :class:`ilmconvert.nn.ILMGroupNorm`).
         layout: extra keyword arguments for ``from_norm`` (e.g. ``channels_first=True``).
+
+    Raises:
+        ValueError: for an unknown ``kind``, or a ``target`` without ``from_norm``.
     """
 
     kind: str
-    target: type[ILMNorm]
-    layout: dict[str, Any] = field(default_factory=dict)
+    target: type[nn.Module]
+    layout: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(ADAPTER_KINDS)}; got {self.kind!r}")
+        if not callable(getattr(self.target, "from_norm", None)):
+            raise ValueError(f"target {self.target!r} has no from_norm(module, ...) classmethod")
 
     @property
     def function_changing(self) -> bool:
         return self.kind == "bn"
 
 
-REGISTRY: dict[type[nn.Module], NormAdapter] = {}
+#: A conversion mapping: exact source class -> adapter (what ``convert(mapping=...)`` takes).
+ConversionMapping = Mapping[type[nn.Module], NormAdapter]
+
+_DEFAULT_MAPPING: dict[type[nn.Module], NormAdapter] = {}
 
 
-def register(source: type[nn.Module], kind: str, target: type[ILMNorm], **layout: Any) -> None:
-    """Register ``source`` (matched by exact type) to be converted to ``target``.
-
-    Raises:
-        ValueError: for an unknown ``kind``.
-    """
-    if kind not in (*NORM_KINDS, "bn"):
-        raise ValueError(f"kind must be one of {', '.join((*NORM_KINDS, 'bn'))}; got {kind!r}")
-    REGISTRY[source] = NormAdapter(kind, target, dict(layout))
-
-
-def _register_defaults() -> None:
-    register(nn.GroupNorm, "gn", ILMGroupNorm)
-    for cls in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-        register(cls, "in", ILMInstanceNorm)
-    register(nn.LayerNorm, "ln", ILMLayerNorm)
-    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        register(cls, "bn", ILMGroupNorm)
-
+def _built_in_mapping() -> dict[type[nn.Module], NormAdapter]:
+    """torch's, timm's and torchvision's GN / IN / LN classes (and BatchNorm, opt-in)."""
     from timm.layers import norm as timm_norm
     from timm.layers import norm_act as timm_norm_act
-
-    register(timm_norm.GroupNorm, "gn", ILMGroupNorm)
-    register(timm_norm.GroupNorm1, "gn", ILMGroupNorm)
-    register(timm_norm.LayerNorm, "ln", ILMLayerNorm)
-    register(timm_norm.LayerNorm2d, "ln", ILMLayerNorm, channels_first=True)
-    register(timm_norm_act.GroupNormAct, "gn", ILMGroupNormAct)
-    register(timm_norm_act.GroupNorm1Act, "gn", ILMGroupNormAct)
-    register(timm_norm_act.LayerNormAct, "ln", ILMLayerNormAct)
-    register(timm_norm_act.LayerNormAct2d, "ln", ILMLayerNormAct, channels_first=True)
-    register(timm_norm_act.BatchNormAct2d, "bn", ILMGroupNormAct)
-
-    # timm's *Fp32 norms: statistics, standardization and affine in float32, output in x.dtype.
-    from .nn.layers import ILMLayerNormActFp32, ILMLayerNormFp32
-
-    register(timm_norm.LayerNormFp32, "ln", ILMLayerNormFp32)
-    register(timm_norm.LayerNorm2dFp32, "ln", ILMLayerNormFp32, channels_first=True)
-    register(timm_norm_act.LayerNormActFp32, "ln", ILMLayerNormActFp32)
-    register(timm_norm_act.LayerNormAct2dFp32, "ln", ILMLayerNormActFp32, channels_first=True)
-
-    # metaformer (PoolFormer v2, ConvFormer, CAFormer): weight but no bias (``self.bias = None``),
-    # eps set as an attribute; B_beta is then absent and beta = D_mu (0 at preserve init).
     from timm.models import metaformer as timm_metaformer
-
-    register(timm_metaformer.GroupNorm1NoBias, "gn", ILMGroupNorm)
-    register(timm_metaformer.LayerNorm2dNoBias, "ln", ILMLayerNorm, channels_first=True)
-    register(timm_metaformer.LayerNormNoBias, "ln", ILMLayerNorm)
-
     from torchvision.models import convnext as tv_convnext
 
-    register(tv_convnext.LayerNorm2d, "ln", ILMLayerNorm, channels_first=True)
+    first = {"channels_first": True}
+    entries: list[tuple[type[nn.Module], str, type[ILMNorm], dict[str, Any]]] = [
+        (nn.GroupNorm, "gn", ILMGroupNorm, {}),
+        (nn.InstanceNorm1d, "in", ILMInstanceNorm, {}),
+        (nn.InstanceNorm2d, "in", ILMInstanceNorm, {}),
+        (nn.InstanceNorm3d, "in", ILMInstanceNorm, {}),
+        (nn.LayerNorm, "ln", ILMLayerNorm, {}),
+        (nn.BatchNorm1d, "bn", ILMGroupNorm, {}),
+        (nn.BatchNorm2d, "bn", ILMGroupNorm, {}),
+        (nn.BatchNorm3d, "bn", ILMGroupNorm, {}),
+        (timm_norm.GroupNorm, "gn", ILMGroupNorm, {}),
+        (timm_norm.GroupNorm1, "gn", ILMGroupNorm, {}),
+        (timm_norm.LayerNorm, "ln", ILMLayerNorm, {}),
+        (timm_norm.LayerNorm2d, "ln", ILMLayerNorm, first),
+        (timm_norm_act.GroupNormAct, "gn", ILMGroupNormAct, {}),
+        (timm_norm_act.GroupNorm1Act, "gn", ILMGroupNormAct, {}),
+        (timm_norm_act.LayerNormAct, "ln", ILMLayerNormAct, {}),
+        (timm_norm_act.LayerNormAct2d, "ln", ILMLayerNormAct, first),
+        (timm_norm_act.BatchNormAct2d, "bn", ILMGroupNormAct, {}),
+        # timm's *Fp32 norms: statistics, standardization and affine in float32, output in x.dtype
+        (timm_norm.LayerNormFp32, "ln", ILMLayerNormFp32, {}),
+        (timm_norm.LayerNorm2dFp32, "ln", ILMLayerNormFp32, first),
+        (timm_norm_act.LayerNormActFp32, "ln", ILMLayerNormActFp32, {}),
+        (timm_norm_act.LayerNormAct2dFp32, "ln", ILMLayerNormActFp32, first),
+        # metaformer (PoolFormer v2, ConvFormer, CAFormer): weight but no bias (``self.bias = None``),
+        # eps set as an attribute; B_beta is then absent and beta = D_mu (0 at preserve init)
+        (timm_metaformer.GroupNorm1NoBias, "gn", ILMGroupNorm, {}),
+        (timm_metaformer.LayerNorm2dNoBias, "ln", ILMLayerNorm, first),
+        (timm_metaformer.LayerNormNoBias, "ln", ILMLayerNorm, {}),
+        (tv_convnext.LayerNorm2d, "ln", ILMLayerNorm, first),
+    ]
+    return {source: NormAdapter(kind, target, dict(layout)) for source, kind, target, layout in entries}
 
 
-_register_defaults()
+def _default() -> dict[type[nn.Module], NormAdapter]:
+    """The process-wide default mapping, built on first use (it imports timm and torchvision)."""
+    if not _DEFAULT_MAPPING:
+        _DEFAULT_MAPPING.update(_built_in_mapping())
+    return _DEFAULT_MAPPING
+
+
+def default_mapping() -> dict[type[nn.Module], NormAdapter]:
+    """A fresh copy of the default conversion mapping (as ``get_default_qat_module_mappings()``).
+
+    Change the copy and pass it to :func:`convert` to convert other classes, or fewer, without
+    touching global state::
+
+        mapping = ilmconvert.default_mapping()
+        mapping[MyGroupNorm] = NormAdapter("gn", ILMGroupNorm)
+        del mapping[torch.nn.LayerNorm]
+        ilmconvert.convert(model, mapping)
+
+    Returns:
+        ``{exact source class: NormAdapter}``, including what :func:`register` added.
+    """
+    return dict(_default())
+
+
+def register(source: type[nn.Module], kind: str, target: type[nn.Module], **layout: Any) -> None:
+    """Add ``source`` (matched by exact type) to the process-wide default mapping.
+
+    A convenience over :func:`default_mapping` for code that converts with the default mapping
+    everywhere (checkpoints written by :func:`ilmconvert.save` are rebuilt with it on load).
+
+    Raises:
+        ValueError: for an unknown ``kind`` or a ``target`` without ``from_norm``.
+    """
+    _default()[source] = NormAdapter(kind, target, dict(layout))
 
 
 @dataclass
@@ -218,24 +259,181 @@ def _is_norm_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, _BatchNorm))
 
 
-def _skip_reason(adapter: NormAdapter | None, module: nn.Module, norms: tuple[str, ...], batchnorm: str | None) -> str | None:
+def _skip_reason(
+    adapter: NormAdapter | None, module: nn.Module, norms: tuple[str, ...], batchnorm: str | None
+) -> str | None:
     """Why a norm-like module is not converted, or None when it is selected."""
     if adapter is None:
         return (
-            f"{type(module).__name__} is not in the registry (a subclass may override forward with "
-            "other semantics); register it with ilmconvert.convert.register to convert it"
+            f"{type(module).__name__} is not in the mapping (a subclass may override forward with other "
+            "semantics); add it to ilmconvert.default_mapping() and pass that to convert, or ilmconvert.register it"
         )
     if adapter.kind == "bn":
         if batchnorm is None:
-            return "BatchNorm is batch-level, not instance-level; opt in with --include-batchnorm (API: batchnorm='gn'), which changes the function"
+            return (
+                "BatchNorm is batch-level, not instance-level; opt in with --include-batchnorm "
+                "(API: batchnorm='gn'), which changes the function"
+            )
         return None
     if adapter.kind not in norms:
         return f"{NORM_KINDS[adapter.kind]} not selected (norms={','.join(norms)})"
     return None
 
 
+def _check_settings(
+    norms: str | Iterable[str], init: str, key_group_size: int, reduction: int, batchnorm: str | None
+) -> tuple[str, ...]:
+    """Validate :func:`convert`'s settings; returns the selected norm kinds.
+
+    Raises:
+        ConversionError: for any setting out of its domain.
+    """
+    kinds = _normalize_norms(norms)
+    if init not in INITS:
+        raise ConversionError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+    if batchnorm is not None and batchnorm not in BATCHNORM_MODES:
+        raise ConversionError(f"batchnorm must be None or one of {', '.join(BATCHNORM_MODES)}; got {batchnorm!r}")
+    if key_group_size < 1 or reduction < 1:
+        raise ConversionError(f"key_group_size ({key_group_size}) and reduction ({reduction}) must be >= 1")
+    return kinds
+
+
+def _device_and_dtype(module: nn.Module) -> tuple[Any, Any]:
+    """Device and dtype of ``module``'s own first parameter or buffer (``(None, None)`` without any)."""
+    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        return t.device, t.dtype
+    return None, None
+
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def swap_module(
+    module: nn.Module,
+    adapter: NormAdapter,
+    *,
+    init: str = "preserve",
+    key_group_size: int = 16,
+    reduction: int = 16,
+    name: str = "",
+) -> tuple[nn.Module, ConvertedModule]:
+    """Build the replacement of one module; ``module`` itself and its parents are not changed.
+
+    The replacement comes from ``adapter.target.from_norm(module, init=, key_group_size=,
+    reduction=, **adapter.layout)`` and takes over ``module``'s device and dtype (of its own
+    parameters or buffers), its ``training`` flag and its forward hooks and pre-hooks, as
+    ``torch.ao.quantization.quantize.swap_module`` does.
+
+    Args:
+        module: the norm to replace.
+        adapter: how to convert it (see :func:`default_mapping`).
+        init, key_group_size, reduction: as in :func:`convert`.
+        name: the module's qualified name, for the report row.
+
+    Returns:
+        ``(replacement, report row)``.
+
+    Raises:
+        UnsupportedNormError: ``module``'s configuration cannot be taken over (the walker skips it).
+        Exception: whatever ``from_norm`` raises otherwise.
+    """
+    new = adapter.target.from_norm(
+        module, init=init, key_group_size=key_group_size, reduction=reduction, **adapter.layout
+    )
+    device, dtype = _device_and_dtype(module)
+    if device is not None:
+        new.to(device=device, dtype=dtype if dtype.is_floating_point else None)
+    new.train(module.training)
+    for hooks in _HOOK_DICTS:
+        if hasattr(module, hooks) and hasattr(new, hooks):
+            getattr(new, hooks).update(getattr(module, hooks))
+    old_params = sum(p.numel() for p in module.parameters())
+    row = ConvertedModule(
+        name=name,
+        source=_qualified_class(module),
+        target=type(new).__name__,
+        channels=getattr(new, "num_channels", 0),
+        norm_groups=getattr(new, "num_norm_groups", 0),
+        key_group_size=getattr(new, "key_group_size", 0),
+        num_key_groups=getattr(new, "num_key_groups", 0),
+        embedding_size=getattr(new, "embedding_size", 0),
+        params_added=sum(p.numel() for p in new.parameters()) - old_params,
+        function_changing=adapter.function_changing,
+        key_group_size_adjusted=getattr(new, "key_group_size", key_group_size) != key_group_size,
+    )
+    return new, row
+
+
+@dataclass
+class _Planned:
+    """One module object to replace, every (qualified name, parent, attribute) slot it occupies,
+    and the adapter that converts it."""
+
+    module: nn.Module
+    adapter: NormAdapter
+    slots: list[tuple[str, nn.Module, str]]
+
+
+def _places(model: nn.Module, mapping: ConversionMapping) -> dict[int, list[tuple[str, nn.Module, str]]]:
+    """Every (qualified name, parent, attribute) slot of each candidate module object, by ``id``,
+    in the order of ``named_modules`` (a shared object appears once, with all its slots).
+
+    Candidates are the norm-like modules (GN / LN / IN / BN and their subclasses, reported when
+    skipped) and any module whose exact class is a key of ``mapping``."""
+    places: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    seen_slots: set[tuple[int, str]] = set()
+    converted = (ILMNorm, *{adapter.target for adapter in mapping.values()})
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        if isinstance(parent, converted):  # an earlier conversion's act / drop are not candidates
+            continue
+        for child_name, child in parent._modules.items():
+            if child is None or (id(parent), child_name) in seen_slots:
+                continue
+            if not _is_norm_like(child) and type(child) not in mapping:
+                continue
+            seen_slots.add((id(parent), child_name))
+            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+            places.setdefault(id(child), []).append((qualified, parent, child_name))
+    return places
+
+
+def _plan(
+    model: nn.Module,
+    mapping: ConversionMapping,
+    kinds: tuple[str, ...],
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    batchnorm: str | None,
+    report: ConversionReport,
+) -> list[_Planned]:
+    """Decide, for every norm-like module object, convert or skip; skipped ones go to ``report``."""
+    planned = []
+    for slots in _places(model, mapping).values():
+        module = slots[0][1]._modules[slots[0][2]]
+        names = [s[0] for s in slots]
+        adapter = mapping.get(type(module))
+        reason = _skip_reason(adapter, module, kinds, batchnorm)
+        if reason is None and include and not _matches(names, include):
+            reason = "not matched by include"
+        if reason is None and exclude and _matches(names, exclude):
+            reason = "matched by exclude"
+        if reason is None:
+            planned.append(_Planned(module, adapter, slots))
+        else:
+            report.skipped.append(SkippedModule(names[0], _qualified_class(module), reason))
+    return planned
+
+
 def convert(
     model: nn.Module,
+    mapping: ConversionMapping | None = None,
+    *,
     norms: str | Iterable[str] = ("gn", "in", "ln"),
     init: str = "preserve",
     key_group_size: int = 16,
@@ -246,17 +444,21 @@ def convert(
 ) -> ConversionReport:
     """Replace the instance-level norms of ``model`` by ILM layers, in place.
 
-    Every module whose exact class is in :data:`REGISTRY` and whose kind is selected is replaced
-    by ``adapter.target.from_norm(module, ...)``; the new module keeps the old one's device,
-    dtype, ``training`` flag and forward (pre-)hooks. A module object used at several places is
-    converted once and stays shared. The report is also stored as ``model.ilm_conversion``.
+    Every module whose exact class is in ``mapping`` and whose kind is selected is replaced by
+    :func:`swap_module` (same device, dtype, ``training`` flag and forward hooks). A module object
+    used at several places is converted once and stays shared. Checks come first and nothing is
+    half-converted: every replacement is planned and built before any is assigned, so an
+    exception leaves ``model`` exactly as it was. The report is also stored as
+    ``model.ilm_conversion``.
 
     Args:
         model: the network; modified in place.
+        mapping: exact source class -> :class:`NormAdapter`; ``None`` for :func:`default_mapping`.
         norms: which kinds to convert, from ``"gn"``, ``"in"``, ``"ln"`` (or ``"gn,ln"``).
-        init: ``"preserve"`` (same function as the original, DESIGN.md §2) or ``"paper"``.
+        init: ``"preserve"`` (same function as the original, docs/design.md §2) or ``"paper"``
+            (B_omega = 1, B_beta = 0: the paper's from-scratch initialization).
         key_group_size: K, channels per key group (eq. 3).
-        reduction: r in ``M = max(2, N // r)``.
+        reduction: r in ``M = max(2, N // r)`` (eq. 4).
         include: qualified-name glob patterns (``fnmatch``, e.g. ``"stages.3.*"``); when given,
             only matching modules are converted.
         exclude: qualified-name glob patterns of modules to leave alone.
@@ -269,16 +471,11 @@ def convert(
 
     Raises:
         ConversionError: for bad settings, or when no module is converted (the message lists
-            what was found and why it was skipped).
+            what was found and why it was skipped); ``model`` is then unchanged.
+        Exception: whatever building a replacement raises (other than ``UnsupportedNormError``,
+            which skips that module); ``model`` is then unchanged.
     """
-    kinds = _normalize_norms(norms)
-    if init not in INITS:
-        raise ConversionError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-    if batchnorm is not None and batchnorm not in BATCHNORM_MODES:
-        raise ConversionError(f"batchnorm must be None or one of {', '.join(BATCHNORM_MODES)}; got {batchnorm!r}")
-    if key_group_size < 1 or reduction < 1:
-        raise ConversionError(f"key_group_size ({key_group_size}) and reduction ({reduction}) must be >= 1")
-
+    kinds = _check_settings(norms, init, key_group_size, reduction, batchnorm)
     settings = {
         "norms": list(kinds),
         "init": init,
@@ -289,66 +486,27 @@ def convert(
         "batchnorm": batchnorm,
     }
     report = ConversionReport(settings=settings, params_before=_count_parameters(model))
+    planned = _plan(model, _default() if mapping is None else mapping, kinds, include, exclude, batchnorm, report)
 
-    # Collect every (parent, attribute) place a norm-like module occupies, then decide once per object.
-    places: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    modules: dict[int, nn.Module] = {}
-    seen_slots: set[tuple[int, str]] = set()
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        if isinstance(parent, ILMNorm):
-            continue
-        for child_name, child in parent._modules.items():
-            if child is None or not _is_norm_like(child) or (id(parent), child_name) in seen_slots:
-                continue
-            seen_slots.add((id(parent), child_name))
-            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
-            places.setdefault(id(child), []).append((qualified, parent, child_name))
-            modules[id(child)] = child
-
-    for key, slots in places.items():
-        module = modules[key]
-        names = [s[0] for s in slots]
-        adapter = REGISTRY.get(type(module))
-        reason = _skip_reason(adapter, module, kinds, batchnorm)
-        if reason is None and include and not _matches(names, include):
-            reason = "not matched by include"
-        if reason is None and exclude and _matches(names, exclude):
-            reason = "matched by exclude"
-        new: ILMNorm | None = None
-        if reason is None:
-            try:
-                new = adapter.target.from_norm(
-                    module, init=init, key_group_size=key_group_size, reduction=reduction, **adapter.layout
-                )
-            except UnsupportedNormError as err:
-                reason = str(err)
-        if new is None:
-            report.skipped.append(SkippedModule(names[0], _qualified_class(module), reason))
-            continue
-        new._forward_pre_hooks.update(module._forward_pre_hooks)
-        new._forward_hooks.update(module._forward_hooks)
-        for _, parent, child_name in slots:
-            parent._modules[child_name] = new
-        old_params = sum(p.numel() for p in module.parameters())
-        report.converted.append(
-            ConvertedModule(
-                name=names[0],
-                source=_qualified_class(module),
-                target=type(new).__name__,
-                channels=new.num_channels,
-                norm_groups=new.num_norm_groups,
-                key_group_size=new.key_group_size,
-                num_key_groups=new.num_key_groups,
-                embedding_size=new.embedding_size,
-                params_added=sum(p.numel() for p in new.parameters()) - old_params,
-                function_changing=adapter.function_changing,
-                key_group_size_adjusted=new.key_group_size != key_group_size,
-                aliases=names[1:],
+    built: list[tuple[_Planned, nn.Module, ConvertedModule]] = []
+    for item in planned:  # build everything first: an exception here leaves the model untouched
+        names = [s[0] for s in item.slots]
+        try:
+            new, row = swap_module(
+                item.module, item.adapter, init=init, key_group_size=key_group_size, reduction=reduction, name=names[0]
             )
-        )
-
-    if not report.converted:
+        except UnsupportedNormError as err:
+            report.skipped.append(SkippedModule(names[0], _qualified_class(item.module), str(err)))
+            continue
+        row.aliases = names[1:]
+        built.append((item, new, row))
+    if not built:
         raise ConversionError(_nothing_converted_message(model, report, kinds))
+
+    for item, new, row in built:  # then assign
+        for _, parent, child_name in item.slots:
+            parent._modules[child_name] = new
+        report.converted.append(row)
     report.params_after = _count_parameters(model)
     model.ilm_conversion = report
     return report

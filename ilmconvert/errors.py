@@ -8,4 +8,10 @@ def first_line(err: BaseException) -> str:
 
 
 class IlmconvertError(ValueError):
-    """An expected mistake: bad name, bad file, bad setting. The message says what to do."""
+    """An expected mistake: bad name, bad file, bad setting. The message says what to do.
+
+    ``exit_code`` is the command line's exit status for it: 2 (the user can fix the arguments)
+    unless a subclass says otherwise (e.g. 130 for an interrupted run).
+    """
+
+    exit_code: int = 2

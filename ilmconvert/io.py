@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import stat
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -23,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .errors import IlmconvertError
 from .convert import ConversionError, ConversionReport, convert
+from .errors import IlmconvertError, first_line
 from .models import (
     ModelSource,
     ModelSourceError,
@@ -36,6 +37,7 @@ from .models import (
     sha256_of,
     source_of,
 )
+from .version import __version__
 
 FORMAT = "ilmconvert-checkpoint"
 FORMAT_VERSION = 1
@@ -158,6 +160,9 @@ def save(
             "metadata": dict(metadata or {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        # safetensors writes through a private (0600) temporary file: give the weights the
+        # permissions the umask gives config.json
+        os.chmod(weights, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
         if trainer_state is not None:
             torch.save(dict(trainer_state), tmp / TRAINER_STATE_FILE)
         _fsync_dir_files(tmp)
@@ -200,16 +205,41 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except FileNotFoundError as err:
         raise CheckpointError(f"{path} is missing; pass a checkpoint directory written by `ilmconvert swap`") from err
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable or not valid JSON ({err})") from err
+    except OSError as err:
+        raise CheckpointError(f"{path} is unreadable: {err.strerror or err}") from err
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is unreadable or not valid JSON ({first_line(err)})") from err
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an ilmconvert checkpoint config")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has format version {config['format_version']}; upgrade ilmconvert to read it")
+        raise CheckpointError(f"{path} is not an ilmconvert checkpoint config; write one with `ilmconvert swap`")
+    version = config.get("format_version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path} is malformed: format_version is {version!r}, not an integer")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version}; upgrade ilmconvert to read it")
     for key in ("source", "conversion", "weights_sha256"):
         if key not in config:
             raise CheckpointError(f"{path} lacks the {key!r} entry")
+    problem = _config_problem(config)
+    if problem:
+        raise CheckpointError(f"{path} is malformed: {problem}; write the checkpoint again")
     return config
+
+
+def _config_problem(config: dict[str, Any]) -> str:
+    """What is wrong with the entries of an ilmconvert ``config.json`` ("" when nothing)."""
+    source, conversion = config["source"], config["conversion"]
+    if not isinstance(source, dict) or not all(isinstance(source.get(k), str) for k in ("library", "architecture")):
+        return "'source' needs the strings 'library' and 'architecture'"
+    if not isinstance(source.get("kwargs", {}), dict) or not isinstance(source.get("adaptations", []), list):
+        return "'source' has a 'kwargs' that is not a mapping or 'adaptations' that are not a list"
+    if not isinstance(conversion, dict) or not isinstance(conversion.get("settings"), dict):
+        return "'conversion' needs a 'settings' mapping"
+    converted = conversion.get("converted", [])
+    if not isinstance(converted, list) or not all(isinstance(c, dict) and "name" in c for c in converted):
+        return "'conversion.converted' must be a list of modules with a 'name'"
+    if not isinstance(config.get("metadata", {}) or {}, dict):
+        return "'metadata' is not a mapping"
+    return ""
 
 
 def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool = True) -> nn.Module:
@@ -279,7 +309,11 @@ def load_trainer_state(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / TRAINER_STATE_FILE
     if not path.exists():
         return None
+    from .models import refused_pickle, safe_torch_load
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_torch_load(path)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path} cannot be read: {refused_pickle(err)}") from err
     except Exception as err:
-        raise CheckpointError(f"{path} cannot be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        raise CheckpointError(f"{path} cannot be read: {first_line(err)}") from err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -226,15 +227,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     Raises:
         ModelSourceError: missing, unreadable or non-state-dict file.
     """
-    if not path.is_file():
+    if not path.exists():
         raise ModelSourceError(f"weights file {path} does not exist")
+    if not path.is_file():
+        raise ModelSourceError(f"weights file {path} is not a file; pass a safetensors file or a state dict")
+    if path.stat().st_size == 0:
+        raise ModelSourceError(f"weights file {path} is empty; pass a safetensors file or a state dict")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = safe_torch_load(path)
+    except pickle.UnpicklingError as err:
+        raise ModelSourceError(f"cannot read weights file {path}: {refused_pickle(err)}") from err
     except Exception as err:
         raise ModelSourceError(f"cannot read weights file {path}: {first_line(err)}") from err
     for key in ("state_dict", "model", "module"):
@@ -244,6 +251,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelSourceError(f"weights file {path} does not hold a state dict of tensors")
     return state
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, without torch's warnings on stderr."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says more
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def refused_pickle(err: pickle.UnpicklingError) -> str:
+    """One line for a pickle that ``torch.load(weights_only=True)`` refused: it names what the
+    file asked for (a Python callable, an unsupported opcode) and what to pass instead."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    details = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
+    detail = details[0] if details else (lines[0] if lines else type(err).__name__)
+    if "GLOBAL" in detail:
+        return (
+            f"it would run Python code when unpickled ({detail}); refused, nothing in it was run. "
+            "Pass a safetensors file or a plain state dict of tensors"
+        )
+    return (
+        f"it is not a plain pickle of tensors ({detail}); refused to unpickle it. "
+        "Pass a safetensors file or a state dict saved with torch.save"
+    )
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor]) -> str:

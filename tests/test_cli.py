@@ -18,9 +18,9 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def wide_console(monkeypatch):
     """Rich sizes tables to the terminal; the test runner has none, so give it 200 columns."""
-    from ilmconvert import cli
+    from ilmconvert.cli import output
 
-    monkeypatch.setattr(cli.console, "width", 200)
+    monkeypatch.setattr(output.console, "width", 200)
 
 
 def _run(*args: str):

@@ -215,7 +215,7 @@ def test_unknown_subclasses_are_skipped_with_a_reason():
     model = nn.Sequential(nn.Conv2d(3, 32, 1), MyNorm(4, 32), nn.GroupNorm(4, 32))
     report = ilmconvert.convert(model)
     assert [c.name for c in report.converted] == ["2"]
-    assert report.skipped[0].name == "1" and "not in the registry" in report.skipped[0].reason
+    assert report.skipped[0].name == "1" and "not in the mapping" in report.skipped[0].reason
     assert type(model[1]) is MyNorm
 
 

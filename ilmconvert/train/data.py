@@ -15,7 +15,8 @@ float and normalized on the training device (:func:`to_input`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..errors import IlmconvertError, first_line
 from .distributed import SINGLE, Distributed
@@ -107,7 +108,10 @@ class ImageSet(Dataset):
         transform: applied to each uint8 ``(3, H, W)`` tensor (e.g. torchvision v2 RandomCrop).
         cache: decode all files now (with a thread pool) and keep them as one uint8 tensor.
 
-    ``ds[i]`` returns ``(image uint8 (3, H, W), label int)``.
+    ``ds[i]`` returns ``(image uint8 (3, H, W), label int)``. ``ds[(i, seed)]`` (what
+    :class:`EpochSampler` yields) runs ``transform`` with torch's CPU generator seeded with
+    ``seed`` (and restores the generator's state afterwards), so an image's augmentation depends
+    only on that seed, not on which process draws it or what that process drew before.
 
     Raises:
         DataError: an image file that cannot be decoded.
@@ -151,14 +155,27 @@ class ImageSet(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = index if isinstance(index, tuple) else (index, None)
         if self.images is not None:
             image = self.images[index]
         else:
             image = torch.from_numpy(self._load(self.items[index])).permute(2, 0, 1).contiguous()
         if self.transform is not None:
-            image = self.transform(image)
+            image = self.transform(image) if seed is None else _seeded(self.transform, image, seed)
         return image, int(self.labels[index])
+
+
+def _seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int) -> torch.Tensor:
+    """``transform(image)`` with torch's CPU generator (which torchvision's random transforms
+    draw from) seeded with ``seed``; the generator's previous state is restored afterwards."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return transform(image)
+    finally:
+        generator.set_state(state)
 
 
 def train_transform(settings: DataSettings) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -268,6 +285,61 @@ def check_same_classes(train: ImageSet, test: ImageSet, source: DataSource) -> N
         )
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """A seed in ``[0, 2**63)`` that depends on every one of ``values`` (a splitmix64 chain):
+    neighbouring tuples such as (seed, epoch) and (seed, epoch + 1) give unrelated seeds."""
+    h = 0
+    for value in values:
+        h = ((h ^ (value & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+class EpochSampler(Sampler):
+    """One epoch's training order as ``(index, seed)`` pairs, which :class:`ImageSet` reads.
+
+    The order (a permutation of ``range(size)``, or this process's shard through ``shard``, a
+    ``DistributedSampler``) and each image's augmentation seed are pure functions of (``seed``,
+    epoch, index); call :meth:`set_epoch` before each epoch. An epoch therefore replays exactly
+    after ``--resume``, whatever ``num_workers`` is: the seeds travel with the indices, so neither
+    the loader's workers (persistent ones keep their random state across epochs) nor the random
+    draws made before the epoch play any part.
+    """
+
+    def __init__(self, size: int, seed: int, shard: Sampler[int] | None = None) -> None:
+        self.size, self.seed, self.shard, self.epoch = size, seed, shard, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order and seeds of ``epoch`` (0-based)."""
+        self.epoch = epoch
+        if self.shard is not None:
+            self.shard.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shard) if self.shard is not None else self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        if self.shard is not None:
+            order = list(self.shard)
+        else:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        for index in order:
+            yield index, mix_seed(self.seed, epoch, index, 1)
+
+
+def _worker_ignores_sigint(worker_id: int) -> None:
+    """DataLoader worker start-up: leave Ctrl-C to the main process, which shuts the workers down
+    (a terminal sends SIGINT to the whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(
     dataset: ImageSet,
     batch_size: int,
@@ -280,36 +352,45 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader over ``dataset`` yielding (uint8 (B, 3, H, W), int64 (B,)).
 
-    Training loaders shuffle with their own generator: call ``loader.generator.manual_seed(s)``
-    before each epoch to make the order depend only on (seed, epoch), which makes ``--resume``
-    replay the same order as an uninterrupted run. With several processes, a training loader
-    reads this process's shard through torch's ``DistributedSampler`` (shuffled with ``seed`` and
-    the epoch set by ``sampler.set_epoch``, equal shard sizes), and a test loader the disjoint
-    slice ``rank::world_size``, so that sums over the processes count every test image once.
+    Training loaders read in the order of an :class:`EpochSampler` (``loader.sampler``): call
+    ``loader.sampler.set_epoch(epoch)`` (or :func:`~ilmconvert.train.loop.seed_epoch`) before each
+    epoch; the order and every image's augmentation then depend only on (seed, epoch), which makes
+    ``--resume`` replay an epoch exactly as an uninterrupted run does, with or without worker
+    processes. With several processes, a training loader reads this process's shard through
+    torch's ``DistributedSampler`` (shuffled with ``seed`` and the epoch, equal shard sizes), and a
+    test loader the disjoint slice ``rank::world_size``, so that sums over the processes count
+    every test image once. Workers are persistent and ignore SIGINT (the main process stops them).
+    A loader's own generator only seeds its workers' start-up; it never draws from torch's
+    global generator.
     """
-    generator = torch.Generator().manual_seed(seed) if train else None
     sampler = None
-    if processes.enabled and train:
-        from torch.utils.data.distributed import DistributedSampler
+    if train:
+        shard = None
+        if processes.enabled:
+            from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(dataset, processes.world_size, processes.rank, shuffle=True, seed=seed, drop_last=True)
+            world, rank = processes.world_size, processes.rank
+            shard = DistributedSampler(dataset, world, rank, shuffle=True, seed=seed, drop_last=True)
+        sampler = EpochSampler(len(dataset), seed, shard)
     elif processes.enabled:
         dataset = Subset(dataset, range(processes.rank, len(dataset), processes.world_size))
     per_process = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train and per_process >= 2 * batch_size,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        generator=generator,
+        worker_init_fn=_worker_ignores_sigint if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def to_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool = False) -> torch.Tensor:
+def to_input(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device, channels_last: bool = False
+) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalized float32 on ``device``: ``(x / 255 - mean) / std``."""
     from torchvision.transforms.v2 import functional as F
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import IlmconvertError
-from .data import to_input
+from .data import mix_seed, to_input
 from .distributed import SINGLE, Distributed
 from .recipes import ConversionSettings, DataSettings, ModelSettings, TrainSettings
 
@@ -73,7 +73,9 @@ class Precision:
 
 
 # ------------------------------------------------------------------------------------------ network
-def build_network(model: ModelSettings, conversion: ConversionSettings, num_classes: int, seed: int = 0) -> nn.Module:
+def build_network(
+    model: ModelSettings, conversion: ConversionSettings, num_classes: int, seed: int = 0
+) -> nn.Module:
     """Create the recipe's network for ``num_classes`` classes and convert it to ILM Norm.
 
     Uses :func:`ilmconvert.create_model` (``pretrained`` as the recipe says), applies the recipe's
@@ -113,7 +115,9 @@ def create_optimizer(network: nn.Module, train: TrainSettings) -> torch.optim.Op
     """SGD with momentum through ``timm.optim.create_optimizer_v2(opt='momentum')``."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(network, opt="momentum", lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum)
+    return create_optimizer_v2(
+        network, opt="momentum", lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum
+    )
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, train: TrainSettings, updates_per_epoch: int) -> Any:
@@ -302,10 +306,17 @@ def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
 
 
 def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None:
-    """Make the data order and augmentation of ``epoch`` depend only on (seed, epoch, rank)."""
-    torch.manual_seed(seed * 1000 + epoch + 1_000_003 * rank)
-    if loader.generator is not None:
-        loader.generator.manual_seed(seed * 1000 + epoch)
-    if hasattr(loader.sampler, "set_epoch"):  # DistributedSampler: shuffles with (seed, epoch)
-        loader.sampler.set_epoch(epoch)
+    """Make every random draw of ``epoch`` a pure function of (seed, epoch, rank).
 
+    Seeds torch's global generator (dropout, drop-path and other randomness in the network: per
+    process, so with ``rank``), the loader's generator (its workers' start-up seed) and the
+    epoch of the loader's sampler (:class:`~ilmconvert.train.data.EpochSampler`: data order and
+    each image's augmentation; the same for every rank). Nothing drawn before the epoch (network
+    initialization, earlier epochs, loader workers' state) then changes it, so an epoch run after
+    ``--resume`` replays the uninterrupted run's epoch exactly.
+    """
+    torch.manual_seed(mix_seed(seed, epoch, rank, 2))
+    if loader.generator is not None:
+        loader.generator.manual_seed(mix_seed(seed, epoch, rank, 3))
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)

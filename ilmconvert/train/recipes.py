@@ -16,6 +16,7 @@ Example (``recipes/cifar10-smoke.yaml``)::
 
 from __future__ import annotations
 
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -37,7 +38,8 @@ class RecipeError(IlmconvertError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    # no NaN / infinity: a learning rate of NaN passes ``gt=0`` checks' negation and trains nothing
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 class ModelSettings(_Strict):
@@ -162,12 +164,24 @@ class Recipe(_Strict):
 
 
 # ------------------------------------------------------------------------------------------ errors
-def _describe(err: ValidationError, origin: str, prefix: str = "") -> str:
+def _close_key(cls: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """``"; did you mean 'epochs'?"`` for a misspelt key at ``loc`` in ``cls``, else ``""``."""
+    for part in loc[:-1]:  # walk down to the model that holds the key
+        field = cls.model_fields.get(str(part)) if cls is not None else None
+        annotation = field.annotation if field is not None else None
+        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if cls is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(cls.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _describe(err: ValidationError, origin: str, prefix: str = "", cls: type[BaseModel] | None = None) -> str:
     first = err.errors()[0]
     key = prefix + ".".join(str(p) for p in first["loc"]) or "(top level)"
     more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
-        return f"recipe {origin}: unknown key {key!r}{more}"
+        return f"recipe {origin}: unknown key {key!r}{_close_key(cls, first['loc'])}{more}"
     if first["type"] == "missing":
         return f"recipe {origin}: missing key {key!r}{more}"
     return f"recipe {origin}: {key}: {first['msg']}{more}"
@@ -177,7 +191,7 @@ def _validate(cls: type[BaseModel], data: Any, origin: str, prefix: str = "") ->
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_describe(err, origin, prefix)) from None
+        raise RecipeError(_describe(err, origin, prefix, cls)) from None
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -193,6 +207,8 @@ def parse_recipe(text: str, origin: str, default_name: str = "") -> Recipe:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise RecipeError(f"recipe {origin}: invalid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        raise RecipeError(f"recipe {origin} is empty; it needs at least model: {{name: ...}} (see the bundled ones)")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {origin}: expected a mapping with model/conversion/train/data keys")
     recipe = _validate(Recipe, data, origin)
@@ -237,5 +253,9 @@ def load_recipe(name_or_file: str | Path) -> Recipe:
         return parse_recipe(text, str(path), path.stem)
     bundled = bundled_recipes()
     if value not in bundled:
-        raise RecipeError(f"unknown recipe {value!r}; bundled recipes: {', '.join(bundled) or 'none'} (or pass a YAML file)")
+        close = difflib.get_close_matches(value, list(bundled), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise RecipeError(
+            f"unknown recipe {value!r}; {hint}bundled recipes: {', '.join(bundled) or 'none'} (or pass a YAML file)"
+        )
     return parse_recipe(bundled[value], f"{value} (bundled)", value)

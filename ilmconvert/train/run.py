@@ -92,7 +92,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     Raises:
         RunError: when ``path`` is neither.
     """
-    from ..io import is_checkpoint
+    from ..io import CONFIG_FILE, is_checkpoint, read_config
 
     path = Path(path)
     if is_checkpoint(path):
@@ -101,7 +101,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path / BEST
     if not path.exists():
         raise RunError(f"{path} does not exist; pass a checkpoint folder (written by swap / finetune) or a run folder")
+    for folder in (path, path / BEST):
+        if (folder / CONFIG_FILE).exists():
+            read_config(folder)  # raises CheckpointError saying what is wrong with it (not JSON, not ours, ...)
     raise RunError(f"{path} is neither a checkpoint (no ilmconvert config.json) nor a run folder with best/")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise unless ``path`` is an ilmconvert checkpoint folder, saying what is wrong with it.
+
+    Raises:
+        RunError: no ``config.json``. CheckpointError: a ``config.json`` that is not valid JSON,
+        not an ilmconvert config, or malformed.
+    """
+    from ..io import CONFIG_FILE, is_checkpoint, read_config
+
+    if is_checkpoint(path):
+        return
+    if (Path(path) / CONFIG_FILE).exists():
+        read_config(path)  # raises, naming the problem
+    raise RunError(f"{path} is not an ilmconvert checkpoint (no config.json); write one with `ilmconvert swap`")
 
 
 # ------------------------------------------------------------------------------------------ finetune
@@ -201,8 +220,8 @@ def prepare_finetune(
     else:
         resolved = load_recipe(recipe or default_recipe).with_overrides(epochs=epochs, batch_size=batch_size, lr=lr)
         check_new_run(run)
-        if checkpoint is not None and not is_checkpoint(checkpoint):
-            raise RunError(f"{checkpoint} is not an ilmconvert checkpoint (no config.json); write one with `ilmconvert swap`")
+        if checkpoint is not None:
+            check_checkpoint(checkpoint)
 
     with processes.main_first():  # one download of cifar10 / cifar100
         source, train, test = _open_data(resolved, data, data_root)

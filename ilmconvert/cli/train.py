@@ -1,6 +1,7 @@
-"""CLI commands for fine-tuning: ``finetune``, ``eval``, ``recipes`` (registered on ilmconvert.cli.app).
+"""The fine-tuning commands ``finetune``, ``eval`` and ``recipes``.
 
-Thin: each command parses its options, calls :mod:`ilmconvert.train.run` and renders with rich.
+Thin: each command parses its options, calls the headless :mod:`ilmconvert.train` library and
+renders its progress and results with rich.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ..cli import app, console, expected_errors
-from .distributed import Distributed
+from ..train.distributed import Distributed
+from .output import console, expected_errors
 
 DataOpt = Annotated[str, typer.Option("--data", help="ImageFolder root with train/ and test/ (or val/), or cifar10 / cifar100 (downloaded into --data-root).")]
 DataRootOpt = Annotated[Optional[Path], typer.Option("--data-root", help="Download folder for cifar10 / cifar100 (default $ILMCONVERT_DATA or ~/.cache/ilmconvert/data).")]
@@ -34,7 +35,7 @@ def _bars() -> Progress:
 
 
 def _batches(bars: Progress, label: str) -> Any:
-    from .loop import Batches
+    from ..train.loop import Batches
 
     task: dict[str, Any] = {}
 
@@ -51,7 +52,6 @@ def _batches(bars: Progress, label: str) -> Any:
     return Batches(start, advance, stop)
 
 
-@app.command()
 @expected_errors
 def finetune(
     checkpoint: Annotated[Optional[Path], typer.Argument(metavar="DIR", show_default=False, help="A converted checkpoint (from `ilmconvert swap`) to train; without it the recipe's network is built and converted.")] = None,
@@ -69,7 +69,7 @@ def finetune(
 
     Several GPUs: `torchrun --nproc_per_node N -m ilmconvert finetune ...` (batch size per process).
     """
-    from .distributed import destroy_process_group, from_environment
+    from ..train.distributed import destroy_process_group, from_environment
 
     processes = from_environment()
     try:
@@ -85,7 +85,7 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     """``finetune`` in one process: rank 0 (or the only process) reports, the others train silently."""
     import contextlib
 
-    from .run import METRICS_FILE, Progress as Hooks, prepare_finetune, run_finetune
+    from ..train.run import METRICS_FILE, Progress as Hooks, prepare_finetune, run_finetune
 
     with console.status("reading data and building the network") if processes.is_main else contextlib.nullcontext():
         plan = prepare_finetune(**options, processes=processes)
@@ -126,7 +126,6 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     )
 
 
-@app.command("eval")
 @expected_errors
 def eval_(
     path: Annotated[Path, typer.Argument(metavar="RUN_OR_DIR", help="A checkpoint folder, or a run folder (its best/ checkpoint is used).")],
@@ -137,7 +136,7 @@ def eval_(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Images per evaluation step.")] = None,
 ) -> None:
     """Print test top-1 / top-5 accuracy and loss of a checkpoint on DATA's test (or val) split."""
-    from .run import evaluate_checkpoint
+    from ..train.run import evaluate_checkpoint
 
     with _bars() as bars:
         result = evaluate_checkpoint(path, data, data_root=data_root, device=device, subset=subset, batch_size=batch_size, batches=_batches(bars, "eval"))
@@ -148,11 +147,10 @@ def eval_(
     )
 
 
-@app.command()
 @expected_errors
 def recipes() -> None:
     """List the bundled fine-tuning recipes."""
-    from .recipes import list_recipes
+    from ..train.recipes import list_recipes
 
     table = Table(title="bundled recipes (ilmconvert finetune --recipe NAME)", title_justify="left")
     for col in ("name", "network", "epochs", "batch", "lr", "description"):

@@ -1,56 +1,16 @@
-"""The ``ilmconvert`` command line: a thin Typer layer over the library, rendered with rich.
-
-Expected mistakes (:class:`~ilmconvert.errors.IlmconvertError`) are printed as one line on
-stderr with exit code 2 and no traceback.
-"""
+"""The conversion commands ``inspect`` and ``swap``: parse options, call the library, render with rich."""
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .errors import IlmconvertError
-
-app = typer.Typer(
-    name="ilmconvert",
-    help="Convert timm / torchvision networks to Instance-Level Meta Normalization (ILM Norm), fine-tune and evaluate them.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
-console = Console()
-err_console = Console(stderr=True)
-
-EXIT_USAGE = 2
-
-
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-    """Print ``error: message`` on stderr and exit with ``code`` (2: the user can fix it)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn :class:`IlmconvertError` into a one-line message and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except IlmconvertError as err:
-            fail(str(err))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
-
-    return wrapper
+from ..errors import IlmconvertError
+from .output import console, expected_errors, fail
 
 
 # ------------------------------------------------------------------------------------- shared options
@@ -108,7 +68,6 @@ def render_report(report: Any, title: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- inspect
-@app.command()
 @expected_errors
 def inspect(
     model: Annotated[str, typer.Argument(help="timm:NAME[.TAG], torchvision:NAME or a bare timm name.")],
@@ -121,8 +80,8 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """List the norm layers of MODEL, what each becomes, and the parameter increase (no weights are loaded)."""
-    from .convert import convert
-    from .models import create_model
+    from ..convert import convert
+    from ..models import create_model
 
     network = create_model(model, pretrained=False, device="meta")
     report = convert(network, **_conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm))
@@ -133,7 +92,6 @@ def inspect(
 
 
 # ------------------------------------------------------------------------------------- swap
-@app.command()
 @expected_errors
 def swap(
     model: Annotated[str, typer.Argument(help="timm:NAME[.TAG], torchvision:NAME[.WEIGHTS] or a bare timm name.")],
@@ -154,10 +112,10 @@ def swap(
     """Convert MODEL's norms to ILM, verify the function is preserved on a random batch, and save it."""
     import torch
 
-    from .check import check_conversion
-    from .convert import convert
-    from .io import check_target, save
-    from .models import create_model
+    from ..check import check_conversion
+    from ..convert import convert
+    from ..io import check_target, save
+    from ..models import create_model
 
     if init not in ("preserve", "paper"):
         raise IlmconvertError(f"--init must be preserve or paper, got {init!r}")
@@ -185,20 +143,3 @@ def swap(
         console.print(f"[yellow]function changed ({why}, expected; fine-tune it):[/] {check}")
     save(network, out)
     console.print(f"wrote [bold]{out}[/] (model.safetensors, config.json); reload with ilmconvert.load({str(out)!r})")
-
-
-# The fine-tuning commands (finetune, eval, recipes) live in ilmconvert.train.commands and register on `app`.
-from .train import commands as _train_commands  # noqa: E402,F401
-
-
-def main() -> None:
-    """Console-script entry point."""
-    app()
-
-
-if __name__ == "__main__":
-    # `python -m ilmconvert.cli`: run the imported module's app, on which the fine-tuning commands
-    # registered (this file's `__main__` copy of `app` has none of them)
-    from ilmconvert.cli import main as _main
-
-    _main()

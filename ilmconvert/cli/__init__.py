@@ -1,0 +1,78 @@
+"""The ``ilmconvert`` command line: a thin Typer app over the library, rendered with rich.
+
+The commands live in :mod:`.convert` (``inspect``, ``swap``) and :mod:`.train` (``finetune``,
+``eval``, ``recipes``) as plain functions; this module builds the app and registers them, so no
+command module imports the app (no import cycle). Every expected mistake, click's usage errors
+included, is one line ``error: ...`` on stderr with exit code 2 and no traceback
+(:mod:`.output`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from . import convert, train
+from .output import EXIT_USAGE, err_console
+
+
+# click's exceptions, from the click typer runs on (recent typer vendors it as typer._click)
+_click_errors = importlib.import_module(typer.BadParameter.__module__)
+_NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())
+
+
+class _OneLineErrors(TyperGroup):
+    """The app's click group: usage errors (a value out of range, an unknown or missing option)
+    become one line ``error: ...; see `ilmconvert CMD --help``` with exit code 2, instead of
+    typer's multi-line panel. Running without arguments still prints the help."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except _NoArgsIsHelp as err:
+            print(err.ctx.get_help() if err.ctx else "", file=sys.stderr)
+            rv = EXIT_USAGE
+        except _click_errors.ClickException as err:
+            where = err.ctx.command_path if getattr(err, "ctx", None) is not None else "ilmconvert"
+            message = " ".join(err.format_message().split()).rstrip(".")
+            err_console.print(f"[bold red]error:[/] {_escape(message)}; see `{where} --help`", highlight=False, soft_wrap=True)
+            rv = err.exit_code
+        except typer.Abort:
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+app = typer.Typer(
+    name="ilmconvert",
+    cls=_OneLineErrors,
+    help="Convert timm / torchvision networks to Instance-Level Meta Normalization (ILM Norm), fine-tune and evaluate them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command()(convert.inspect)
+app.command()(convert.swap)
+app.command()(train.finetune)
+app.command("eval")(train.eval_)
+app.command()(train.recipes)
+
+
+def main() -> None:
+    """Console-script entry point (``ilmconvert``, ``python -m ilmconvert``, ``python -m ilmconvert.cli``)."""
+    app()
+
+
+__all__ = ["app", "main"]
