@@ -102,6 +102,8 @@ def check_target(directory: str | Path) -> Path:
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_checkpoint(target))):
         raise CheckpointError(f"{target} exists and is not an ilmconvert checkpoint; choose a new or empty directory")
     parent = existing_ancestor(target)
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not a directory; choose another directory")
     if not os.access(parent, os.W_OK):
         raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not writable; choose another directory")
     return target

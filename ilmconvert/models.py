@@ -103,6 +103,35 @@ def _check_name(library: str, name: str) -> None:
     raise ModelSourceError(f"unknown {library} model {name!r}{hint}")
 
 
+def _check_tag(library: str, name: str, tag: str | None) -> None:
+    """Refuse a pretrained tag (or weights name) the library does not know, before any download."""
+    if library == "timm":
+        import timm
+
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{name}.*")]
+        if not tags:
+            raise ModelSourceError(f"timm has no pretrained weights for {name}; pass --no-pretrained or --weights FILE")
+    else:
+        import torchvision
+
+        try:
+            enum = torchvision.models.get_model_weights(name)
+        except (ValueError, KeyError):
+            return  # torchvision's own error will say it
+        tags = list(enum.__members__)
+        try:
+            if tag is not None:
+                enum.verify(tag)
+            return
+        except (ValueError, KeyError):
+            pass
+    if tag is None or tag in tags:
+        return
+    close = difflib.get_close_matches(tag, tags, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ModelSourceError(f"unknown pretrained tag {tag!r} for {library}:{name}; {hint}available: {', '.join(tags)}")
+
+
 # ---------------------------------------------------------------------------------------- building
 def _construct(source: ModelSource, pretrained: bool) -> nn.Module:
     kwargs = dict(source.kwargs)
@@ -195,6 +224,7 @@ def create_model(
             source.weights_file, source.weights_sha256 = str(weights), sha256_of(weights)
     else:
         _check_name(library, name)
+        _check_tag(library, name, tag)
         if source.pretrained_tag is None:
             source.pretrained_tag = "default"
         try:
@@ -202,7 +232,7 @@ def create_model(
         except Exception as err:  # the libraries raise many types for "no network"
             raise ModelSourceError(
                 f"cannot get pretrained weights for {spec} ({first_line(err)}); offline, pass "
-                "--weights FILE (safetensors or a state dict) or --no-pretrained"
+                "--weights FILE (safetensors or a state dict) or --no-pretrained (in a recipe: pretrained: false)"
             ) from err
         model.ilm_source = source
     if num_classes is not None and num_classes != classifier_size(model):
@@ -243,7 +273,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise ModelSourceError(f"cannot read weights file {path}: {refused_pickle(err)}") from err
     except Exception as err:
-        raise ModelSourceError(f"cannot read weights file {path}: {first_line(err)}") from err
+        kind = "safetensors" if path.suffix == ".safetensors" else "a file written by torch.save"
+        raise ModelSourceError(f"cannot read weights file {path} as {kind}: {first_line(err)}") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

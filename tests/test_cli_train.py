@@ -14,11 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 import ilmconvert
+from helpers import TINY_RECIPE, make_image_folder
 from ilmconvert.cli import app
 from ilmconvert.train import run as run_module
 from ilmconvert.train.run import METRIC_KEYS, read_metrics
-
-from test_train import TINY_RECIPE, make_image_folder
 
 runner = CliRunner()
 

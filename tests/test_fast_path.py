@@ -12,69 +12,15 @@ import zlib
 
 import pytest
 import torch
-from torch import nn
 
-from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm
-from ilmconvert.nn import fast
-
-PARAMS = ("weight", "bias", "encoder.weight", "decoder_mu.weight", "decoder_gamma.weight")
+from helpers import ILM_PARAMS, compare_fast_path, randomize, relative_difference, run_layer
+from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm, fast
 
 
 @pytest.fixture(autouse=True)
 def _seeded(request):
     """Fresh random inputs per test, reproducible: the global seed comes from the test's id."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def _randomize(layer: nn.Module, seed: int, scale: float = 0.5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
-        layer.weight.add_(1.0)
-
-
-def _run(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, *, fast_choice):
-    """Output and gradients (x first, then PARAMS) of ``layer`` on ``x`` with upstream ``dy``."""
-    layer = copy.deepcopy(layer)
-    layer.fast = fast_choice
-    x = x.detach().clone().requires_grad_(True)
-    y = layer(x)
-    y.backward(dy)
-    params = dict(layer.named_parameters())
-    grads = [x.grad] + [params[n].grad if n in params else None for n in PARAMS]
-    return y.detach(), grads
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| in float64; NaN never passes."""
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def _compare(layer, x, *, tol, fast_choice="torch", seed=0):
-    """Fast path vs the reference path evaluated exactly (float64 copy of layer and input).
-
-    In float32 the fast path must also agree with the float32 reference path; in bfloat16 the
-    reference path itself rounds x_s and the rescaling to bfloat16, so only the exact oracle
-    is a fair judge.
-    """
-    g = torch.Generator().manual_seed(seed)
-    dy = torch.randn(layer(x).shape, generator=g).to(x.dtype)
-    y_f, g_f = _run(layer, x, dy, fast_choice=fast_choice)
-    y_r, g_r = _run(layer, x, dy, fast_choice=False)
-    y_o, g_o = _run(copy.deepcopy(layer).double(), x.double(), dy.double(), fast_choice=False)
-    assert y_f.dtype == y_r.dtype and y_f.shape == y_r.shape
-    checks = [("oracle", y_o, g_o)] + ([("reference", y_r, g_r)] if x.dtype == torch.float32 else [])
-    for what, y_b, g_b in checks:
-        assert _rel(y_f, y_b) < tol, (what, "output", _rel(y_f, y_b))
-        for name, a, b, r in zip(("x",) + PARAMS, g_f, g_b, g_r):
-            assert (a is None) == (b is None), name
-            if a is not None:
-                assert a.dtype == r.dtype, name
-                assert _rel(a, b) < tol, (what, name, _rel(a, b))
 
 
 # ------------------------------------------------------------------ shapes
@@ -101,44 +47,44 @@ TOKENS = [
 @pytest.mark.parametrize("make, shape", POOLED + TOKENS)
 def test_float32_outputs_and_gradients_match_reference(make, shape):
     layer = make()
-    _randomize(layer, seed=1)
+    randomize(layer, seed=1)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 2 + 0.3
-    _compare(layer, x, tol=1e-5)
+    compare_fast_path(layer, x, tol=1e-5)
 
 
 @pytest.mark.parametrize("make, shape", [POOLED[0], POOLED[1], POOLED[7], TOKENS[3]])
 def test_channels_last_matches_reference(make, shape):
     layer = make()
-    _randomize(layer, seed=3)
+    randomize(layer, seed=3)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    _compare(layer, x, tol=1e-5)
+    compare_fast_path(layer, x, tol=1e-5)
 
 
 def test_strided_token_input_matches_reference():
     layer = ILMLayerNorm(48)
-    _randomize(layer, seed=3)
+    randomize(layer, seed=3)
     x = torch.randn(7, 2, 48).transpose(0, 1)  # (2, 7, 48), not contiguous
-    _compare(layer, x, tol=1e-5)
+    compare_fast_path(layer, x, tol=1e-5)
 
 
 @pytest.mark.parametrize("make, shape", [POOLED[0], POOLED[1], POOLED[7], TOKENS[0], TOKENS[3]])
 def test_bfloat16_matches_reference(make, shape):
     layer = make()
-    _randomize(layer, seed=4)
+    randomize(layer, seed=4)
     x = torch.randn(shape).bfloat16()
-    _compare(layer, x, tol=1e-2)
+    compare_fast_path(layer, x, tol=1e-2)
 
 
 def test_bfloat16_parameters_get_bfloat16_gradients():
     layer = ILMGroupNorm(4, 32).bfloat16()
-    _randomize(layer, seed=5)
-    _compare(layer, torch.randn(2, 32, 5, 5).bfloat16(), tol=1e-2)
+    randomize(layer, seed=5)
+    compare_fast_path(layer, torch.randn(2, 32, 5, 5).bfloat16(), tol=1e-2)
 
 
 @pytest.mark.parametrize("make, shape", [POOLED[0], POOLED[7], TOKENS[0], TOKENS[3]])
 def test_float64_gradcheck_of_the_fast_path(make, shape):
     layer = make().double()
-    _randomize(layer, seed=6)
+    randomize(layer, seed=6)
     layer.fast = "torch"
     small = tuple(min(s, 3) if i != 1 and not (i == len(shape) - 1 and not layer.pooled) else s for i, s in enumerate(shape))
     x = torch.randn(small, dtype=torch.float64, requires_grad=True)
@@ -169,18 +115,18 @@ def test_large_mean_keeps_the_variance(make, shape):
     variance is off by percents and fails (checked below).
     """
     layer = make()
-    _randomize(layer, seed=7)
+    randomize(layer, seed=7)
     g = torch.Generator().manual_seed(8)
     x = 1e3 + torch.randn(shape, generator=g)
     dy = torch.randn(shape, generator=g)
     oracle = copy.deepcopy(layer).double()
-    y64, g64 = _run(oracle, x.double(), dy.double(), fast_choice=False)
-    y_f, g_f = _run(layer, x, dy, fast_choice="torch")
-    y_r, g_r = _run(layer, x, dy, fast_choice=False)
+    y64, g64 = run_layer(oracle, x.double(), dy.double(), fast_choice=False)
+    y_f, g_f = run_layer(layer, x, dy, fast_choice="torch")
+    y_r, g_r = run_layer(layer, x, dy, fast_choice=False)
     bound = 1e-5 * y64.abs().max() + 4 * 2.0**-24 * 1e3 * layer.weight.abs().max().item() * 2
     err_fast, err_ref = (y_f.double() - y64).abs().max(), (y_r.double() - y64).abs().max()
     assert err_fast < bound and err_fast <= 2 * err_ref + 1e-5 * y64.abs().max()
-    for name, a, b, c in zip(("x",) + PARAMS, g_f, g_r, g64):
+    for name, a, b, c in zip(("x",) + ILM_PARAMS, g_f, g_r, g64):
         if c is None:
             continue
         scale = c.abs().max()
@@ -218,7 +164,7 @@ def test_fast_path_is_taken_and_can_be_forced_off(monkeypatch):
 def test_inplace_op_on_the_output_is_legal(make, shape, cl):
     """timm follows norms with ReLU(inplace=True): the fast path's output must allow it."""
     layer = make()
-    _randomize(layer, seed=13)
+    randomize(layer, seed=13)
     x = torch.randn(shape)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -229,7 +175,7 @@ def test_inplace_op_on_the_output_is_legal(make, shape, cl):
         xr = x.clone().requires_grad_(True)
         torch.nn.functional.relu(lay(xr), inplace=True).sum().backward()
         grads.append(xr.grad)
-    assert _rel(grads[0], grads[1]) < 1e-5
+    assert relative_difference(grads[0], grads[1]) < 1e-5
 
 
 def test_fallback_for_overridden_front_ends_and_unsupported_input():
@@ -249,7 +195,7 @@ def test_fallback_for_overridden_front_ends_and_unsupported_input():
 
 def test_unbatched_instance_norm_and_eval_no_grad():
     layer = ILMInstanceNorm(16, spatial_dims=2)
-    _randomize(layer, seed=9)
+    randomize(layer, seed=9)
     x = torch.randn(16, 5, 5)
     with torch.no_grad():
         y = layer(x)
@@ -259,14 +205,14 @@ def test_unbatched_instance_norm_and_eval_no_grad():
 
 def test_cpu_autocast_keeps_the_reference_dtype():
     layer = ILMGroupNorm(4, 32)
-    _randomize(layer, seed=10)
+    randomize(layer, seed=10)
     x = torch.randn(2, 32, 4, 4).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
         layer.fast = False
         y_ref = layer(x)
     assert y.dtype == y_ref.dtype
-    assert _rel(y, y_ref) < 1e-2
+    assert relative_difference(y, y_ref) < 1e-2
 
 
 @pytest.mark.parametrize("make, shape", [POOLED[0], TOKENS[0]])
@@ -276,7 +222,7 @@ def test_float32_input_under_cpu_autocast_stays_exact(make, shape):
     Forward under autocast, backward outside it (as in a training loop).
     """
     layer = make()
-    _randomize(layer, seed=12)
+    randomize(layer, seed=12)
     x = torch.randn(shape)
     dy = torch.randn(shape)
     outs = []
@@ -290,7 +236,7 @@ def test_float32_input_under_cpu_autocast_stays_exact(make, shape):
         outs.append([y.detach(), xr.grad, lay.encoder.weight.grad, lay.weight.grad])
     assert outs[0][0].dtype == outs[1][0].dtype == torch.float32
     for a, b in zip(*outs):
-        assert _rel(a, b) < 1e-5
+        assert relative_difference(a, b) < 1e-5
 
 
 def test_output_dtype_follows_cuda_autocast_rules():
@@ -308,7 +254,7 @@ def test_compiled_fast_path_has_no_graph_break_and_matches(make, shape):
     import torch._dynamo
 
     layer = make()
-    _randomize(layer, seed=11)
+    randomize(layer, seed=11)
     x = torch.randn(*shape)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(layer)(x)
@@ -322,5 +268,5 @@ def test_compiled_fast_path_has_no_graph_break_and_matches(make, shape):
     xr2 = x.clone().requires_grad_(True)
     y2 = ref(xr2)
     y2.square().sum().backward()
-    assert _rel(y, y2) < 1e-5 and _rel(xr.grad, xr2.grad) < 1e-5
-    assert _rel(layer.encoder.weight.grad, ref.encoder.weight.grad) < 1e-5
+    assert relative_difference(y, y2) < 1e-5 and relative_difference(xr.grad, xr2.grad) < 1e-5
+    assert relative_difference(layer.encoder.weight.grad, ref.encoder.weight.grad) < 1e-5

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import randomize
 from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm, encoder_size, resolve_key_group_size
+
 
 # ------------------------------------------------------------------ the reference, written from the paper
 def _sigmoid(v: np.ndarray) -> np.ndarray:
@@ -43,14 +45,6 @@ def reference_ilm(
     return y
 
 
-def _randomize(layer: nn.Module, seed: int) -> None:
-    """Random values everywhere (including W2, W3 and B), so that every term of eqs. 4-6 matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 def _params(layer) -> dict:
     return dict(
         w1=layer.encoder.weight.detach().numpy(),
@@ -69,7 +63,7 @@ def _params(layer) -> dict:
 )
 def test_group_norm_matches_paper_equations(groups, channels, spatial, key_group_size):
     layer = ILMGroupNorm(groups, channels, eps=1e-5, key_group_size=key_group_size, dtype=torch.float64)
-    _randomize(layer, seed=channels)
+    randomize(layer, seed=channels)
     x = torch.randn(3, channels, *spatial, dtype=torch.float64) * 2 + 0.5
     expected = reference_ilm(x.reshape(3, channels, -1).numpy(), norm_groups=groups, per_position=False, **_params(layer))
     np.testing.assert_allclose(layer(x).detach().reshape(3, channels, -1).numpy(), expected, rtol=1e-12, atol=1e-12)
@@ -78,7 +72,7 @@ def test_group_norm_matches_paper_equations(groups, channels, spatial, key_group
 @pytest.mark.parametrize("channels, spatial", [(32, (11,)), (20, (4, 5)), (16, (2, 3, 2))])
 def test_instance_norm_matches_paper_equations(channels, spatial):
     layer = ILMInstanceNorm(channels, eps=1e-3, dtype=torch.float64)
-    _randomize(layer, seed=1)
+    randomize(layer, seed=1)
     x = torch.randn(2, channels, *spatial, dtype=torch.float64)
     expected = reference_ilm(x.reshape(2, channels, -1).numpy(), norm_groups=channels, per_position=False, **_params(layer))
     np.testing.assert_allclose(layer(x).detach().reshape(2, channels, -1).numpy(), expected, rtol=1e-12, atol=1e-12)
@@ -86,7 +80,7 @@ def test_instance_norm_matches_paper_equations(channels, spatial):
 
 def test_layer_norm_tokens_match_paper_equations():
     layer = ILMLayerNorm(40, eps=1e-6, dtype=torch.float64)  # K = 10 (40 is not a multiple of 16)
-    _randomize(layer, seed=2)
+    randomize(layer, seed=2)
     x = torch.randn(2, 7, 40, dtype=torch.float64)  # (batch, tokens, C)
     as_bcp = x.reshape(14, 40, 1).numpy()  # every token an instance
     expected = reference_ilm(as_bcp, norm_groups=1, per_position=True, **_params(layer))
@@ -95,7 +89,7 @@ def test_layer_norm_tokens_match_paper_equations():
 
 def test_layer_norm_channels_first_is_per_pixel():
     layer = ILMLayerNorm(32, eps=1e-6, channels_first=True, dtype=torch.float64)
-    _randomize(layer, seed=3)
+    randomize(layer, seed=3)
     x = torch.randn(2, 32, 3, 5, dtype=torch.float64)
     expected = reference_ilm(x.reshape(2, 32, 15).numpy(), norm_groups=1, per_position=True, **_params(layer))
     np.testing.assert_allclose(layer(x).detach().reshape(2, 32, 15).numpy(), expected, rtol=1e-12, atol=1e-12)
@@ -103,7 +97,7 @@ def test_layer_norm_channels_first_is_per_pixel():
 
 def test_per_position_key_features_do_not_mix_tokens():
     layer = ILMLayerNorm(32, dtype=torch.float64)
-    _randomize(layer, seed=4)
+    randomize(layer, seed=4)
     x = torch.randn(1, 9, 32, dtype=torch.float64)
     full = layer(x)
     for t in range(9):  # each token alone gives the same output: causal-safe, length-independent
@@ -112,14 +106,14 @@ def test_per_position_key_features_do_not_mix_tokens():
 
 def test_instances_are_independent_of_the_batch():
     layer = ILMGroupNorm(4, 32, dtype=torch.float64)
-    _randomize(layer, seed=5)
+    randomize(layer, seed=5)
     x = torch.randn(4, 32, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(layer(x)[2:3], layer(x[2:3]), rtol=0, atol=1e-14)
 
 
 def test_unbatched_instance_norm_input():
     layer = ILMInstanceNorm(16, spatial_dims=1, dtype=torch.float64)
-    _randomize(layer, seed=6)
+    randomize(layer, seed=6)
     x = torch.randn(16, 10, dtype=torch.float64)
     torch.testing.assert_close(layer(x), layer(x[None])[0])
 
@@ -174,7 +168,7 @@ def _gradcheck_layer(layer: nn.Module, x: torch.Tensor) -> None:
 )
 def test_gradients_by_gradcheck(make, shape):
     layer = make()
-    _randomize(layer, seed=7)
+    randomize(layer, seed=7)
     _gradcheck_layer(layer, torch.randn(*shape, dtype=torch.float64))
 
 
@@ -182,7 +176,7 @@ def test_gradients_by_gradcheck(make, shape):
 # (no-graph-break checks of torch._dynamo.explain live in tests/test_fast_path.py)
 def test_autocast_bf16_uses_float32_statistics():
     layer = ILMGroupNorm(8, 64)
-    _randomize(layer, seed=8)
+    randomize(layer, seed=8)
     x = torch.randn(2, 64, 8, 8)
     mu, gamma = layer.key_features(x.bfloat16())
     assert mu.dtype == gamma.dtype == torch.float32
@@ -195,7 +189,7 @@ def test_autocast_bf16_uses_float32_statistics():
 
 def test_half_precision_input_keeps_its_dtype():
     layer = ILMLayerNorm(32)
-    _randomize(layer, seed=9)
+    randomize(layer, seed=9)
     x = torch.randn(2, 5, 32)
     y = layer(x.bfloat16())
     assert y.dtype == torch.bfloat16
@@ -205,7 +199,7 @@ def test_half_precision_input_keeps_its_dtype():
 @pytest.mark.parametrize("make", [lambda: ILMGroupNorm(8, 64), lambda: ILMLayerNorm(64, channels_first=True)])
 def test_channels_last_input(make):
     layer = make()
-    _randomize(layer, seed=10)
+    randomize(layer, seed=10)
     x = torch.randn(2, 64, 7, 5)
     torch.testing.assert_close(layer(x.contiguous(memory_format=torch.channels_last)), layer(x), rtol=1e-5, atol=1e-5)
 
@@ -216,7 +210,7 @@ def test_inductor_compiled_forward_and_backward_match_eager():
 
     torch._dynamo.reset()
     layer = ILMGroupNorm(4, 32)
-    _randomize(layer, seed=12)
+    randomize(layer, seed=12)
     x = torch.randn(2, 32, 5, 5)
     eager_x, compiled_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     layer(eager_x).square().sum().backward()

@@ -10,39 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import TINY_RECIPE, make_image_folder
 from ilmconvert.errors import IlmconvertError
+from ilmconvert.models import adapt, create_model
 from ilmconvert.train import data as D
 from ilmconvert.train import loop as L
 from ilmconvert.train import recipes as R
-
-TINY_RECIPE = """
-description: tiny test network
-model:
-  name: timm:resnet18
-  kwargs: {norm_layer: groupnorm, channels: [32, 64, 128, 256], stem_width: 32, layers: [1, 1, 1, 1]}
-conversion: {norms: gn, init: preserve}
-train: {epochs: 2, batch_size: 16, lr: 0.05, cpu_threads: 1}
-data: {eval_batch_size: 64}
-"""
-
-
-def make_image_folder(root: Path, classes=("horizontal", "vertical", "checker"), n_train=24, n_test=12, size=32, test_name="test") -> Path:
-    """A small learnable ImageFolder of PNGs: class k is a noisy stripe pattern (horizontal,
-    vertical, checkerboard, ...) with a random phase. Patterns, not colors: instance-level norms
-    remove per-image channel means, so a color-coded toy set would be unlearnable by design."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for split, n in (("train", n_train), (test_name, n_test)):
-        for k, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                phase = rng.integers(0, 8)
-                coordinate = [yy, xx, yy + xx, yy - xx, yy * 0][k % 5] + phase
-                pattern = ((coordinate // 4) % 2) * 120 + (k // 5) * 60
-                pixels = rng.integers(0, 100, (size, size, 3)) + pattern[..., None]
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
-    return root
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -200,9 +173,17 @@ def test_cached_and_lazy_images_agree_and_subsets_are_fixed(tmp_path):
 
 
 def test_images_of_other_sizes_are_resized(tmp_path):
-    root = make_image_folder(tmp_path, n_train=2, n_test=2, size=48)
-    ds = D.open_split(D.resolve_data(str(root)), "test", R.DataSettings())
-    assert ds[0][0].shape == (3, 32, 32)
+    """A 64x48 image (dark left half, bright right half) becomes 32x32: the shorter side is resized
+    to 32, the center cropped, and the halves stay where they were."""
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        pixels = np.zeros((48, 64, 3), dtype=np.uint8)
+        pixels[:, 32:] = 255
+        Image.fromarray(pixels).save(tmp_path / split / "a" / "0.png")
+    ds = D.open_split(D.resolve_data(str(tmp_path)), "test", R.DataSettings())
+    image = ds[0][0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert image[:, :, :14].max() < 10 and image[:, :, 18:].min() > 245  # 64x48 -> 42x32 -> center 32
 
 
 def test_augmentation_and_normalization():
@@ -261,7 +242,13 @@ def test_build_network_applies_the_cifar_stem_and_records_it():
     network = L.build_network(recipe.model, recipe.conversion, num_classes=3)
     assert network.conv1.kernel_size == (3, 3) and network.conv1.stride == (1, 1)
     assert network.ilm_source.adaptations == ["cifar_stem"] and network.ilm_source.kwargs["num_classes"] == 3
-    assert network(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    # init: preserve, same seed: the converted network computes what the adapted original does
+    torch.manual_seed(0)
+    original = create_model(recipe.model.name, pretrained=False, num_classes=3, **recipe.model.kwargs)
+    adapt(original, "cifar_stem")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(network.eval()(x), original.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ real data

@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the child process (see module doc)")
 
-from test_fast_path import _compare, _randomize  # noqa: E402
+from helpers import compare_fast_path, randomize  # noqa: E402
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
@@ -45,34 +45,48 @@ CASES = [
 ]
 
 
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """Counts the launches of each Triton kernel wrapper; after the test, asserts that every kernel
+    ran and that the fast path never fell back to PyTorch (it would compute the same values)."""
+    from ilmconvert.nn import fast, triton_ilm
+
+    calls = {name: 0 for name in ("moments", "apply", "bwd_sums", "bwd_apply")}
+    for name in calls:
+        real = getattr(triton_ilm, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(triton_ilm, name, counted)
+    yield calls
+    assert fast._TRITON_FAILURE is None, f"the Triton path fell back to PyTorch: {fast._TRITON_FAILURE}"
+    assert all(calls.values()), f"a Triton kernel did not run: {calls}"
+
+
 @needs_interpreter
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("make, shape", CASES)
-def test_triton_matches_reference_float32(make, shape, layout, monkeypatch):
-    from ilmconvert.nn import triton_ilm
-
-    calls = []
-    real = triton_ilm.moments
-    monkeypatch.setattr(triton_ilm, "moments", lambda x: calls.append(1) or real(x))
+def test_triton_matches_reference_float32(make, shape, layout, triton_launches):
     layer = make()
-    _randomize(layer, seed=21)
+    randomize(layer, seed=21)
     x = torch.randn(shape) * 1.5 - 0.4
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    _compare(layer, x, tol=1e-5, fast_choice="triton")
-    assert calls, "the Triton kernels were not used"
+    compare_fast_path(layer, x, tol=1e-5, fast_choice="triton")
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
-def test_triton_half_precision(dtype, layout):
+def test_triton_half_precision(dtype, layout, triton_launches):
     layer = ILMGroupNorm(8, 64)
-    _randomize(layer, seed=22)
+    randomize(layer, seed=22)
     x = torch.randn(2, 64, 5, 7).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    _compare(layer, x, tol=1e-2, fast_choice="triton")
+    compare_fast_path(layer, x, tol=1e-2, fast_choice="triton")
 
 
 @needs_interpreter

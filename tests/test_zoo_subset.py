@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 import ilmconvert
-from ilmconvert.convert import REGISTRY
+from helpers import randomize, reinit_zero_linears
 from ilmconvert.nn import ILMLayerNormActFp32, ILMLayerNormFp32, ILMNorm
 
 #: (spec, constructor kwargs, input side, source classes it covers)
@@ -31,24 +30,6 @@ SUBSET = [
 ROUND_TRIP = {"timm:test_convnext", "timm:test_vit_relpos", "timm:test_efficientnet_gn", "timm:poolformerv2_s12", "torchvision:swin_t"}
 
 
-def _randomize_norm_affines(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm, _InstanceNorm)):
-                for p, mean in ((getattr(m, "weight", None), 1.0), (getattr(m, "bias", None), 0.0)):
-                    if isinstance(p, torch.Tensor):
-                        p.copy_(mean + 0.5 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def _reinit_zero_linears(model: nn.Module) -> None:
-    """torchvision's ViT starts with a zero classifier: give it weights so outputs are informative."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and not m.weight.any():
-                m.weight.normal_(0, 0.02)
-
-
 def _qual(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -57,8 +38,8 @@ def _qual(cls: type) -> str:
 def test_subset_converts_preserves_trains_and_round_trips(spec, kwargs, side, classes, tmp_path):
     torch.manual_seed(0)
     model = ilmconvert.create_model(spec, pretrained=False, **kwargs).double().eval()
-    _randomize_norm_affines(model)
-    _reinit_zero_linears(model)
+    randomize(model, seed=1)
+    reinit_zero_linears(model)
     x = torch.randn(2, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(x)
@@ -98,9 +79,10 @@ def test_subset_converts_preserves_trains_and_round_trips(spec, kwargs, side, cl
 
 def test_subset_covers_every_registered_instance_norm_class():
     covered = set().union(*(s[3] for s in SUBSET))
-    fp32 = {k for k, a in REGISTRY.items() if issubclass(a.target, (ILMLayerNormFp32, ILMLayerNormActFp32))}
+    mapping = ilmconvert.default_mapping()
+    fp32 = {k for k, a in mapping.items() if issubclass(a.target, (ILMLayerNormFp32, ILMLayerNormActFp32))}
     instance = {nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d}
-    need = {_qual(k) for k, a in REGISTRY.items() if a.kind != "bn" and k not in fp32 and k not in instance}
+    need = {_qual(k) for k, a in mapping.items() if a.kind != "bn" and k not in fp32 and k not in instance}
     # nn.InstanceNorm*d is covered by tests/test_convert.py; the Fp32 variants by the test below;
     # GroupNorm1Act and LayerNormAct (1d) occur in no timm architecture's default configuration.
     need -= {"timm.layers.norm_act.GroupNorm1Act", "timm.layers.norm_act.LayerNormAct"}
@@ -132,7 +114,7 @@ class _Fp32Net(nn.Module):
 def test_fp32_norms_keep_statistics_in_float32_and_the_input_dtype(dtype):
     torch.manual_seed(0)
     model = _Fp32Net().to(dtype).eval()
-    _randomize_norm_affines(model)
+    randomize(model, seed=1)
     x = torch.randn(2, 3, 8, 8).to(dtype)
     with torch.no_grad():
         before = model(x)

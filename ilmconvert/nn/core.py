@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast as _fast
+from .fast import statistics_dtype
 
 Init = Literal["preserve", "paper"]
 INITS: tuple[str, ...] = ("preserve", "paper")
@@ -57,11 +58,6 @@ def encoder_size(num_key_groups: int, reduction: int) -> int:
     if reduction < 1:
         raise ValueError(f"reduction must be a positive integer, got {reduction}")
     return max(2, num_key_groups // reduction)
-
-
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the key features and of the auto-encoder: float64 for float64 input, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.fx.wrap
@@ -104,10 +100,31 @@ class ILMNorm(nn.Module):
     #: position is its own instance (LayerNorm over the last dim, timm's LayerNorm2d).
     pooled: bool = True
 
+    #: The standardization a front-end uses, as the fast path knows it: ``"group"`` (reads
+    #: ``num_groups``), ``"instance"`` or ``"layer"`` (over the last dim); ``None`` = reference path
+    #: only. A subclass that overrides any of :data:`MATH` without declaring ``standardization``
+    #: itself gets ``None`` (see :meth:`__init_subclass__`): the fast path never guesses.
+    standardization: str | None = None
+
+    #: The methods whose semantics the fast path reproduces (docs/design.md §4).
+    MATH: tuple[str, ...] = ("_standardize", "key_features", "rescaling", "_upsample", "_rescale")
+
     #: Fast-path selection (see :mod:`ilmconvert.nn.fast`): None / True = automatic, False = always
     #: the reference path, "torch" / "triton" = that implementation. ``ILMCONVERT_REFERENCE=1``
     #: in the environment forces the reference path everywhere.
     fast: bool | str | None = None
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """Clear ``standardization`` when a class between ``cls`` and its declaration overrides the math.
+
+        E.g. a user's ``ILMGroupNorm`` subclass with its own ``key_features`` takes the reference
+        path, while ``ILMGroupNormAct`` (which only adds an activation) keeps ``"group"``.
+        """
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        declared = next(i for i, c in enumerate(mro) if "standardization" in c.__dict__)
+        if any(name in c.__dict__ for c in mro[:declared] for name in cls.MATH):
+            cls.standardization = None
 
     def __init__(
         self,

@@ -37,8 +37,11 @@ environment, or ``layer.fast = False``, forces the reference path; ``layer.fast 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,8 +53,9 @@ REFERENCE_ENV = "ILMCONVERT_REFERENCE"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-# kind of a front-end class: ("pooled", "group") / ("pooled", "instance") / ("tokens", "layer") / None
-_KIND_CACHE: dict[type, tuple[str, str] | None] = {}
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the key features, statistics and auto-encoder: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reference_forced() -> bool:
@@ -59,32 +63,32 @@ def reference_forced() -> bool:
     return os.environ.get(REFERENCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _kind_of(cls: type) -> tuple[str, str] | None:
-    """Which standardization ``cls`` uses, or None when the fast path cannot vouch for it.
+def _kind_of(layer: nn.Module) -> tuple[str, str] | None:
+    """``("pooled" | "tokens", standardization)`` of ``layer``'s class, or None (reference path).
 
-    Only the unmodified front-ends qualify: a subclass that overrides the standardization, the key
-    features, the rescaling or the up-sampling keeps the reference path (its semantics may differ).
+    Read from the class attribute ``standardization`` that each front-end declares and that
+    :class:`~ilmconvert.nn.core.ILMNorm` clears for subclasses overriding the math, so this
+    module never imports the front-ends.
     """
-    if cls in _KIND_CACHE:
-        return _KIND_CACHE[cls]
-    from .core import ILMNorm
-    from .layers import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm
+    std = getattr(type(layer), "standardization", None)
+    if std in ("group", "instance"):
+        return "pooled", std
+    if std == "layer":
+        return "tokens", std
+    return None
 
-    kind: tuple[str, str] | None = None
-    same = all(
-        getattr(cls, name, None) is getattr(ILMNorm, name)
-        for name in ("key_features", "rescaling", "_upsample", "_rescale")
-    )
-    if same:
-        std = getattr(cls, "_standardize", None)
-        if std is ILMGroupNorm._standardize:
-            kind = ("pooled", "group")
-        elif std is ILMInstanceNorm._standardize:
-            kind = ("pooled", "instance")
-        elif std is ILMLayerNorm._standardize:
-            kind = ("tokens", "layer")
-    _KIND_CACHE[cls] = kind
-    return kind
+
+def autocast_off(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an autograd Function's ``backward(ctx, *grads)`` with autocast disabled on the grads'
+    device: the hand-written backward computes in the statistics dtype, never in autocast's."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: torch.Tensor) -> Any:
+        device = next((g.device.type for g in grads if g is not None), "cpu")
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapper
 
 
 def output_dtype(x: torch.Tensor, norm: str) -> torch.dtype:
@@ -117,7 +121,7 @@ def use_fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
     choice = getattr(layer, "fast", None)
     if choice is False or reference_forced():
         return False
-    kind = _kind_of(type(layer))
+    kind = _kind_of(layer)
     if kind is None or x.dtype not in _FLOAT_DTYPES or x.numel() == 0:
         return False
     if x.device.type not in ("cpu", "cuda"):
@@ -141,7 +145,7 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Returns:
         The reference path's output (same shape, same dtype, equal up to rounding).
     """
-    kind = _kind_of(type(layer))
+    kind = _kind_of(layer)
     assert kind is not None
     out_dtype = output_dtype(x, kind[1])
     b_omega, b_beta = layer.weight, layer.bias
@@ -152,8 +156,11 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if _want_triton(layer, x):
             from . import triton_ilm
 
-            with torch.autocast(x.device.type, enabled=False):
-                return triton_ilm.pooled_ilm(x, b_omega, b_beta, w1, w2, w3, spec)
+            try:
+                with torch.autocast(x.device.type, enabled=False):
+                    return triton_ilm.pooled_ilm(x, b_omega, b_beta, w1, w2, w3, spec)
+            except Exception as err:  # compile or launch failure: the PyTorch fast path takes over
+                triton_failed(err)
         with torch.autocast(x.device.type, enabled=False):  # statistics and MLP never autocast
             y = _PooledILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
         # the Function returns a fresh tensor (maybe as (1, B*C, P)); reshaping out here keeps an
@@ -164,10 +171,37 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return _TokenILM.apply(x, b_omega, b_beta, w1, w2, w3, spec).flatten(-2)
 
 
+#: Why the Triton kernels were given up in this process (None while they work).
+_TRITON_FAILURE: str | None = None
+
+
+def triton_failed(err: BaseException) -> None:
+    """Give up the Triton kernels for the rest of the process after ``err``, with one warning.
+
+    Called when a kernel fails to compile or launch (forward or backward); the PyTorch fast path
+    computes the same function, so training goes on.
+    """
+    global _TRITON_FAILURE
+    if _TRITON_FAILURE is not None:
+        return
+    lines = str(err).strip().splitlines()
+    _TRITON_FAILURE = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    warnings.warn(
+        f"ilmconvert: a Triton kernel of the ILM fast path failed ({_TRITON_FAILURE}); using the PyTorch "
+        "fast path for the rest of this process",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
 def _triton_usable() -> bool:
+    if _TRITON_FAILURE is not None:
+        return False
     try:
         from . import triton_ilm  # noqa: F401  (imports triton)
-    except Exception:  # pragma: no cover - triton missing or broken
+    except Exception as err:  # triton missing, or broken: the PyTorch fast path
+        if not isinstance(err, ImportError):
+            triton_failed(err)
         return False
     return True
 
@@ -269,10 +303,6 @@ def _cast_grad(g: torch.Tensor | None, like: torch.Tensor | None, needed: bool) 
     return g.to(like.dtype)
 
 
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ====================================================================== pooled (GN / IN)
 #: sum-of-squares variance is used (eager CPU only) where E[x^2] <= this * Var[x]: at most 4 bits lost
 _SUMSQ_MAX_CONDITION = 16.0
@@ -290,7 +320,7 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
       than CPU ``var_mean``), accepted only where ``E[x^2] <= 16 Var[x]`` in every channel
       (at most 4 bits lost); otherwise the exact two-pass ``mean((x - m)^2)``.
     """
-    st = _stats_dtype(x)
+    st = statistics_dtype(x.dtype)
     xf = x if x.dtype == st else x.to(st)
     dims = tuple(range(2, x.dim()))
     if torch.compiler.is_compiling() or x.device.type != "cpu":
@@ -395,7 +425,7 @@ class _PooledILM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
         groups, k, eps, out_dtype = spec
-        st = _stats_dtype(x)
+        st = statistics_dtype(x.dtype)
         m_c, v_c = channel_moments(x)
         p = [t.to(st) if t is not None else None for t in (weight, bias, w1, w2, w3)]
         a, d, aux = _pooled_coefficients(m_c, v_c, *p, groups, k, eps)
@@ -403,39 +433,43 @@ class _PooledILM(torch.autograd.Function):
         y = _channel_affine(xf, a, d, keep_shape=False).to(out_dtype)  # fresh, maybe (1, B*C, P)
         mg, mu, gamma, rstd, omega, saved = aux
         ctx.spec = spec
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved)
         return y
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx: Any, dy):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _PooledILM._backward(ctx, dy)
+        return pooled_backward(ctx, dy)
 
-    @staticmethod
-    def _backward(ctx: Any, dy):
-        x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
-        dy = dy.view(x.shape) if dy.shape != x.shape else dy
-        st = m_c.dtype
-        c = a.shape[1]
-        big_m = _up(mg, c)
-        s0, g_a, xc = _channel_sums(dy, x, big_m, _up(rstd, c), st)
-        npos = math.prod(x.shape[2:])
-        e, f0, grads = _pooled_small_backward(
-            s0, g_a, ctx.spec, npos, (weight, bias, w1, w2, w3), m_c, a, mg, mu, gamma, rstd, omega, saved,
-            ctx.needs_input_grad,
-        )
-        shape = (*a.shape, *([1] * (x.dim() - 2)))
-        dx = None
-        if ctx.needs_input_grad[0]:
-            # dx = dy * a + (x - m) * e + f0  (dm/dx = 1/P, dv/dx = 2 (x - m) / P)
-            if xc is not None:  # xc = x - M
-                dx = torch.addcmul((f0 + e * (big_m - m_c)).reshape(shape), xc, e.reshape(shape))
-            else:
-                dx = _channel_affine(x if x.dtype == st else x.to(st), e, f0 - e * m_c)
-            dx = dx.addcmul_(dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
-        return (dx, *grads, None)
+
+def pooled_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Backward of the pooled ILM (two passes over ``(dy, x)``), from the tensors the forward saved.
+
+    Shared by :class:`_PooledILM` and the Triton Function (whose forward saves the same tensors),
+    which falls back to it when a Triton kernel fails.
+    """
+    x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
+    dy = dy.view(x.shape) if dy.shape != x.shape else dy
+    st = m_c.dtype
+    c = a.shape[1]
+    big_m = _up(mg, c)
+    s0, g_a, xc = _channel_sums(dy, x, big_m, _up(rstd, c), st)
+    npos = math.prod(x.shape[2:])
+    e, f0, grads = _pooled_small_backward(
+        s0, g_a, ctx.spec, npos, (weight, bias, w1, w2, w3), m_c, a, mg, mu, gamma, rstd, omega, saved,
+        ctx.needs_input_grad,
+    )
+    shape = (*a.shape, *([1] * (x.dim() - 2)))
+    dx = None
+    if ctx.needs_input_grad[0]:
+        # dx = dy * a + (x - m) * e + f0  (dm/dx = 1/P, dv/dx = 2 (x - m) / P)
+        if xc is not None:  # xc = x - M
+            dx = torch.addcmul((f0 + e * (big_m - m_c)).reshape(shape), xc, e.reshape(shape))
+        else:
+            dx = _channel_affine(x if x.dtype == st else x.to(st), e, f0 - e * m_c)
+        dx = dx.addcmul_(dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
+    return (dx, *grads, None)
 
 
 def _pooled_small_backward(s0, g_a, spec, npos, params, m_c, a, mg, mu, gamma, rstd, omega, saved, needs):
@@ -500,7 +534,7 @@ class _TokenILM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
         k, eps, out_dtype = spec
-        st = _stats_dtype(x)
+        st = statistics_dtype(x.dtype)
         c = x.shape[-1]
         n = c // k
         xf = x if x.dtype == st else x.to(st)
@@ -527,12 +561,8 @@ class _TokenILM(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @autocast_off
     def backward(ctx: Any, dy):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _TokenILM._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx: Any, dy):
         k, eps, _ = ctx.spec
         x, weight, bias, w1, w2, w3, mu, gamma, mean, rstd, d_g, *saved = ctx.saved_tensors
         st = mu.dtype

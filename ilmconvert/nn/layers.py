@@ -112,6 +112,7 @@ class ILMGroupNorm(_FromNorm, ILMNorm):
     """
 
     pooled = True
+    standardization = "group"
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, **kwargs: Any) -> None:
         if num_groups < 1 or num_channels % num_groups:
@@ -153,6 +154,7 @@ class ILMInstanceNorm(_FromNorm, ILMNorm):
     """
 
     pooled = True
+    standardization = "instance"
 
     def __init__(
         self, num_features: int, eps: float = 1e-5, *, spatial_dims: int | None = None, **kwargs: Any
@@ -205,6 +207,7 @@ class ILMLayerNorm(_FromNorm, ILMNorm):
     """
 
     pooled = False
+    standardization = "layer"
 
     def __init__(
         self, num_channels: int, eps: float = 1e-5, *, channels_first: bool = False, **kwargs: Any

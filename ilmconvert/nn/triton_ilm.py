@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from . import fast as _fast
 
@@ -214,9 +215,14 @@ class _TritonPooledILM(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
+    @_fast.autocast_off
     def backward(ctx: Any, dy):
-        with torch.autocast(dy.device.type, enabled=False):
+        try:
             return _TritonPooledILM._backward(ctx, dy)
+        except Exception as err:  # compile or launch failure: the PyTorch backward, same saved tensors
+            _fast.triton_failed(err)
+            return _fast.pooled_backward(ctx, dy)
 
     @staticmethod
     def _backward(ctx: Any, dy):

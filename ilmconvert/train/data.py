@@ -37,6 +37,14 @@ TEST_SPLIT_NAMES = ("test", "val")
 class DataError(IlmconvertError):
     """The data cannot be found, downloaded or read; the message says what to pass instead."""
 
+    def __init__(self, message: str = "", *args: Any) -> None:
+        # a DataLoader worker's DataError is re-raised in the main process as
+        # DataError("Caught DataError in DataLoader worker process N.\nOriginal Traceback ...\n
+        # ...DataError: <message>"): keep just the original one-line message
+        if isinstance(message, str) and message.startswith(f"Caught {type(self).__name__} in DataLoader worker"):
+            message = message.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message, *args)
+
 
 def default_data_root() -> Path:
     """Where ``cifar10`` / ``cifar100`` are downloaded: ``$ILMCONVERT_DATA`` or ~/.cache/ilmconvert/data."""
@@ -60,15 +68,22 @@ class DataSource:
     splits: dict[str, Path]
 
 
-def resolve_data(data: str, data_root: str | Path | None = None) -> DataSource:
+def resolve_data(
+    data: str, data_root: str | Path | None = None, needed: Sequence[str] = ("train", "test")
+) -> DataSource:
     """Find the data that ``data`` names, without reading any image.
 
+    Args:
+        needed: the splits the caller reads (``("test",)`` for evaluation).
+
     Raises:
-        DataError: a folder that does not exist or lacks ``train/`` / ``test/`` (or ``val/``).
+        DataError: a folder that does not exist or lacks a needed ``train/`` / ``test/`` (or ``val/``).
     """
     if data.lower() in TORCHVISION_DATASETS:
         return DataSource(data, data.lower(), Path(data_root) if data_root else default_data_root(), {})
     root = Path(data).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data {root} is a file, not a folder; pass an ImageFolder root with train/ and test/")
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist; pass an ImageFolder root with train/ and test/ (or val/), or cifar10 / cifar100")
     splits = {}
@@ -77,10 +92,11 @@ def resolve_data(data: str, data_root: str | Path | None = None) -> DataSource:
     test = next((root / n for n in TEST_SPLIT_NAMES if (root / n).is_dir()), None)
     if test is not None:
         splits["test"] = test
-    missing = [n for n in ("train", "test") if n not in splits]
+    missing = [n for n in needed if n not in splits]
     if missing:
         wanted = " and ".join("test/ (or val/)" if n == "test" else "train/" for n in missing)
-        raise DataError(f"data folder {root} has no {wanted} sub-folder; expected {root}/train/<class>/<image> and {root}/test/<class>/<image>")
+        expected = " and ".join(f"{root}/{n}/<class>/<image>" for n in needed)
+        raise DataError(f"data folder {root} has no {wanted} sub-folder; expected {expected}")
     return DataSource(data, "imagefolder", root, splits)
 
 
@@ -134,6 +150,9 @@ class ImageSet(Dataset):
         self.images: torch.Tensor | None = None
         if cache:
             self.images = self._decode_all()
+        else:  # read each file's header now: a broken file must stop the run before it starts
+            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+                list(pool.map(self._check, self.items, chunksize=256))
 
     def _load(self, item: Any) -> np.ndarray:
         if isinstance(item, np.ndarray):
@@ -141,7 +160,18 @@ class ImageSet(Dataset):
         try:
             return _decode(item, self.image_size)
         except Exception as err:  # PIL raises several types for broken files
-            raise DataError(f"cannot decode image {item}: {type(err).__name__}: {err}") from err
+            raise DataError(_undecodable(item, err)) from err
+
+    def _check(self, item: Any) -> None:
+        if isinstance(item, np.ndarray):
+            return
+        from PIL import Image
+
+        try:
+            with Image.open(item):
+                pass
+        except Exception as err:
+            raise DataError(_undecodable(item, err)) from err
 
     def _decode_all(self) -> torch.Tensor:
         """All images as one uint8 tensor (N, 3, H, W); PIL decodes without the GIL, so threads help."""
@@ -176,6 +206,30 @@ def _seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tens
         return transform(image)
     finally:
         generator.set_state(state)
+
+
+def _undecodable(path: Any, err: Exception) -> str:
+    detail = first_line(err) if str(path) not in str(err) else type(err).__name__  # PIL repeats the path
+    return f"cannot decode image {path} ({detail}); remove or replace the file"
+
+
+def _unusable_folder(folder: Path, err: Exception) -> str:
+    """One line for a split folder that torchvision's ImageFolder refused (no class folder, a
+    class folder without images, ...)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not classes:
+        return f"data folder {folder} has no class folders; expected {folder}/<class>/<image>"
+    images = IMG_EXTENSIONS
+    empty = [c.name for c in classes if not any(f.is_file() and f.suffix.lower() in images for f in c.rglob("*"))]
+    if empty:
+        names = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        return (
+            f"data folder {folder}: class folder(s) {names} hold no image ({', '.join(IMG_EXTENSIONS[:3])}, ...); "
+            "add images or remove the folder(s)"
+        )
+    return f"data folder {folder}: {first_line(err)}; expected {folder}/<class>/<image>"
 
 
 def train_transform(settings: DataSettings) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -261,7 +315,7 @@ def open_split(
         try:
             dataset = ImageFolder(str(folder))
         except (FileNotFoundError, OSError) as err:
-            raise DataError(f"data folder {folder}: {str(err).splitlines()[0]}; expected {folder}/<class>/<image>") from None
+            raise DataError(_unusable_folder(Path(folder), err)) from None
         indices = subset_indices(len(dataset.samples), subset, seed)
         items = [dataset.samples[i][0] for i in indices]
         labels = [dataset.samples[i][1] for i in indices]
@@ -278,10 +332,12 @@ def open_split(
 def check_same_classes(train: ImageSet, test: ImageSet, source: DataSource) -> None:
     """Raise :class:`DataError` when the train and test splits name different classes."""
     if train.classes != test.classes:
-        extra = sorted(set(train.classes) ^ set(test.classes))
+        only_train = sorted(set(train.classes) - set(test.classes))[:3]
+        only_test = sorted(set(test.classes) - set(train.classes))[:3]
         raise DataError(
             f"data {source.name}: train/ and test/ have different class folders ({len(train.classes)} vs "
-            f"{len(test.classes)}; e.g. {extra[0] if extra else 'different order'})"
+            f"{len(test.classes)}; only in train/: {', '.join(only_train) or 'none'}; only in test/: "
+            f"{', '.join(only_test) or 'none'}); both need the same <class> folders"
         )
 
 

@@ -182,6 +182,9 @@ def _describe(err: ValidationError, origin: str, prefix: str = "", cls: type[Bas
     more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
         return f"recipe {origin}: unknown key {key!r}{_close_key(cls, first['loc'])}{more}"
+    if first["type"] == "missing" and first["loc"] and isinstance(first["loc"][-1], int):  # a short tuple
+        parent = prefix + ".".join(str(p) for p in first["loc"][:-1])
+        return f"recipe {origin}: {parent}: too few values (item {first['loc'][-1] + 1} is missing){more}"
     if first["type"] == "missing":
         return f"recipe {origin}: missing key {key!r}{more}"
     return f"recipe {origin}: {key}: {first['msg']}{more}"

@@ -1,0 +1,137 @@
+"""Helpers shared by the test modules: one randomizer, one relative difference, tiny data and recipe.
+
+Test modules import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from ilmconvert.nn import ILMNorm
+
+NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, _BatchNorm, ILMNorm)
+#: the parameters of an ILM layer, in the order gradients are compared
+ILM_PARAMS = ("weight", "bias", "encoder.weight", "decoder_mu.weight", "decoder_gamma.weight")
+
+
+def randomize(module: nn.Module, seed: int, scale: float = 0.5) -> None:
+    """Random norm parameters, so that every term of eqs. 2-6 matters and nothing is ``1 * x + 0``.
+
+    For every norm (GN / LN / IN / BN, timm's subclasses) and ILM layer in ``module`` (``module``
+    itself included): ``weight ~ 1 + scale * N(0, 1)``, ``bias ~ scale * N(0, 1)``; for ILM layers
+    also the encoder / decoder weights W1, W2, W3 ``~ scale * N(0, 1)``. Other modules (convs,
+    linears) keep their values. Deterministic in ``seed``; works in any dtype.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def fill(p: torch.Tensor | None, mean: float) -> None:
+        if isinstance(p, torch.Tensor):
+            p.copy_(mean + scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+
+    with torch.no_grad():
+        for m in module.modules():
+            if not isinstance(m, NORM_TYPES):
+                continue
+            fill(getattr(m, "weight", None), 1.0)
+            fill(getattr(m, "bias", None), 0.0)
+            if isinstance(m, ILMNorm):
+                for fc in (m.encoder, m.decoder_mu, m.decoder_gamma):
+                    fill(fc.weight, 0.0)
+
+
+def reinit_zero_linears(model: nn.Module) -> None:
+    """Give zero-initialized linears (torchvision's ViT classifier) N(0, 0.02) weights, so that
+    outputs depend on the network and comparisons of outputs mean something."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not m.weight.any():
+                m.weight.normal_(0, 0.02)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b| / max |b|`` computed in float64 (``inf`` when ``a`` has a NaN or infinity)."""
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def run_layer(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, *, fast_choice) -> tuple[torch.Tensor, list]:
+    """Output and gradients (of x, then :data:`ILM_PARAMS`) of a copy of ``layer`` on ``x``, with
+    upstream gradient ``dy`` and ``layer.fast = fast_choice`` (False: the reference path)."""
+    layer = copy.deepcopy(layer)
+    layer.fast = fast_choice
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    params = dict(layer.named_parameters())
+    return y.detach(), [x.grad] + [params[n].grad if n in params else None for n in ILM_PARAMS]
+
+
+def compare_fast_path(layer: nn.Module, x: torch.Tensor, *, tol: float, fast_choice="torch", seed: int = 0) -> None:
+    """Assert that ``layer``'s fast path matches the exact reference: output and every gradient.
+
+    The oracle is the reference path on float64 copies of ``layer`` and ``x``; in float32 the fast
+    path must also agree with the float32 reference path (in bfloat16 / float16 the reference path
+    itself rounds, so only the exact oracle is a fair judge). ``tol`` is a relative bound
+    (:func:`relative_difference`).
+    """
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(layer(x).shape, generator=g).to(x.dtype)
+    y_f, g_f = run_layer(layer, x, dy, fast_choice=fast_choice)
+    y_r, g_r = run_layer(layer, x, dy, fast_choice=False)
+    y_o, g_o = run_layer(copy.deepcopy(layer).double(), x.double(), dy.double(), fast_choice=False)
+    assert y_f.dtype == y_r.dtype and y_f.shape == y_r.shape
+    checks = [("oracle", y_o, g_o)] + ([("reference", y_r, g_r)] if x.dtype == torch.float32 else [])
+    for what, y_b, g_b in checks:
+        assert relative_difference(y_f, y_b) < tol, (what, "output", relative_difference(y_f, y_b))
+        for name, a, b, r in zip(("x",) + ILM_PARAMS, g_f, g_b, g_r):
+            assert (a is None) == (b is None), name
+            if a is not None:
+                assert a.dtype == r.dtype, name
+                assert relative_difference(a, b) < tol, (what, name, relative_difference(a, b))
+
+
+# ------------------------------------------------------------------------------------------ training
+TINY_RECIPE = """
+description: tiny test network
+model:
+  name: timm:resnet18
+  kwargs: {norm_layer: groupnorm, channels: [32, 64, 128, 256], stem_width: 32, layers: [1, 1, 1, 1]}
+conversion: {norms: gn, init: preserve}
+train: {epochs: 2, batch_size: 16, lr: 0.05, cpu_threads: 1}
+data: {eval_batch_size: 64}
+"""
+
+
+def make_image_folder(
+    root: Path, classes=("horizontal", "vertical", "checker"), n_train=24, n_test=12, size=32, test_name="test"
+) -> Path:
+    """A small learnable ImageFolder of PNGs under ``root`` (``train/``, ``test_name/``).
+
+    Class k is a noisy stripe pattern (horizontal, vertical, checkerboard, ...) with a random
+    phase. Patterns, not colors: instance-level norms remove per-image channel means, so a
+    color-coded toy set would be unlearnable by design.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split, n in (("train", n_train), (test_name, n_test)):
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                phase = rng.integers(0, 8)
+                coordinate = [yy, xx, yy + xx, yy - xx, yy * 0][k % 5] + phase
+                pattern = ((coordinate // 4) % 2) * 120 + (k // 5) * 60
+                pixels = rng.integers(0, 100, (size, size, 3)) + pattern[..., None]
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
