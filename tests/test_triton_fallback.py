@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from helpers import relative_difference, run_layer
-from ilmconvert.nn import ILMGroupNorm, fast
+from ilmconvert.nn import ILMGroupNorm, fast, fast_torch
 
 pytest.importorskip("triton")
 from ilmconvert.nn import triton_ilm  # noqa: E402
@@ -22,7 +22,7 @@ from ilmconvert.nn import triton_ilm  # noqa: E402
 @pytest.fixture
 def triton_applies(monkeypatch):
     """Triton is chosen wherever it is usable; the process has not given it up yet."""
-    monkeypatch.setattr(fast, "_TRITON_FAILURE", None)
+    monkeypatch.setattr(triton_ilm, "FAILURE", None)
     monkeypatch.setattr(fast, "_want_triton", lambda layer, x: fast._triton_usable())
 
 
@@ -54,7 +54,7 @@ def test_forward_failure_falls_back_with_one_warning(triton_applies, monkeypatch
     layer, x, dy = _layer(), torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
     with pytest.warns(RuntimeWarning, match="Triton kernel .* failed .*injected.*PyTorch fast path"):
         y, grads = run_layer(layer, x, dy, fast_choice=None)
-    assert fast._TRITON_FAILURE.startswith("RuntimeError: injected")
+    assert triton_ilm.FAILURE.startswith("RuntimeError: injected")
     y_ref, grads_ref = run_layer(layer, x, dy, fast_choice="torch")
     assert relative_difference(y, y_ref) == 0 and all(relative_difference(a, b) == 0 for a, b in zip(grads, grads_ref))
     with warnings.catch_warnings():
@@ -64,7 +64,7 @@ def test_forward_failure_falls_back_with_one_warning(triton_applies, monkeypatch
 
 def test_backward_failure_falls_back_to_the_pytorch_backward(triton_applies, monkeypatch):
     calls = []
-    monkeypatch.setattr(triton_ilm, "moments", lambda x: calls.append("moments") or fast.channel_moments(x))
+    monkeypatch.setattr(triton_ilm, "moments", lambda x: calls.append("moments") or fast_torch.channel_moments(x))
     monkeypatch.setattr(triton_ilm, "apply", _torch_apply)
     monkeypatch.setattr(triton_ilm, "bwd_sums", _fail)
     layer, x, dy = _layer(), torch.randn(2, 32, 5, 5), torch.randn(2, 32, 5, 5)
@@ -78,7 +78,7 @@ def test_backward_failure_falls_back_to_the_pytorch_backward(triton_applies, mon
 
 def test_training_goes_on_after_a_failure(triton_applies, monkeypatch):
     monkeypatch.setattr(triton_ilm, "bwd_apply", _fail)
-    monkeypatch.setattr(triton_ilm, "moments", fast.channel_moments)
+    monkeypatch.setattr(triton_ilm, "moments", fast_torch.channel_moments)
     monkeypatch.setattr(triton_ilm, "apply", _torch_apply)
     monkeypatch.setattr(triton_ilm, "bwd_sums", _torch_bwd_sums)
     torch.manual_seed(0)

@@ -49,7 +49,7 @@ CASES = [
 def triton_launches(monkeypatch):
     """Counts the launches of each Triton kernel wrapper; after the test, asserts that every kernel
     ran and that the fast path never fell back to PyTorch (it would compute the same values)."""
-    from ilmconvert.nn import fast, triton_ilm
+    from ilmconvert.nn import triton_ilm
 
     calls = {name: 0 for name in ("moments", "apply", "bwd_sums", "bwd_apply")}
     for name in calls:
@@ -61,7 +61,7 @@ def triton_launches(monkeypatch):
 
         monkeypatch.setattr(triton_ilm, name, counted)
     yield calls
-    assert fast._TRITON_FAILURE is None, f"the Triton path fell back to PyTorch: {fast._TRITON_FAILURE}"
+    assert triton_ilm.FAILURE is None, f"the Triton path fell back to PyTorch: {triton_ilm.FAILURE}"
     assert all(calls.values()), f"a Triton kernel did not run: {calls}"
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast as _fast
-from .fast import statistics_dtype
+from .fast_torch import statistics_dtype
 
 Init = Literal["preserve", "paper"]
 INITS: tuple[str, ...] = ("preserve", "paper")

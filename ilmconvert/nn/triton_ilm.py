@@ -2,6 +2,9 @@
 
 Imported lazily by :mod:`ilmconvert.nn.fast` only when Triton is installed and the input is on
 CUDA (or ``TRITON_INTERPRET=1`` for tests on CPU); importing :mod:`ilmconvert` never needs Triton.
+A kernel that fails to compile or launch is given up for the rest of the process (:func:`give_up`,
+one warning); the PyTorch implementation (:mod:`ilmconvert.nn.fast_torch`) then computes the same
+function, in the forward and, from the same saved tensors, in the backward.
 
 ``x`` is addressed as a ``(B, C, P)`` tensor through strides ``(sB, sC, sP)``, which covers both
 contiguous (``sP = 1``) and channels_last (``sC = 1``) 4-d tensors, in float32, bfloat16 and
@@ -20,6 +23,7 @@ Everything between the passes (group moments, auto-encoder, its hand-written bac
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -27,7 +31,29 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from . import fast as _fast
+from . import fast_torch
+
+#: Why the kernels were given up in this process (None while they work).
+FAILURE: str | None = None
+
+
+def give_up(err: BaseException) -> None:
+    """Stop using the Triton kernels in this process after ``err``, with one ``RuntimeWarning``.
+
+    Called when a kernel fails to compile or launch (forward or backward); the PyTorch
+    implementation computes the same function, so training goes on.
+    """
+    global FAILURE
+    if FAILURE is not None:
+        return
+    lines = str(err).strip().splitlines()
+    FAILURE = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    warnings.warn(
+        f"ilmconvert: a Triton kernel of the ILM fast path failed ({FAILURE}); using the PyTorch "
+        "fast path for the rest of this process",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 @triton.jit
@@ -119,7 +145,7 @@ def _bwd_apply(
 
 # ---------------------------------------------------------------------------- launch helpers
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    s = _fast._pooled_view_strides(t)
+    s = fast_torch.pooled_view_strides(t)
     if s is None:  # not (B, C, P)-addressable: make it so
         raise ValueError("tensor is not addressable as (B, C, P)")
     return s
@@ -152,7 +178,9 @@ def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def apply(x: torch.Tensor, m: torch.Tensor, a: torch.Tensor, beta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def apply(
+    x: torch.Tensor, m: torch.Tensor, a: torch.Tensor, beta: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``y = (x - m) * a + beta`` per (b, c); ``m, a, beta`` are ``(B, C)`` float32."""
     b, c = x.shape[:2]
     p = math.prod(x.shape[2:])
@@ -201,13 +229,13 @@ class _TritonPooledILM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
         groups, k, eps, out_dtype = spec
-        if _fast._pooled_view_strides(x) is None:
+        if fast_torch.pooled_view_strides(x) is None:
             x = x.contiguous()
         m_c, v_c = moments(x)
         p = [t.to(torch.float32) if t is not None else None for t in (weight, bias, w1, w2, w3)]
-        a, d, aux = _fast._pooled_coefficients(m_c, v_c, *p, groups, k, eps)
+        a, d, aux = fast_torch.pooled_coefficients(m_c, v_c, *p, groups, k, eps)
         mg, mu, gamma, rstd, omega, saved = aux
-        big_m = _fast._up(mg, a.shape[1])
+        big_m = fast_torch.up(mg, a.shape[1])
         beta = d + big_m * a  # = up(D_mu) + B_beta
         y = apply(x, big_m, a, beta, out_dtype)
         ctx.spec = spec
@@ -216,23 +244,23 @@ class _TritonPooledILM(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    @_fast.autocast_off
+    @fast_torch.autocast_off
     def backward(ctx: Any, dy):
         try:
             return _TritonPooledILM._backward(ctx, dy)
         except Exception as err:  # compile or launch failure: the PyTorch backward, same saved tensors
-            _fast.triton_failed(err)
-            return _fast.pooled_backward(ctx, dy)
+            give_up(err)
+            return fast_torch.pooled_backward(ctx, dy)
 
     @staticmethod
     def _backward(ctx: Any, dy):
         x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
-        if _fast._pooled_view_strides(dy) is None:
+        if fast_torch.pooled_view_strides(dy) is None:
             dy = dy.contiguous()
-        big_m = _fast._up(mg, a.shape[1])
+        big_m = fast_torch.up(mg, a.shape[1])
         s0, s1 = bwd_sums(dy, x, big_m)
         npos = math.prod(x.shape[2:])
-        e, f, grads = _fast._pooled_small_backward(
+        e, f, grads = fast_torch.pooled_small_backward(
             s0, s1, ctx.spec, npos, (weight, bias, w1, w2, w3), m_c, a, mg, mu, gamma, rstd, omega, saved,
             ctx.needs_input_grad,
         )

@@ -1,0 +1,451 @@
+"""The PyTorch implementation of the ILM fast path: one statistics pass, one fused ``y = x * a + d``.
+
+The reference path (:meth:`ilmconvert.nn.core.ILMNorm.key_features`, ``rescaling``,
+``_standardize``, ``_rescale``) reads ``x`` three or four times and materializes the up-sampled
+``omega`` / ``beta``. An ILM layer is memory-bound like the norm it replaces, so this module
+computes the same function at the floor (docs/design.md §4):
+
+- **Pooled instances** (GroupNorm / InstanceNorm, ``x`` is ``(B, C, *spatial)``): one pass gives
+  the per (instance, channel) mean ``m_c`` and biased variance ``v_c`` over the P positions (float32,
+  float64 for float64 input). Both the key groups (K channels, eq. 3) and the norm groups (C / G
+  channels, eq. 1) are combined from them *exactly* with Chan's formula for equal counts::
+
+      mean_g = avg_c m_c,    var_g = avg_c (v_c + (m_c - mean_g)^2)
+
+  then the auto-encoder (eqs. 4-5) runs on ``(B, N)``, and eqs. 1, 2, 6 collapse into one affine
+  map per (instance, channel)::
+
+      a = omega * rstd_g,   d = beta - mean_g * a,   y = x * a + d.
+
+- **Per-position instances** (LayerNorm over the last dim; timm's ``LayerNorm2d`` arrives here as a
+  permuted view): the key features are the ``(..., N)`` group moments of one pass over
+  ``x.unflatten(-1, (N, K))``; ``torch.native_layer_norm`` gives ``B_omega * x_hat + B_beta`` and
+  the token's mean and rstd, and two in-place passes add ``x_hat * up(D_gamma) + up(D_mu)``.
+
+Backward (written by hand in :class:`PooledILM` / :class:`TokenILM`): one reduction pass over
+``(dy, x)`` gives ``S0 = sum dy`` and ``S1 = sum dy * (x - M)`` per (instance, channel); the
+gradients of the auto-encoder, ``weight`` and ``bias`` follow on ``(B, C)`` tensors; one fused pass
+gives ``dx = dy * a + (x - M) * e + f``. Both are plain PyTorch, so ``torch.compile`` traces them
+without a graph break and fuses each pass into one kernel. The ``(B, C)`` algebra between the
+passes is shared with the Triton kernels (:mod:`ilmconvert.nn.triton_ilm`).
+
+A leaf module: it imports neither the layers nor the dispatcher (:mod:`ilmconvert.nn.fast`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the key features, statistics and auto-encoder: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_off(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an autograd Function's ``backward(ctx, *grads)`` with autocast disabled on the grads'
+    device: the hand-written backward computes in the statistics dtype, never in autocast's."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: torch.Tensor) -> Any:
+        device = next((g.device.type for g in grads if g is not None), "cpu")
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapper
+
+
+def pooled_view_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """Strides ``(sB, sC, sP)`` under which ``x`` is a ``(B, C, P)`` tensor, or None.
+
+    True for contiguous (NCHW-like) and channels_last (NHWC-like) tensors: every spatial dim
+    collapses into one P axis of constant stride.
+    """
+    if x.dim() < 2:
+        return None
+    sizes, strides = x.shape[2:], x.stride()[2:]
+    sp = 1
+    expected = None
+    for size, stride in reversed(list(zip(sizes, strides))):
+        if size == 1:
+            continue
+        if expected is None:
+            sp, expected = stride, stride * size
+        elif stride != expected:
+            return None
+        else:
+            expected = stride * size
+    return x.stride(0), x.stride(1), sp
+
+# ====================================================================== shared small pieces
+def _group_moments(m: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan's exact combination of equal-count moments over ``groups`` groups of contiguous channels.
+
+    ``m``, ``v``: ``(..., C)`` means and biased variances; returns ``(..., groups)`` of each.
+    """
+    if groups == m.shape[-1]:
+        return m, v
+    m3 = m.unflatten(-1, (groups, -1))
+    v3 = v.unflatten(-1, (groups, -1))
+    mg = m3.mean(-1)
+    vg = (v3 + (m3 - mg.unsqueeze(-1)).square()).mean(-1)
+    return mg, vg
+
+
+def up(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """Repeat each of the ``(..., G)`` values over its ``channels // G`` channels: ``(..., C)``."""
+    g = t.shape[-1]
+    if g == channels:
+        return t
+    return t.unsqueeze(-1).expand(*t.shape, channels // g).reshape(*t.shape[:-1], channels)
+
+
+def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum ``(..., C)`` over each group of ``C // groups`` contiguous channels: ``(..., groups)``."""
+    if groups == t.shape[-1]:
+        return t
+    return t.unflatten(-1, (groups, -1)).sum(-1)
+
+
+def _mlp_forward(mu, gamma, w1, w2, w3):
+    """Eqs. 4-5 on ``(R, N)`` key features; returns ``(d_mu, d_gamma, saved)``."""
+    h_mu = mu @ w1.t()
+    h_g = gamma @ w1.t()
+    e_mu, e_g = F.relu(h_mu), F.relu(h_g)
+    d_mu = torch.tanh(e_mu @ w2.t())
+    d_g = torch.sigmoid(e_g @ w3.t())
+    return d_mu, d_g, (e_mu, e_g, d_mu, d_g)
+
+
+def _mlp_backward(g_dmu, g_dg, mu, gamma, w1, w2, w3, saved):
+    """Hand-written backward of :func:`_mlp_forward`.
+
+    Returns ``(g_mu, g_gamma, g_w1, g_w2, g_w3)``; all ``(R, N)`` / weight shaped.
+    """
+    e_mu, e_g, d_mu, d_g = saved
+    z_mu = g_dmu * (1 - d_mu * d_mu)  # tanh'
+    z_g = g_dg * d_g * (1 - d_g)  # sigmoid'
+    g_w2 = z_mu.t() @ e_mu
+    g_w3 = z_g.t() @ e_g
+    h_mu = (z_mu @ w2) * (e_mu > 0)  # relu'
+    h_g = (z_g @ w3) * (e_g > 0)
+    g_w1 = h_mu.t() @ mu + h_g.t() @ gamma
+    return h_mu @ w1, h_g @ w1, g_w1, g_w2, g_w3
+
+
+def _cast_grad(g: torch.Tensor | None, like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    if like is None or not needed or g is None:
+        return None
+    return g.to(like.dtype)
+
+
+# ====================================================================== pooled (GN / IN)
+#: sum-of-squares variance is used (eager CPU only) where E[x^2] <= this * Var[x]: at most 4 bits lost
+_SUMSQ_MAX_CONDITION = 16.0
+
+
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (instance, channel) mean and biased variance of ``(B, C, *spatial)`` (>= 1 spatial dim).
+
+    Returns ``(m, v)``, each ``(B, C)`` in float32 (float64 for float64 input). Large means such
+    as ``1e3 + N(0, 1)`` never lose the variance to cancellation:
+
+    - compiled or on CUDA: ``torch.var_mean`` (Welford; inductor fuses it into one pass);
+    - eager CPU, channels_last: ``torch.batch_norm_update_stats`` per sample (vectorized Welford);
+    - eager CPU, other layouts: a sum and a sum of squares (two vectorized reductions, ~3x faster
+      than CPU ``var_mean``), accepted only where ``E[x^2] <= 16 Var[x]`` in every channel
+      (at most 4 bits lost); otherwise the exact two-pass ``mean((x - m)^2)``.
+    """
+    st = statistics_dtype(x.dtype)
+    xf = x if x.dtype == st else x.to(st)
+    dims = tuple(range(2, x.dim()))
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        v, m = torch.var_mean(xf, dim=dims, correction=0)
+        return m, v
+    if x.dim() == 4 and xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous():
+        stats = [torch.batch_norm_update_stats(xf[i : i + 1], None, None, 0.0) for i in range(x.shape[0])]
+        return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+    return _guarded_moments(xf, dims)
+
+
+def _guarded_moments(xf: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over ``dims`` for eager CPU, where ``torch.var_mean`` is slow.
+
+    A sum and a sum of squares (vectorized reductions), kept only where ``E[x^2] <= 16 Var[x]``
+    everywhere (at most 4 bits lost to cancellation); otherwise the exact two-pass variance.
+    """
+    count = math.prod(xf.shape[d] for d in dims)
+    m = xf.sum(dims) / count
+    q = torch.linalg.vector_norm(xf, dim=dims).square() / count  # E[x^2]
+    v = q - m * m
+    if bool((q > _SUMSQ_MAX_CONDITION * v).any()):
+        shape = list(xf.shape)
+        for d in dims:
+            shape[d] = 1
+        v = torch.linalg.vector_norm(xf - m.reshape(shape), dim=dims).square() / count
+    return m, v
+
+
+def pooled_coefficients(m_c, v_c, weight, bias, w1, w2, w3, groups, k, eps):
+    """From per-channel moments to ``(a, d)`` (each ``(B, C)``) and what backward needs."""
+    c = m_c.shape[-1]
+    n = c // k
+    mg, vg = _group_moments(m_c, v_c, groups)  # eq. 1 statistics, (B, G)
+    mu, gamma = _group_moments(m_c, v_c, n)  # eq. 3 key features, (B, N)
+    d_mu, d_g, saved = _mlp_forward(mu, gamma, w1, w2, w3)
+    omega = up(d_g, c) + weight  # eq. 6
+    beta = up(d_mu, c)
+    if bias is not None:
+        beta = beta + bias
+    rstd = torch.rsqrt(vg + eps)
+    big_m = up(mg, c)
+    a = omega * up(rstd, c)
+    d = beta - big_m * a
+    return a, d, (mg, mu, gamma, rstd, omega, saved)
+
+
+def _channel_sums(
+    dy: torch.Tensor, x: torch.Tensor, big_m: torch.Tensor, rstd_c: torch.Tensor, st: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``S0 = sum_p dy`` and ``S1 = sum_p dy * (x - M)`` per (instance, channel), ``(B, C)`` in ``st``.
+
+    ``M`` is the norm-group mean of each channel. Centring keeps ``S1`` exact when the mean is
+    large against the spread (``1e3 + N(0, 1)``), where ``sum dy * x - M * S0`` cancels; eager
+    CPU mode uses the uncentred sum (no ``(B, C, P)`` temporary for ``x - M``) wherever the input is
+    well conditioned (``|M| * rstd <= 4`` in every channel). Also returns the centred input
+    ``x - M`` when it was built (the dx pass reuses it), else None.
+    """
+    b, c = x.shape[:2]
+    dims = tuple(range(2, x.dim()))
+    shape = (b, c, *([1] * len(dims)))
+    dyf = dy if dy.dtype == st else dy.to(st)
+    xf = x if x.dtype == st else x.to(st)
+    s0 = dyf.sum(dims)
+    if (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"  # the check reads a value back: never on an accelerator
+        and bool((big_m.abs() * rstd_c).max() <= 4.0)
+    ):
+        s1 = (dyf * xf).sum(dims)
+        return s0, s1 - big_m * s0, None
+    xc = xf - big_m.reshape(shape)
+    return s0, (dyf * xc).sum(dims), xc
+
+
+def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, keep_shape: bool = True) -> torch.Tensor:
+    """``x * scale + shift`` with ``(B, C)`` coefficients broadcast over the positions: one pass.
+
+    Eager CPU, contiguous: the inference kernel of ``F.batch_norm`` on the ``(1, B*C, P)`` view
+    (mean 0, variance 1, eps 0: exactly ``x * w + b``), which is vectorized per channel and
+    ~1.5x faster than a broadcasting ``addcmul``; elsewhere ``torch.addcmul`` (inductor fuses it).
+    """
+    b, c = scale.shape
+    if (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32  # its float64 CPU kernel is slow
+        and x.is_contiguous()
+    ):
+        flat = x.reshape(1, b * c, -1)
+        zeros = torch.zeros(b * c, dtype=x.dtype, device=x.device)
+        ones = torch.ones(b * c, dtype=x.dtype, device=x.device)
+        y = F.batch_norm(flat, zeros, ones, scale.reshape(-1), shift.reshape(-1), False, 0.0, 0.0)
+        return y.view(x.shape) if keep_shape else y  # (1, B*C, P) when not keep_shape
+    shape = (b, c, *([1] * (x.dim() - 2)))
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
+
+
+class PooledILM(torch.autograd.Function):
+    """ILM+GN / ILM+IN as one autograd node: two passes forward, two passes backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
+        groups, k, eps, out_dtype = spec
+        st = statistics_dtype(x.dtype)
+        m_c, v_c = channel_moments(x)
+        p = [t.to(st) if t is not None else None for t in (weight, bias, w1, w2, w3)]
+        a, d, aux = pooled_coefficients(m_c, v_c, *p, groups, k, eps)
+        xf = x if x.dtype == st else x.to(st)
+        y = _channel_affine(xf, a, d, keep_shape=False).to(out_dtype)  # fresh, maybe (1, B*C, P)
+        mg, mu, gamma, rstd, omega, saved = aux
+        ctx.spec = spec
+        ctx.save_for_backward(x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    @autocast_off
+    def backward(ctx: Any, dy):
+        return pooled_backward(ctx, dy)
+
+
+def pooled_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Backward of the pooled ILM (two passes over ``(dy, x)``), from the tensors the forward saved.
+
+    Shared by :class:`PooledILM` and the Triton Function (whose forward saves the same tensors),
+    which falls back to it when a Triton kernel fails.
+    """
+    x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
+    dy = dy.view(x.shape) if dy.shape != x.shape else dy
+    st = m_c.dtype
+    c = a.shape[1]
+    big_m = up(mg, c)
+    s0, g_a, xc = _channel_sums(dy, x, big_m, up(rstd, c), st)
+    npos = math.prod(x.shape[2:])
+    e, f0, grads = pooled_small_backward(
+        s0, g_a, ctx.spec, npos, (weight, bias, w1, w2, w3), m_c, a, mg, mu, gamma, rstd, omega, saved,
+        ctx.needs_input_grad,
+    )
+    shape = (*a.shape, *([1] * (x.dim() - 2)))
+    dx = None
+    if ctx.needs_input_grad[0]:
+        # dx = dy * a + (x - m) * e + f0  (dm/dx = 1/P, dv/dx = 2 (x - m) / P)
+        if xc is not None:  # xc = x - M
+            dx = torch.addcmul((f0 + e * (big_m - m_c)).reshape(shape), xc, e.reshape(shape))
+        else:
+            dx = _channel_affine(x if x.dtype == st else x.to(st), e, f0 - e * m_c)
+        dx = dx.addcmul_(dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
+    return (dx, *grads, None)
+
+
+def pooled_small_backward(s0, g_a, spec, npos, params, m_c, a, mg, mu, gamma, rstd, omega, saved, needs):
+    """Backward of everything between the two passes, on ``(B, C)`` tensors.
+
+    Args:
+        s0: ``sum_p dy`` per (instance, channel); g_a: ``sum_p dy * (x - M)`` (= dL/da).
+        spec: ``(groups, K, eps, out_dtype)``; npos: P, positions per instance.
+        params: ``(weight, bias, w1, w2, w3)`` as given to the forward (for dtypes).
+
+    Returns:
+        ``(e, f0, grads)`` with ``dx = dy * a + (x - m_c) * e + f0`` and ``grads`` the gradients of
+        ``(weight, bias, w1, w2, w3)`` (None where not needed).
+    """
+    groups, k, _, _ = spec
+    weight, bias, w1, w2, w3 = params
+    st = m_c.dtype
+    c = a.shape[1]
+    n = c // k
+    cg = c // groups
+    w1f, w2f, w3f = w1.to(st), w2.to(st), w3.to(st)
+    big_m = up(mg, c)
+    r = up(rstd, c)
+    # y = (x - M) * a + beta, a = omega * rstd: dL/dbeta = S0, dL/dM = -a S0
+    g_beta = s0
+    g_omega = g_a * r
+    g_rstd = _group_sum(g_a * omega, groups)
+    g_mg = -_group_sum(a * s0, groups)
+    g_vg = -0.5 * g_rstd * rstd * rstd * rstd
+    g_dg = _group_sum(g_omega, n)
+    g_dmu = _group_sum(g_beta, n)
+    g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
+    # chain through Chan's combination to the per-channel moments
+    g_m = (
+        up(g_mg, c) / cg
+        + up(g_vg, c) * (2.0 / cg) * (m_c - big_m)
+        + up(g_mu, c) / k
+        + up(g_gamma, c) * (2.0 / k) * (m_c - up(mu, c))
+    )
+    g_v = up(g_vg, c) / cg + up(g_gamma, c) / k
+    e = g_v * (2.0 / npos)
+    f0 = g_m / npos
+    grads = (
+        _cast_grad(g_omega.sum(0), weight, needs[1]),
+        _cast_grad(g_beta.sum(0), bias, needs[2]),
+        _cast_grad(g_w1, w1, needs[3]),
+        _cast_grad(g_w2, w2, needs[4]),
+        _cast_grad(g_w3, w3, needs[5]),
+    )
+    return e, f0, grads
+
+
+# ====================================================================== per position (LN)
+class TokenILM(torch.autograd.Function):
+    """ILM+LN over the last dim, every position an instance, as one autograd node.
+
+    The output is ``y = LN(x; B_omega, B_beta) + x_hat * up(D_gamma) + up(D_mu)``: the affine
+    LayerNorm is ``torch.native_layer_norm`` (which also gives the token's mean and rstd), the
+    per-(token, key group) part two in-place passes.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
+        k, eps, out_dtype = spec
+        st = statistics_dtype(x.dtype)
+        c = x.shape[-1]
+        n = c // k
+        xf = x if x.dtype == st else x.to(st)
+        x3 = xf.unflatten(-1, (n, k))  # (..., N, K), a view
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            gamma, mu = torch.var_mean(x3, dim=-1, correction=0)  # eq. 3, (..., N)
+        else:
+            mu, gamma = _guarded_moments(x3, (x3.dim() - 1,))
+        rows = mu.numel() // n
+        mu2, gamma2 = mu.reshape(rows, n), gamma.reshape(rows, n)
+        wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
+        d_mu, d_g, saved = _mlp_forward(mu2, gamma2, w1f, w2f, w3f)
+        bf = bias.to(st).view(n, k) if bias is not None else None
+        # B_omega * x_hat + B_beta over the (N, K) view: a fresh (..., N, K) tensor, not a view
+        y, mean, rstd = torch.native_layer_norm(x3, [n, k], wf.view(n, k), bf, eps)
+        mean, rstd = mean.reshape(rows, 1), rstd.reshape(rows, 1)
+        p = d_g * rstd  # (R, N): x_hat * D_gamma + D_mu = x * p + (D_mu - mean * p)
+        y3 = y.view(rows, n, k)
+        y3.addcmul_(x3.reshape(rows, n, k), p.unsqueeze(-1))
+        y3.add_(torch.addcmul(d_mu, mean, p, value=-1.0).unsqueeze(-1))
+        ctx.spec = spec
+        ctx.save_for_backward(x, weight, bias, w1, w2, w3, mu2, gamma2, mean, rstd, d_g, *saved)
+        return y.to(out_dtype)  # (..., N, K): the caller flattens it
+
+    @staticmethod
+    @once_differentiable
+    @autocast_off
+    def backward(ctx: Any, dy):
+        k, eps, _ = ctx.spec
+        x, weight, bias, w1, w2, w3, mu, gamma, mean, rstd, d_g, *saved = ctx.saved_tensors
+        st = mu.dtype
+        c = x.shape[-1]
+        n = c // k
+        rows = mu.shape[0]
+        wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
+        dy2 = dy.to(st).reshape(rows, c)
+        xc = x.to(st).reshape(rows, c) - mean  # centred first: no cancellation for large means
+        dyxc = dy2 * xc  # (R, C); with xc and dx the only full-size temporaries
+        s_dy = _group_sum(dy2, n)  # (R, N)
+        s_dyxc = _group_sum(dyxc, n)
+        g_dg = s_dyxc * rstd  # sum_k dy * x_hat
+        g_dmu = s_dy
+        # with omega = up(D_gamma) + B_omega: sum_c dy * omega * (x - mean) and sum_c dy * omega
+        r = rstd.squeeze(-1)
+        g_rstd = (d_g * s_dyxc).sum(-1) + dyxc @ wf  # (R,)
+        g_mean = -((d_g * s_dy).sum(-1) + dy2 @ wf) * r
+        g_var = -0.5 * g_rstd * r**3
+        g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
+        need = ctx.needs_input_grad
+        dx = None
+        if need[0]:
+            # dx = dy*a + g_mean/C + g_var*2(x-mean)/C + g_mu/K + g_gamma*2(x-mu)/K
+            #    = dy*a + (x-mean)*E + Fc  with E, Fc per (row, key group)
+            e = (g_var * (2.0 / c)).view(rows, 1) + g_gamma * (2.0 / k)
+            fc = (g_mean / c).view(rows, 1) + g_mu / k - g_gamma * (2.0 / k) * (mu - mean)
+            # dy*a = rstd * dy * B_omega + dy * up(D_gamma * rstd): in-place passes, no (R, C) `a`
+            dx = torch.mul(dy2, wf).mul_(rstd)
+            dx3 = dx.view(rows, n, k)
+            dx3.addcmul_(dy2.view(rows, n, k), (d_g * rstd).unsqueeze(-1))
+            dx3.addcmul_(xc.view(rows, n, k), e.unsqueeze(-1))
+            dx3.add_(fc.unsqueeze(-1))
+            dx = dx.reshape(x.shape).to(x.dtype)
+        return (
+            dx,
+            _cast_grad(rstd.t().matmul(dyxc).reshape(c), weight, need[1]),  # sum_r dy * x_hat
+            _cast_grad(dy2.sum(0), bias, need[2]),
+            _cast_grad(g_w1, w1, need[3]),
+            _cast_grad(g_w2, w2, need[4]),
+            _cast_grad(g_w3, w3, need[5]),
+            None,
+        )
