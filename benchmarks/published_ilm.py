@@ -14,7 +14,7 @@ the layer benchmark compares against:
 
 It takes one of our ILM layers for its parameters, so its cost is measured on exactly the same
 sizes. It uses the *unbiased* variance like the published code, so its output differs from ours
-(DESIGN.md §1) — it is a timing baseline, not an oracle.
+(docs/design.md §1) — it is a timing baseline, not an oracle.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def resolve_key_group_size(num_channels: int, key_group_size: int) -> int:
     """Return the key-group size actually used for ``num_channels`` channels.
 
     The paper splits the C channels into N = C / K groups of K channels (eq. 3). When C is not a
-    multiple of K, the largest divisor of C not above K is used (DESIGN.md §1: C = 40, K = 16 gives
+    multiple of K, the largest divisor of C not above K is used (docs/design.md §1: C = 40, K = 16 gives
     K = 10, N = 4); this never fails.
 
     Raises:
@@ -171,7 +171,7 @@ class ILMNorm(nn.Module):
 
         With ``W2 = W3 = 0`` the decoders give ``D_mu = 0`` and ``D_gamma = sigmoid(0) = 1/2``, so
         ``B_omega = w - 1/2`` and ``B_beta = b`` give ``omega = w`` and ``beta = b`` exactly
-        (DESIGN.md §2). ``weight`` / ``bias`` of ``None`` stand for 1 and 0 (``affine=False``).
+        (docs/design.md §2). ``weight`` / ``bias`` of ``None`` stand for 1 and 0 (``affine=False``).
         """
         self.encoder.reset_parameters()
         with torch.no_grad():
