@@ -32,7 +32,9 @@ class OutputDifference:
     finite: bool
 
 
-def random_batch(model: nn.Module, batch_size: int = 2, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def random_batch(
+    model: nn.Module, batch_size: int = 2, *, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """A standard-normal batch ``(batch_size, C, H, W)`` of the network's input size (fixed seed)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch_size, *input_size(model), generator=generator, dtype=dtype)
@@ -48,10 +50,14 @@ def output_difference(before: list[torch.Tensor], after: list[torch.Tensor], x: 
     max_abs = max(float((a.double() - b.double()).abs().max()) for a, b in zip(after, before))
     scale = max(float(b.double().abs().max()) for b in before)
     finite = all(bool(torch.isfinite(a).all()) for a in after)
-    return OutputDifference(max_abs, max_abs / scale if scale else max_abs, tuple(x.shape), str(x.dtype).removeprefix("torch."), finite)
+    return OutputDifference(
+        max_abs, max_abs / scale if scale else max_abs, tuple(x.shape), str(x.dtype).removeprefix("torch."), finite
+    )
 
 
-def check_conversion(model: nn.Module, convert_fn: Callable[[nn.Module], Any], x: torch.Tensor | None = None) -> tuple[Any, OutputDifference]:
+def check_conversion(
+    model: nn.Module, convert_fn: Callable[[nn.Module], Any], x: torch.Tensor | None = None
+) -> tuple[Any, OutputDifference]:
     """Run ``convert_fn(model)`` (in place) and measure how much the outputs on ``x`` moved.
 
     The network is put in eval mode for both passes (dropout off), then restored to its mode.

@@ -245,9 +245,7 @@ def _normalize_norms(norms: str | Iterable[str]) -> tuple[str, ...]:
     out = tuple(dict.fromkeys(s.strip().lower() for s in items if s.strip()))
     bad = [s for s in out if s not in NORM_KINDS]
     if bad or not out:
-        raise ConversionError(
-            f"unknown norm kind {', '.join(bad) or '(none)'}; choose from {', '.join(NORM_KINDS)}"
-        )
+        raise ConversionError(f"unknown norm kind {', '.join(bad) or '(none)'}; choose from {', '.join(NORM_KINDS)}")
     return out
 
 

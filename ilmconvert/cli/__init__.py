@@ -19,7 +19,6 @@ from typer.core import TyperGroup
 from . import convert, train
 from .output import EXIT_USAGE, err_console
 
-
 # click's exceptions, from the click typer runs on (recent typer vendors it as typer._click)
 _click_errors = importlib.import_module(typer.BadParameter.__module__)
 _NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())
@@ -39,7 +38,9 @@ class _OneLineErrors(TyperGroup):
         except _click_errors.ClickException as err:
             where = err.ctx.command_path if getattr(err, "ctx", None) is not None else "ilmconvert"
             message = " ".join(err.format_message().split()).rstrip(".")
-            err_console.print(f"[bold red]error:[/] {_escape(message)}; see `{where} --help`", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {_escape(message)}; see `{where} --help`", highlight=False, soft_wrap=True
+            )
             rv = err.exit_code
         except typer.Abort:
             rv = 1
@@ -57,7 +58,10 @@ def _escape(text: str) -> str:
 app = typer.Typer(
     name="ilmconvert",
     cls=_OneLineErrors,
-    help="Convert timm / torchvision networks to Instance-Level Meta Normalization (ILM Norm), fine-tune and evaluate them.",
+    help=(
+        "Convert timm / torchvision networks to Instance-Level Meta Normalization (ILM Norm), "
+        "fine-tune and evaluate them."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

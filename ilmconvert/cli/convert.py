@@ -12,17 +12,36 @@ from rich.table import Table
 from ..errors import IlmconvertError
 from .output import console, expected_errors, fail
 
-
 # ------------------------------------------------------------------------------------- shared options
 NormsOpt = Annotated[str, typer.Option("--norms", help="Norm kinds to convert, comma-separated: gn, in, ln.")]
 KeyGroupOpt = Annotated[int, typer.Option("--key-group-size", "-K", min=1, help="K: channels per key group (eq. 3).")]
 ReductionOpt = Annotated[int, typer.Option("--reduction", "-r", min=1, help="r in M = max(2, N // r) (eq. 4).")]
-IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Only convert modules whose qualified name matches this glob (repeatable).")]
-ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave modules whose qualified name matches this glob (repeatable).")]
-BatchNormOpt = Annotated[bool, typer.Option("--include-batchnorm", help="Also convert BatchNorm to ILM over GroupNorm (changes the function: fine-tune afterwards).")]
+IncludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--include", help="Only convert modules whose qualified name matches this glob (repeatable)."),
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", help="Leave modules whose qualified name matches this glob (repeatable)."),
+]
+BatchNormOpt = Annotated[
+    bool,
+    typer.Option(
+        "--include-batchnorm",
+        help="Also convert BatchNorm to ILM over GroupNorm (changes the function: fine-tune afterwards).",
+    ),
+]
 
 
-def _conversion_kwargs(norms: str, key_group_size: int, reduction: int, include: list[str] | None, exclude: list[str] | None, include_batchnorm: bool, init: str = "preserve") -> dict[str, Any]:
+def _conversion_kwargs(
+    norms: str,
+    key_group_size: int,
+    reduction: int,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    include_batchnorm: bool,
+    init: str = "preserve",
+) -> dict[str, Any]:
     return {
         "norms": norms,
         "init": init,
@@ -38,16 +57,32 @@ def render_report(report: Any, title: str) -> None:
     """Print a :class:`~ilmconvert.convert.ConversionReport` as rich tables."""
     table = Table(title=title, title_justify="left", show_lines=False)
     for col, kw in (
-        ("module", {}), ("source", {}), ("becomes", {}), ("C", {"justify": "right"}), ("groups", {"justify": "right"}),
-        ("K", {"justify": "right"}), ("N", {"justify": "right"}), ("M", {"justify": "right"}), ("+params", {"justify": "right"}),
+        ("module", {}),
+        ("source", {}),
+        ("becomes", {}),
+        ("C", {"justify": "right"}),
+        ("groups", {"justify": "right"}),
+        ("K", {"justify": "right"}),
+        ("N", {"justify": "right"}),
+        ("M", {"justify": "right"}),
+        ("+params", {"justify": "right"}),
     ):
         table.add_column(col, **kw)
     for c in report.converted:
         k = f"{c.key_group_size}*" if c.key_group_size_adjusted else str(c.key_group_size)
         name = c.name + (f" (+{len(c.aliases)} shared)" if c.aliases else "")
         target = c.target + (" [yellow](changes function)[/]" if c.function_changing else "")
-        table.add_row(name, c.source.rsplit(".", 1)[-1], target, str(c.channels), str(c.norm_groups), k,
-                      str(c.num_key_groups), str(c.embedding_size), f"{c.params_added:,}")
+        table.add_row(
+            name,
+            c.source.rsplit(".", 1)[-1],
+            target,
+            str(c.channels),
+            str(c.norm_groups),
+            k,
+            str(c.num_key_groups),
+            str(c.embedding_size),
+            f"{c.params_added:,}",
+        )
     console.print(table)
     if any(c.key_group_size_adjusted for c in report.converted):
         console.print("[dim]* C is not a multiple of the requested K: the largest divisor of C not above K is used.[/]")
@@ -64,7 +99,9 @@ def render_report(report: Any, title: str) -> None:
         f"{report.params_before:,} -> {report.params_after:,} ([bold]+{report.increase_percent:.3f} %[/])"
     )
     if report.function_changing:
-        console.print("[yellow]BatchNorm layers were converted: the network computes a different function; fine-tune it.[/]")
+        console.print(
+            "[yellow]BatchNorm layers were converted: the network computes a different function; fine-tune it.[/]"
+        )
 
 
 # ------------------------------------------------------------------------------------- inspect
@@ -84,7 +121,9 @@ def inspect(
     from ..models import create_model
 
     network = create_model(model, pretrained=False, device="meta")
-    report = convert(network, **_conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm))
+    report = convert(
+        network, **_conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm)
+    )
     if as_json:
         print(json.dumps({"model": model, **report.to_dict()}, indent=2))
     else:
@@ -95,19 +134,32 @@ def inspect(
 @expected_errors
 def swap(
     model: Annotated[str, typer.Argument(help="timm:NAME[.TAG], torchvision:NAME[.WEIGHTS] or a bare timm name.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory to write (new, empty, or an earlier checkpoint).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoint directory to write (new, empty, or an earlier checkpoint).")
+    ],
     norms: NormsOpt = "gn,in,ln",
-    init: Annotated[str, typer.Option("--init", help="preserve: same function as the original; paper: B_omega=1, B_beta=0.")] = "preserve",
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="Local weights (safetensors, or a state dict read with weights_only=True).")] = None,
-    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Start from random weights (no download).")] = False,
-    num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Resize the classifier to N classes.")] = None,
+    init: Annotated[
+        str, typer.Option("--init", help="preserve: same function as the original; paper: B_omega=1, B_beta=0.")
+    ] = "preserve",
+    weights: Annotated[
+        Optional[Path],
+        typer.Option("--weights", help="Local weights (safetensors, or a state dict read with weights_only=True)."),
+    ] = None,
+    no_pretrained: Annotated[
+        bool, typer.Option("--no-pretrained", help="Start from random weights (no download).")
+    ] = False,
+    num_classes: Annotated[
+        Optional[int], typer.Option("--num-classes", min=1, help="Resize the classifier to N classes.")
+    ] = None,
     key_group_size: KeyGroupOpt = 16,
     reduction: ReductionOpt = 16,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_batchnorm: BatchNormOpt = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random check batch and of the new ILM weights.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary lines, not the per-module table.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the summary lines, not the per-module table.")
+    ] = False,
 ) -> None:
     """Convert MODEL's norms to ILM, verify the function is preserved on a random batch, and save it."""
     import torch
@@ -137,7 +189,11 @@ def swap(
         ok = diff.finite and diff.relative <= 1e-4
         console.print(("[green]PASS[/] " if ok else "[red]FAIL[/] ") + check + " (target <= 1e-4)")
         if not ok:
-            fail("the converted network does not compute what the original did; nothing was written (please report this)", code=1)
+            fail(
+                "the converted network does not compute what the original did; nothing was written "
+                "(please report this)",
+                code=1,
+            )
     else:
         why = "init=paper" if init == "paper" else "BatchNorm was converted"
         console.print(f"[yellow]function changed ({why}, expected; fine-tune it):[/] {check}")

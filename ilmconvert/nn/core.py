@@ -40,9 +40,7 @@ def resolve_key_group_size(num_channels: int, key_group_size: int) -> int:
         ValueError: if ``num_channels`` or ``key_group_size`` is not a positive integer.
     """
     if num_channels < 1 or key_group_size < 1:
-        raise ValueError(
-            f"num_channels ({num_channels}) and key_group_size ({key_group_size}) must be positive"
-        )
+        raise ValueError(f"num_channels ({num_channels}) and key_group_size ({key_group_size}) must be positive")
     for k in range(min(key_group_size, num_channels), 0, -1):
         if num_channels % k == 0:
             return k
@@ -264,8 +262,7 @@ class ILMNorm(nn.Module):
         """The computation behind :meth:`forward`; front-ends extend this, not ``forward``."""
         if x.shape[-1 if not self.pooled else 1] != self.num_channels:
             raise ValueError(
-                f"{type(self).__name__} expects {self.num_channels} channels, got input of shape "
-                f"{tuple(x.shape)}"
+                f"{type(self).__name__} expects {self.num_channels} channels, got input of shape {tuple(x.shape)}"
             )
         if _fast.use_fast_path(self, x):
             return _fast.forward(self, x)
@@ -290,4 +287,3 @@ class ILMNorm(nn.Module):
             f"{self.num_channels}, eps={self.eps}, K={k}{note}, N={self.num_key_groups}, "
             f"M={self.embedding_size}, bias={self.bias is not None}"
         )
-

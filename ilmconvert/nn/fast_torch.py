@@ -84,6 +84,7 @@ def pooled_view_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
             expected = stride * size
     return x.stride(0), x.stride(1), sp
 
+
 # ====================================================================== shared small pieces
 def _group_moments(m: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Chan's exact combination of equal-count moments over ``groups`` groups of contiguous channels.
@@ -300,7 +301,19 @@ def pooled_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ..
     s0, g_a, xc = _channel_sums(dy, x, big_m, up(rstd, c), st)
     npos = math.prod(x.shape[2:])
     e, f0, grads = pooled_small_backward(
-        s0, g_a, ctx.spec, npos, (weight, bias, w1, w2, w3), m_c, a, mg, mu, gamma, rstd, omega, saved,
+        s0,
+        g_a,
+        ctx.spec,
+        npos,
+        (weight, bias, w1, w2, w3),
+        m_c,
+        a,
+        mg,
+        mu,
+        gamma,
+        rstd,
+        omega,
+        saved,
         ctx.needs_input_grad,
     )
     shape = (*a.shape, *([1] * (x.dim() - 2)))

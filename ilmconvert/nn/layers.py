@@ -124,7 +124,11 @@ class ILMGroupNorm(_FromNorm, ILMNorm):
     def _settings_of(cls, norm: nn.Module, *, batchnorm_groups: int = 32, **layout: Any) -> dict[str, Any]:
         if isinstance(norm, _BatchNorm):  # opt-in BatchNorm -> ILM+GN: function-changing
             channels = norm.num_features
-            return {"num_groups": resolve_key_group_size(channels, batchnorm_groups), "num_channels": channels, "eps": norm.eps}
+            return {
+                "num_groups": resolve_key_group_size(channels, batchnorm_groups),
+                "num_channels": channels,
+                "eps": norm.eps,
+            }
         return {"num_groups": norm.num_groups, "num_channels": norm.num_channels, "eps": norm.eps}
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +160,7 @@ class ILMInstanceNorm(_FromNorm, ILMNorm):
     pooled = True
     standardization = "instance"
 
-    def __init__(
-        self, num_features: int, eps: float = 1e-5, *, spatial_dims: int | None = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, *, spatial_dims: int | None = None, **kwargs: Any) -> None:
         super().__init__(num_features, eps, **kwargs)
         self.spatial_dims = spatial_dims
 
@@ -166,8 +168,7 @@ class ILMInstanceNorm(_FromNorm, ILMNorm):
     def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
         if getattr(norm, "track_running_stats", False):
             raise UnsupportedNormError(
-                "track_running_stats=True: in eval mode it standardizes with running statistics, "
-                "not per instance"
+                "track_running_stats=True: in eval mode it standardizes with running statistics, not per instance"
             )
         dims = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}.get(type(norm))
         return {"num_features": norm.num_features, "eps": norm.eps, "spatial_dims": dims, **layout}
@@ -209,9 +210,7 @@ class ILMLayerNorm(_FromNorm, ILMNorm):
     pooled = False
     standardization = "layer"
 
-    def __init__(
-        self, num_channels: int, eps: float = 1e-5, *, channels_first: bool = False, **kwargs: Any
-    ) -> None:
+    def __init__(self, num_channels: int, eps: float = 1e-5, *, channels_first: bool = False, **kwargs: Any) -> None:
         super().__init__(num_channels, eps, **kwargs)
         self.channels_first = bool(channels_first)
 

@@ -123,8 +123,7 @@ def _bwd_sums(DY, X, M, S0, S1, C, P, sB, sC, sP, dB, dC, dP, BLOCK_C: tl.conste
 
 @triton.jit
 def _bwd_apply(
-    DY, X, DX, M, A, E, F, C, P, sB, sC, sP, dB, dC, dP, oB, oC, oP,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    DY, X, DX, M, A, E, F, C, P, sB, sC, sP, dB, dC, dP, oB, oC, oP, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr
 ):
     b = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -161,8 +160,11 @@ def _blocks(sc: int, sp: int, p: int, reduce: bool) -> tuple[int, int]:
 
 
 def _like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    fmt = torch.channels_last if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                                  and not x.is_contiguous()) else torch.contiguous_format
+    fmt = (
+        torch.channels_last
+        if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        else torch.contiguous_format
+    )
     return torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=fmt)
 
 
@@ -189,8 +191,9 @@ def apply(
     yb, yc, yp = _strides(y)
     bc, bp = _blocks(sc, sp, p, False)
     grid = (b, triton.cdiv(c, bc), triton.cdiv(p, bp))
-    _apply[grid](x, y, m.contiguous(), a.contiguous(), beta.contiguous(), c, p, sb, sc, sp, yb, yc, yp,
-                 BLOCK_C=bc, BLOCK_P=bp)
+    _apply[grid](
+        x, y, m.contiguous(), a.contiguous(), beta.contiguous(), c, p, sb, sc, sp, yb, yc, yp, BLOCK_C=bc, BLOCK_P=bp
+    )
     return y
 
 
@@ -203,8 +206,9 @@ def bwd_sums(dy: torch.Tensor, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.
     s0 = torch.empty(b, c, device=x.device, dtype=torch.float32)
     s1 = torch.empty_like(s0)
     bc, bp = _blocks(sc, sp, p, True)
-    _bwd_sums[(b, triton.cdiv(c, bc))](dy, x, m.contiguous(), s0, s1, c, p, sb, sc, sp, db, dc, dp,
-                                       BLOCK_C=bc, BLOCK_P=bp)
+    _bwd_sums[(b, triton.cdiv(c, bc))](
+        dy, x, m.contiguous(), s0, s1, c, p, sb, sc, sp, db, dc, dp, BLOCK_C=bc, BLOCK_P=bp
+    )
     return s0, s1
 
 
@@ -218,8 +222,28 @@ def bwd_apply(dy, x, m, a, e, f) -> torch.Tensor:
     ob, oc, op = _strides(dx)
     bc, bp = _blocks(sc, sp, p, False)
     grid = (b, triton.cdiv(c, bc), triton.cdiv(p, bp))
-    _bwd_apply[grid](dy, x, dx, m.contiguous(), a.contiguous(), e.contiguous(), f.contiguous(), c, p,
-                     sb, sc, sp, db, dc, dp, ob, oc, op, BLOCK_C=bc, BLOCK_P=bp)
+    _bwd_apply[grid](
+        dy,
+        x,
+        dx,
+        m.contiguous(),
+        a.contiguous(),
+        e.contiguous(),
+        f.contiguous(),
+        c,
+        p,
+        sb,
+        sc,
+        sp,
+        db,
+        dc,
+        dp,
+        ob,
+        oc,
+        op,
+        BLOCK_C=bc,
+        BLOCK_P=bp,
+    )
     return dx
 
 
@@ -261,7 +285,19 @@ class _TritonPooledILM(torch.autograd.Function):
         s0, s1 = bwd_sums(dy, x, big_m)
         npos = math.prod(x.shape[2:])
         e, f, grads = fast_torch.pooled_small_backward(
-            s0, s1, ctx.spec, npos, (weight, bias, w1, w2, w3), m_c, a, mg, mu, gamma, rstd, omega, saved,
+            s0,
+            s1,
+            ctx.spec,
+            npos,
+            (weight, bias, w1, w2, w3),
+            m_c,
+            a,
+            mg,
+            mu,
+            gamma,
+            rstd,
+            omega,
+            saved,
             ctx.needs_input_grad,
         )
         dx = bwd_apply(dy, x, big_m, a, e, f + e * (big_m - m_c)) if ctx.needs_input_grad[0] else None

@@ -82,7 +82,9 @@ def from_environment() -> Distributed:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError:
-        raise DistributedError("WORLD_SIZE, RANK and LOCAL_RANK must be integers; start several processes with torchrun") from None
+        raise DistributedError(
+            "WORLD_SIZE, RANK and LOCAL_RANK must be integers; start several processes with torchrun"
+        ) from None
     return Distributed(rank, world, local) if world > 1 else SINGLE
 
 
@@ -101,14 +103,17 @@ def init_process_group(info: Distributed, device: torch.device) -> torch.device:
     if device.type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
             raise DistributedError(
-                f"process {info.rank} wants cuda:{info.local_rank} but this node shows {torch.cuda.device_count()} GPU(s); "
+                f"process {info.rank} wants cuda:{info.local_rank} but this node shows "
+                f"{torch.cuda.device_count()} GPU(s); "
                 "pass --nproc_per_node at most the GPU count"
             )
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         try:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+            )
         except (RuntimeError, ValueError) as err:  # no MASTER_ADDR / MASTER_PORT, unreachable peers, ...
             raise DistributedError(
                 f"WORLD_SIZE={info.world_size} but joining the process group failed ({first_line(err)}); "
