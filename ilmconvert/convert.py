@@ -30,6 +30,9 @@ from .nn import (
     ILMLayerNormActFp32,
     ILMLayerNormFp32,
     ILMNorm,
+    ProxyGroupNormAct,
+    ProxyLayerNormAct,
+    ProxyNormAct,
     UnsupportedNormError,
 )
 from .nn.core import INITS
@@ -39,6 +42,8 @@ NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "La
 #: Adapter kinds: the selectable norm kinds and ``"bn"`` (BatchNorm, opt-in, function-changing).
 ADAPTER_KINDS: tuple[str, ...] = (*NORM_KINDS, "bn")
 BATCHNORM_MODES: tuple[str, ...] = ("gn",)
+#: Conversion methods: ILM Norm (the default) and Proxy Norm (GN / LN + PN-Act, docs/design.md §8).
+METHODS: tuple[str, ...] = ("ilm", "proxy")
 
 
 class ConversionError(IlmconvertError):
@@ -146,6 +151,25 @@ def default_mapping() -> dict[type[nn.Module], NormAdapter]:
     return dict(_default())
 
 
+def proxy_mapping() -> dict[type[nn.Module], NormAdapter]:
+    """A fresh copy of the Proxy Norm mapping (``convert(method="proxy")``): timm's norm + activation
+    modules become standardization + :class:`~ilmconvert.nn.ProxyNormAct`.
+
+    ``GroupNormAct`` / ``GroupNorm1Act`` -> :class:`~ilmconvert.nn.ProxyGroupNormAct`,
+    ``LayerNormAct`` / ``LayerNormAct2d`` -> :class:`~ilmconvert.nn.ProxyLayerNormAct`, and
+    (opt-in, function-changing) ``BatchNormAct2d`` -> GN + PN.
+    """
+    from timm.layers import norm_act as timm_norm_act
+
+    return {
+        timm_norm_act.GroupNormAct: NormAdapter("gn", ProxyGroupNormAct),
+        timm_norm_act.GroupNorm1Act: NormAdapter("gn", ProxyGroupNormAct),
+        timm_norm_act.LayerNormAct: NormAdapter("ln", ProxyLayerNormAct),
+        timm_norm_act.LayerNormAct2d: NormAdapter("ln", ProxyLayerNormAct, {"channels_first": True}),
+        timm_norm_act.BatchNormAct2d: NormAdapter("bn", ProxyGroupNormAct),
+    }
+
+
 def register(source: type[nn.Module], kind: str, target: type[nn.Module], **layout: Any) -> None:
     """Add ``source`` (matched by exact type) to the process-wide default mapping.
 
@@ -160,7 +184,11 @@ def register(source: type[nn.Module], kind: str, target: type[nn.Module], **layo
 
 @dataclass
 class ConvertedModule:
-    """One replaced module (``aliases``: its other names when the object is shared)."""
+    """One replaced module (``aliases``: its other names when the object is shared).
+
+    ``key_group_size`` / ``num_key_groups`` / ``embedding_size`` are ILM's K, N, M (0 for Proxy
+    Norm); ``activation`` is the activation a Proxy Norm replacement normalizes ("" for ILM).
+    """
 
     name: str
     source: str
@@ -172,6 +200,7 @@ class ConvertedModule:
     embedding_size: int
     params_added: int
     function_changing: bool = False
+    activation: str = ""
     key_group_size_adjusted: bool = False
     aliases: list[str] = field(default_factory=list)
 
@@ -258,9 +287,14 @@ def _is_norm_like(module: nn.Module) -> bool:
 
 
 def _skip_reason(
-    adapter: NormAdapter | None, module: nn.Module, norms: tuple[str, ...], batchnorm: str | None
+    adapter: NormAdapter | None, module: nn.Module, norms: tuple[str, ...], batchnorm: str | None, method: str
 ) -> str | None:
     """Why a norm-like module is not converted, or None when it is selected."""
+    if adapter is None and method == "proxy" and type(module) in _default():
+        return (
+            "a norm without its activation: Proxy Norm converts norm + activation modules (timm's *Act "
+            "norms); separate norm and activation modules are not paired yet"
+        )
     if adapter is None:
         return (
             f"{type(module).__name__} is not in the mapping (a subclass may override forward with other "
@@ -279,7 +313,7 @@ def _skip_reason(
 
 
 def _check_settings(
-    norms: str | Iterable[str], init: str, key_group_size: int, reduction: int, batchnorm: str | None
+    norms: str | Iterable[str], init: str, key_group_size: int, reduction: int, batchnorm: str | None, method: str
 ) -> tuple[str, ...]:
     """Validate :func:`convert`'s settings; returns the selected norm kinds.
 
@@ -287,6 +321,8 @@ def _check_settings(
         ConversionError: for any setting out of its domain.
     """
     kinds = _normalize_norms(norms)
+    if method not in METHODS:
+        raise ConversionError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if init not in INITS:
         raise ConversionError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     if batchnorm is not None and batchnorm not in BATCHNORM_MODES:
@@ -363,7 +399,8 @@ def swap_module(
         embedding_size=getattr(new, "embedding_size", 0),
         params_added=sum(p.numel() for p in new.parameters()) - old_params,
         function_changing=adapter.function_changing,
-        key_group_size_adjusted=getattr(new, "key_group_size", key_group_size) != key_group_size,
+        key_group_size_adjusted=isinstance(new, ILMNorm) and new.key_group_size != key_group_size,
+        activation=type(new.act).__name__ if isinstance(new, ProxyNormAct) else "",
     )
     return new, row
 
@@ -408,6 +445,7 @@ def _plan(
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
     batchnorm: str | None,
+    method: str,
     report: ConversionReport,
 ) -> list[_Planned]:
     """Decide, for every norm-like module object, convert or skip; skipped ones go to ``report``."""
@@ -416,7 +454,7 @@ def _plan(
         module = slots[0][1]._modules[slots[0][2]]
         names = [s[0] for s in slots]
         adapter = mapping.get(type(module))
-        reason = _skip_reason(adapter, module, kinds, batchnorm)
+        reason = _skip_reason(adapter, module, kinds, batchnorm, method)
         if reason is None and include and not _matches(names, include):
             reason = "not matched by include"
         if reason is None and exclude and _matches(names, exclude):
@@ -439,8 +477,9 @@ def convert(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     batchnorm: str | None = None,
+    method: str = "ilm",
 ) -> ConversionReport:
-    """Replace the instance-level norms of ``model`` by ILM layers, in place.
+    """Replace the instance-level norms of ``model`` by ILM layers (or Proxy Norm), in place.
 
     Every module whose exact class is in ``mapping`` and whose kind is selected is replaced by
     :func:`swap_module` (same device, dtype, ``training`` flag and forward hooks). A module object
@@ -451,7 +490,8 @@ def convert(
 
     Args:
         model: the network; modified in place.
-        mapping: exact source class -> :class:`NormAdapter`; ``None`` for :func:`default_mapping`.
+        mapping: exact source class -> :class:`NormAdapter`; ``None`` for the method's built-in
+            mapping (:func:`default_mapping` or :func:`proxy_mapping`).
         norms: which kinds to convert, from ``"gn"``, ``"in"``, ``"ln"`` (or ``"gn,ln"``).
         init: ``"preserve"`` (same function as the original, docs/design.md §2) or ``"paper"``
             (B_omega = 1, B_beta = 0: the paper's from-scratch initialization).
@@ -463,6 +503,10 @@ def convert(
         batchnorm: ``None`` (BatchNorm is left alone) or ``"gn"``: convert BatchNorm1d/2d/3d and
             timm's BatchNormAct2d to ILM over GroupNorm standardization (32 groups or the largest
             divisor of C not above 32). This changes the function: fine-tune afterwards.
+        method: ``"ilm"`` (ILM Norm) or ``"proxy"``: Proxy Norm, timm's norm + activation modules
+            become standardization + PN-Act (``init="preserve"`` adds the output affine that keeps
+            the function; ``"paper"`` is the authors' layer). Selects the built-in mapping when
+            ``mapping`` is None.
 
     Returns:
         The :class:`ConversionReport`.
@@ -473,7 +517,7 @@ def convert(
         Exception: whatever building a replacement raises (other than ``UnsupportedNormError``,
             which skips that module); ``model`` is then unchanged.
     """
-    kinds = _check_settings(norms, init, key_group_size, reduction, batchnorm)
+    kinds = _check_settings(norms, init, key_group_size, reduction, batchnorm, method)
     settings = {
         "norms": list(kinds),
         "init": init,
@@ -482,9 +526,12 @@ def convert(
         "include": list(include) if include else None,
         "exclude": list(exclude) if exclude else None,
         "batchnorm": batchnorm,
+        "method": method,
     }
     report = ConversionReport(settings=settings, params_before=_count_parameters(model))
-    planned = _plan(model, _default() if mapping is None else mapping, kinds, include, exclude, batchnorm, report)
+    if mapping is None:
+        mapping = _default() if method == "ilm" else proxy_mapping()
+    planned = _plan(model, mapping, kinds, include, exclude, batchnorm, method, report)
 
     built: list[tuple[_Planned, nn.Module, ConvertedModule]] = []
     for item in planned:  # build everything first: an exception here leaves the model untouched

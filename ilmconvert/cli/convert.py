@@ -28,7 +28,14 @@ BatchNormOpt = Annotated[
     bool,
     typer.Option(
         "--include-batchnorm",
-        help="Also convert BatchNorm to ILM over GroupNorm (changes the function: fine-tune afterwards).",
+        help="Also convert BatchNorm to GroupNorm standardization + ILM / PN (changes the function: fine-tune).",
+    ),
+]
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="ilm: ILM Norm; proxy: Proxy Norm, timm's norm + activation modules become GN / LN + PN-Act.",
     ),
 ]
 
@@ -40,9 +47,11 @@ def _conversion_kwargs(
     include: list[str] | None,
     exclude: list[str] | None,
     include_batchnorm: bool,
+    method: str,
     init: str = "preserve",
 ) -> dict[str, Any]:
     return {
+        "method": method,
         "norms": norms,
         "init": init,
         "key_group_size": key_group_size,
@@ -55,34 +64,18 @@ def _conversion_kwargs(
 
 def render_report(report: Any, title: str) -> None:
     """Print a :class:`~ilmconvert.convert.ConversionReport` as rich tables."""
+    proxy = report.settings.get("method") == "proxy"
     table = Table(title=title, title_justify="left", show_lines=False)
-    for col, kw in (
-        ("module", {}),
-        ("source", {}),
-        ("becomes", {}),
-        ("C", {"justify": "right"}),
-        ("groups", {"justify": "right"}),
-        ("K", {"justify": "right"}),
-        ("N", {"justify": "right"}),
-        ("M", {"justify": "right"}),
-        ("+params", {"justify": "right"}),
-    ):
-        table.add_column(col, **kw)
+    numbers = ("C", "groups", *(("activation",) if proxy else ("K", "N", "M")), "+params")
+    for col in ("module", "source", "becomes", *numbers):
+        table.add_column(col, justify="right" if col in numbers and col != "activation" else "left")
     for c in report.converted:
         k = f"{c.key_group_size}*" if c.key_group_size_adjusted else str(c.key_group_size)
         name = c.name + (f" (+{len(c.aliases)} shared)" if c.aliases else "")
         target = c.target + (" [yellow](changes function)[/]" if c.function_changing else "")
-        table.add_row(
-            name,
-            c.source.rsplit(".", 1)[-1],
-            target,
-            str(c.channels),
-            str(c.norm_groups),
-            k,
-            str(c.num_key_groups),
-            str(c.embedding_size),
-            f"{c.params_added:,}",
-        )
+        sizes = (c.activation,) if proxy else (k, str(c.num_key_groups), str(c.embedding_size))
+        source = c.source.rsplit(".", 1)[-1]
+        table.add_row(name, source, target, str(c.channels), str(c.norm_groups), *sizes, f"{c.params_added:,}")
     console.print(table)
     if any(c.key_group_size_adjusted for c in report.converted):
         console.print("[dim]* C is not a multiple of the requested K: the largest divisor of C not above K is used.[/]")
@@ -114,6 +107,7 @@ def inspect(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_batchnorm: BatchNormOpt = False,
+    method: MethodOpt = "ilm",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """List the norm layers of MODEL, what each becomes, and the parameter increase (no weights are loaded)."""
@@ -122,7 +116,7 @@ def inspect(
 
     network = create_model(model, pretrained=False, device="meta")
     report = convert(
-        network, **_conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm)
+        network, **_conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm, method)
     )
     if as_json:
         print(json.dumps({"model": model, **report.to_dict()}, indent=2))
@@ -156,26 +150,29 @@ def swap(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_batchnorm: BatchNormOpt = False,
+    method: MethodOpt = "ilm",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random check batch and of the new ILM weights.")] = 0,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the summary lines, not the per-module table.")
     ] = False,
 ) -> None:
-    """Convert MODEL's norms to ILM, verify the function is preserved on a random batch, and save it."""
+    """Convert MODEL's norms to ILM (or Proxy Norm), verify the function is preserved on a random batch, save it."""
     import torch
 
     from ..check import check_conversion
-    from ..convert import convert
+    from ..convert import METHODS, convert
     from ..io import check_target, save
     from ..models import create_model
 
     if init not in ("preserve", "paper"):
         raise IlmconvertError(f"--init must be preserve or paper, got {init!r}")
+    if method not in METHODS:
+        raise IlmconvertError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     check_target(out)
     torch.manual_seed(seed)
     with console.status(f"building {model}"):
         network = create_model(model, pretrained=not no_pretrained, weights=weights, num_classes=num_classes)
-    settings = _conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm, init)
+    settings = _conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm, method, init)
     report, diff = check_conversion(network, lambda m: convert(m, **settings))
     if not quiet:
         render_report(report, title=f"{model}: conversion")

@@ -1,4 +1,5 @@
-"""ILM Norm layers: one core (:class:`ILMNorm`) and thin GroupNorm / InstanceNorm / LayerNorm front-ends."""
+"""ILM Norm layers (one core, :class:`ILMNorm`, and thin GroupNorm / InstanceNorm / LayerNorm front-ends)
+and Proxy Norm layers (:class:`ProxyNormAct` and the GN / LN + PN norms)."""
 
 from .core import ILMNorm, encoder_size, resolve_key_group_size
 from .layers import (
@@ -11,6 +12,7 @@ from .layers import (
     ILMLayerNormFp32,
     UnsupportedNormError,
 )
+from .proxy import ProxyGroupNormAct, ProxyLayerNormAct, ProxyNormAct, proxy_points
 
 __all__ = [
     "ILMNorm",
@@ -21,7 +23,11 @@ __all__ = [
     "ILMLayerNormAct",
     "ILMLayerNormActFp32",
     "ILMLayerNormFp32",
+    "ProxyGroupNormAct",
+    "ProxyLayerNormAct",
+    "ProxyNormAct",
     "UnsupportedNormError",
     "encoder_size",
+    "proxy_points",
     "resolve_key_group_size",
 ]

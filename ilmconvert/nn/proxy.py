@@ -1,0 +1,339 @@
+"""Proxy Normalization (Labatie, Masters, Eaton-Rosen & Luschi, NeurIPS 2021), as a layer and as norms.
+
+Proxy Norm normalizes the *post-activation* of a batch-independent norm with statistics of a
+proxy distribution instead of the batch. Per channel c, with x_hat the standardized input:
+
+- z = phi(gamma_c * x_hat + beta_c)                         (affine and activation)
+- q_i = sqrt(2) * erfinv(2 (i + 1/2) / n - 1), i < n        (deterministic Gaussian quantiles)
+- y~_i = (1 + gamma~_c) q_i + beta~_c                       (the proxy, shifted and scaled)
+- m_c = mean_i phi(gamma_c y~_i + beta_c), v_c = biased variance over i
+- output (z - m_c) / sqrt(v_c + eps)
+
+The proxy is a ``(C, n)`` computation per call, so its statistics cost nothing and gradients flow
+through them. :class:`ProxyNormAct` is that layer; :class:`ProxyGroupNormAct` and
+:class:`ProxyLayerNormAct` put GroupNorm / LayerNorm standardization (without affine) in front of
+it and build themselves from timm's ``GroupNormAct`` / ``LayerNormAct(2d)`` (and, opt-in,
+``BatchNormAct2d``) through ``from_norm``, so :func:`ilmconvert.convert` swaps them in with
+``method="proxy"`` (docs/design.md §8).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .core import INITS, resolve_key_group_size
+from .layers import UnsupportedNormError
+
+
+def proxy_points(num_proxy: int, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
+    """The ``(num_proxy,)`` Gaussian quantiles ``q_i = sqrt(2) erfinv(2 (i + 1/2) / n - 1)``.
+
+    Computed in float64 and rounded once to ``dtype``.
+    """
+    i = torch.arange(num_proxy, dtype=torch.float64, device=device)
+    return (math.sqrt(2.0) * torch.erfinv((2.0 * i + 1.0) / num_proxy - 1.0)).to(dtype)
+
+
+def _activation(act: nn.Module | type[nn.Module] | str | None) -> nn.Module:
+    """An activation module from a module, a module class, or a name timm knows (``"gelu"``)."""
+    if isinstance(act, nn.Module):
+        return act
+    if act is None:
+        return nn.Identity()
+    if isinstance(act, str):
+        from timm.layers import create_act_layer
+
+        return create_act_layer(act)
+    return act()
+
+
+class ProxyNormAct(nn.Module):
+    """Affine, activation and proxy normalization of a standardized tensor (Proxy Norm's PN-Act).
+
+    Args:
+        num_channels: C.
+        act_layer: the elementwise activation phi: a module (used as is), a module class, or a name
+            timm's ``create_act_layer`` knows (``"relu"``, ``"gelu"``, ``"silu"``, ...).
+        num_proxy: n, the number of proxy points (200 in the authors' code).
+        eps: added to the proxy variance (0.03 in the authors' code).
+        channels_first: input ``(B, C, *spatial)`` when True, ``(..., C)`` when False.
+        output_affine: add a per-channel affine after the normalization (``output_weight``,
+            ``output_bias``); :meth:`init_preserve` uses it to reproduce ``phi(w x_hat + b)``.
+        device, dtype: where and how to create the parameters.
+
+    Parameters:
+        weight: gamma ``(C,)``; bias: beta ``(C,)``; proxy_weight: gamma~ ``(C,)`` (0 at init);
+        proxy_bias: beta~ ``(C,)`` (0 at init); output_weight / output_bias ``(C,)`` or None.
+
+    Shapes: input and output alike; the output has the input's dtype. The proxy statistics are
+    computed in float32 (float64 for float64 parameters and input), outside autocast.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        act_layer: nn.Module | type[nn.Module] | str | None = nn.ReLU,
+        *,
+        num_proxy: int = 200,
+        eps: float = 0.03,
+        channels_first: bool = True,
+        output_affine: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_channels < 1 or num_proxy < 2:
+            raise ValueError(f"num_channels ({num_channels}) must be >= 1 and num_proxy ({num_proxy}) >= 2")
+        factory = {"device": device, "dtype": dtype}
+        self.num_channels = int(num_channels)
+        self.num_proxy = int(num_proxy)
+        self.eps = float(eps)
+        self.channels_first = bool(channels_first)
+        self.act = _activation(act_layer)
+        self.weight = nn.Parameter(torch.ones(self.num_channels, **factory))
+        self.bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
+        self.proxy_weight = nn.Parameter(torch.zeros(self.num_channels, **factory))
+        self.proxy_bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
+        if output_affine:
+            self.output_weight = nn.Parameter(torch.ones(self.num_channels, **factory))
+            self.output_bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
+        else:
+            self.register_parameter("output_weight", None)
+            self.register_parameter("output_bias", None)
+
+    def proxy_statistics(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``m`` and biased variance ``v`` of ``phi(gamma y~ + beta)`` over the proxy, each ``(C,)``.
+
+        Args:
+            dtype: the computation dtype (default: float64 for float64 parameters, else float32).
+        """
+        st = dtype or (torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
+        device = self.weight.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            q = proxy_points(self.num_proxy, st, self.weight.device)
+            proxy = torch.addcmul(self.proxy_bias.to(st)[:, None], (1.0 + self.proxy_weight.to(st))[:, None], q)
+            z = self.act(torch.addcmul(self.bias.to(st)[:, None], self.weight.to(st)[:, None], proxy))
+            v, m = torch.var_mean(z, dim=1, correction=0)
+        return m, v
+
+    def output_coefficients(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)``, each ``(C,)``: the output is ``phi(gamma x_hat + beta) * scale + shift``."""
+        m, v = self.proxy_statistics(dtype)
+        scale = torch.rsqrt(v + self.eps)
+        shift = -m * scale
+        if self.output_weight is not None:
+            w = self.output_weight.to(scale.dtype)
+            scale, shift = scale * w, torch.addcmul(self.output_bias.to(scale.dtype), shift, w)
+        return scale, shift
+
+    @torch.no_grad()
+    def init_preserve(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        """Take over a norm's affine (``None``: 1 and 0) so that the layer computes ``phi(w x_hat + b)``.
+
+        Sets gamma = w, beta = b, gamma~ = beta~ = 0 and the output affine to ``sqrt(v + eps)`` and
+        ``m`` of the resulting proxy statistics, which undoes the proxy normalization up to
+        rounding (about one ulp).
+
+        Raises:
+            ValueError: when the layer has no output affine (build it with ``output_affine=True``).
+        """
+        if self.output_weight is None:
+            raise ValueError("init_preserve needs output_affine=True")
+        self.weight.copy_(weight.detach() if weight is not None else torch.ones_like(self.weight))
+        self.bias.copy_(bias.detach() if bias is not None else torch.zeros_like(self.bias))
+        self.proxy_weight.zero_()
+        self.proxy_bias.zero_()
+        self.output_weight.fill_(1.0)
+        self.output_bias.zero_()
+        m, v = self.proxy_statistics(torch.float64)
+        self.output_weight.copy_(torch.sqrt(v + self.eps))
+        self.output_bias.copy_(m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PN-Act of a standardized ``x``: ``(B, C, *spatial)`` (channels_first) or ``(..., C)``.
+
+        Raises:
+            ValueError: if ``x`` does not have ``num_channels`` channels.
+        """
+        dim = 1 if self.channels_first else -1
+        if x.dim() < (2 if self.channels_first else 1) or x.shape[dim] != self.num_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.num_channels} channels, got input of shape {tuple(x.shape)}"
+            )
+        st = torch.float64 if x.dtype == torch.float64 else None
+        scale, shift = self.output_coefficients(st)
+        shape = (self.num_channels, *([1] * (x.dim() - 2))) if self.channels_first else (self.num_channels,)
+        z = self.act(torch.addcmul(self.bias.to(x.dtype).view(shape), x, self.weight.to(x.dtype).view(shape)))
+        return torch.addcmul(shift.to(z.dtype).view(shape), z, scale.to(z.dtype).view(shape))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_channels}, num_proxy={self.num_proxy}, eps={self.eps}, channels_first={self.channels_first}, "
+            f"output_affine={self.output_weight is not None}"
+        )
+
+
+class _ProxyFromNorm:
+    """``from_norm`` of the Proxy Norm replacements: standardization of the norm, then PN-Act."""
+
+    @classmethod
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_norm(
+        cls, norm: nn.Module, *, init: str = "preserve", key_group_size: int = 16, reduction: int = 16, **layout: Any
+    ) -> nn.Module:
+        """Build the Proxy Norm replacement of a timm norm + activation module (same device and dtype).
+
+        ``init="preserve"`` adds the output affine that keeps ``norm``'s function (up to rounding);
+        ``"paper"`` is the authors' layer (gamma = 1, beta = 0, no output affine).
+        ``key_group_size`` / ``reduction`` are ILM settings and are ignored.
+
+        A BatchNorm (opt-in) with no activation becomes a plain ``nn.GroupNorm`` with its affine,
+        so that nothing in the converted network depends on the batch.
+
+        Raises:
+            ValueError: for an unknown ``init``.
+            UnsupportedNormError: no activation (except BatchNorm), a dropout between norm and
+                activation, or a LayerNorm over more than the channels.
+        """
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+        drop = getattr(norm, "drop", None)
+        if drop is not None and not isinstance(drop, nn.Identity):
+            raise UnsupportedNormError("a dropout between the norm and its activation cannot be kept with Proxy Norm")
+        factory = {}
+        for t in (*norm.parameters(recurse=False), *norm.buffers(recurse=False)):
+            if t.is_floating_point():
+                factory = {"device": t.device, "dtype": t.dtype}
+                break
+        act = getattr(norm, "act", None)
+        if not isinstance(act, nn.Module) or isinstance(act, nn.Identity):
+            if isinstance(norm, _BatchNorm):  # opt-in BatchNorm without activation: plain GN, batch-independent
+                return _group_norm_of_batchnorm(norm, factory)
+            raise UnsupportedNormError("no activation follows this norm: Proxy Norm normalizes a post-activation")
+        layer = cls(**cls._settings_of(norm, **layout), act_layer=act, output_affine=init == "preserve", **factory)
+        if init == "preserve":
+            layer.init_preserve(getattr(norm, "weight", None), getattr(norm, "bias", None))
+        return layer
+
+
+def _group_norm_of_batchnorm(norm: _BatchNorm, factory: dict[str, Any]) -> nn.GroupNorm:
+    """``nn.GroupNorm`` (G = 32 or the largest divisor of C not above 32) with the BatchNorm's affine."""
+    channels = norm.num_features
+    gn = nn.GroupNorm(resolve_key_group_size(channels, 32), channels, norm.eps, affine=norm.affine, **factory)
+    if norm.affine:
+        with torch.no_grad():
+            gn.weight.copy_(norm.weight)
+            gn.bias.copy_(norm.bias)
+    return gn
+
+
+class ProxyGroupNormAct(_ProxyFromNorm, ProxyNormAct):
+    """GroupNorm standardization (no affine) followed by :class:`ProxyNormAct`: GN + PN.
+
+    Replaces timm's ``GroupNormAct`` / ``GroupNorm1Act`` (and, opt-in and function-changing,
+    ``BatchNormAct2d``: G = 32 or the largest divisor of C not above 32). Input ``(B, C, *spatial)``;
+    the parameters are those of :class:`ProxyNormAct` (``weight`` and ``bias`` keep the names of
+    the replaced norm's affine).
+
+    Args:
+        num_groups, num_channels: as in ``nn.GroupNorm``.
+        eps: the standardization's eps (``norm_eps``), as in ``nn.GroupNorm``.
+        proxy_eps: the proxy normalization's eps (``eps`` of :class:`ProxyNormAct`).
+        act_layer, num_proxy, output_affine, device, dtype: of :class:`ProxyNormAct`.
+
+    Raises:
+        ValueError: if C is not a multiple of G.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        *,
+        act_layer: Any = nn.ReLU,
+        proxy_eps: float = 0.03,
+        **kwargs: Any,
+    ) -> None:
+        if num_groups < 1 or num_channels % num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be a multiple of num_groups ({num_groups})")
+        super().__init__(num_channels, act_layer, eps=proxy_eps, channels_first=True, **kwargs)
+        self.num_groups, self.norm_eps = int(num_groups), float(eps)
+
+    @classmethod
+    def _settings_of(cls, norm: nn.Module, *, batchnorm_groups: int = 32, **layout: Any) -> dict[str, Any]:
+        if isinstance(norm, _BatchNorm):  # opt-in BatchNorm -> GN + PN: function-changing
+            channels = norm.num_features
+            groups = resolve_key_group_size(channels, batchnorm_groups)
+            return {"num_groups": groups, "num_channels": channels, "eps": norm.eps}
+        return {"num_groups": norm.num_groups, "num_channels": norm.num_channels, "eps": norm.eps}
+
+    @property
+    def num_norm_groups(self) -> int:
+        return self.num_groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """GN standardization, then PN-Act; ``x`` is ``(B, C, *spatial)``."""
+        return super().forward(F.group_norm(x, self.num_groups, None, None, self.norm_eps))
+
+    def extra_repr(self) -> str:
+        return f"groups={self.num_groups}, norm_eps={self.norm_eps}, " + super().extra_repr()
+
+
+class ProxyLayerNormAct(_ProxyFromNorm, ProxyNormAct):
+    """LayerNorm standardization over the channels (no affine) followed by :class:`ProxyNormAct`: LN + PN.
+
+    Replaces timm's ``LayerNormAct`` (input ``(..., C)``) and ``LayerNormAct2d``
+    (``channels_first=True``: input ``(B, C, H, W)``, normalized over C at each pixel).
+
+    Args:
+        num_channels: C.
+        eps: the standardization's eps (``norm_eps``).
+        channels_first: the layout, as above.
+        proxy_eps: the proxy normalization's eps (``eps`` of :class:`ProxyNormAct`).
+        act_layer, num_proxy, output_affine, device, dtype: of :class:`ProxyNormAct`.
+    """
+
+    num_norm_groups = 1
+
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        *,
+        channels_first: bool = False,
+        act_layer: Any = nn.ReLU,
+        proxy_eps: float = 0.03,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_channels, act_layer, eps=proxy_eps, channels_first=channels_first, **kwargs)
+        self.norm_eps = float(eps)
+
+    @classmethod
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        shape = tuple(norm.normalized_shape)
+        if len(shape) != 1:
+            raise UnsupportedNormError(f"normalized_shape={shape} spans more than the channel dimension")
+        return {"num_channels": shape[0], "eps": norm.eps, **layout}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """LN standardization over the channels, then PN-Act."""
+        c = (self.num_channels,)
+        if self.channels_first:
+            x_hat = F.layer_norm(x.permute(0, 2, 3, 1), c, None, None, self.norm_eps).permute(0, 3, 1, 2)
+        else:
+            x_hat = F.layer_norm(x, c, None, None, self.norm_eps)
+        return super().forward(x_hat)
+
+    def extra_repr(self) -> str:
+        return f"norm_eps={self.norm_eps}, " + super().extra_repr()

@@ -1,0 +1,205 @@
+"""Proxy Normalization: the layer against an independent transcription, gradients, conversion, checkpoints."""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+import torch
+from timm.layers.norm_act import BatchNormAct2d, GroupNormAct, LayerNormAct, LayerNormAct2d
+from torch import nn
+
+import ilmconvert
+from helpers import randomize, relative_difference
+from ilmconvert.nn import ProxyGroupNormAct, ProxyLayerNormAct, ProxyNormAct, proxy_points
+
+ACTIVATIONS = {
+    "relu": lambda v: np.maximum(v, 0.0),
+    "gelu": lambda v: 0.5 * v * (1.0 + np.vectorize(math.erf)(v / math.sqrt(2.0))),
+    "silu": lambda v: v / (1.0 + np.exp(-v)),
+}
+
+
+def reference_pn(x: np.ndarray, gamma, beta, proxy_gamma, proxy_beta, act: str, n: int, eps: float) -> np.ndarray:
+    """Proxy Norm's PN-Act in float64 NumPy, channels last: ``x`` is ``(..., C)``.
+
+    z = phi(gamma x + beta); proxy y~_i = (1 + gamma~) q_i + beta~ with q_i the (i + 1/2) / n quantile
+    of N(0, 1) (``statistics.NormalDist``, independent of erfinv); m, v = mean and biased variance of
+    phi(gamma y~ + beta) over i; output (z - m) / sqrt(v + eps).
+    """
+    phi = ACTIVATIONS[act]
+    q = np.array([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)])
+    proxy = (1.0 + proxy_gamma)[:, None] * q[None, :] + proxy_beta[:, None]  # (C, n)
+    p = phi(gamma[:, None] * proxy + beta[:, None])
+    m, v = p.mean(axis=1), p.var(axis=1)
+    return (phi(gamma * x + beta) - m) / np.sqrt(v + eps)
+
+
+def test_proxy_points_are_gaussian_quantiles():
+    q = proxy_points(200, torch.float64)
+    expected = [NormalDist().inv_cdf((i + 0.5) / 200) for i in range(200)]
+    assert q.dtype == torch.float64 and np.allclose(q.numpy(), expected, rtol=0, atol=1e-12)
+    assert abs(float(q.mean())) < 1e-14 and torch.allclose(q, -q.flip(0), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_layer_matches_an_independent_transcription(act, channels_first):
+    layer = ProxyNormAct(12, act, num_proxy=50, eps=0.05, channels_first=channels_first).double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(0.6 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        layer.weight.add_(1.0)
+    x = torch.randn(3, 12, 4, 5, dtype=torch.float64, generator=g)
+    if not channels_first:
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+    y = layer(x)
+    params = [t.detach().numpy() for t in (layer.weight, layer.bias, layer.proxy_weight, layer.proxy_bias)]
+    x_last = x.numpy() if not channels_first else x.permute(0, 2, 3, 1).numpy()
+    expected = reference_pn(x_last, *params, act=act, n=50, eps=0.05)
+    got = y.detach().numpy() if not channels_first else y.detach().permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+def test_gradients_flow_through_the_proxy_statistics(act):
+    layer = ProxyNormAct(4, act, num_proxy=16, output_affine=True).double()
+    randomize(layer, seed=5)
+    with torch.no_grad():
+        for p in (layer.proxy_weight, layer.proxy_bias, layer.output_weight, layer.output_bias):
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
+    names = [n for n, _ in layer.named_parameters()]
+
+    def of_parameters(*values):
+        return torch.func.functional_call(layer, dict(zip(names, values)), (x.detach(),))
+
+    assert torch.autograd.gradcheck(of_parameters, tuple(p.detach().requires_grad_() for p in layer.parameters()))
+
+
+def test_autocast_and_channels_last():
+    layer = ProxyNormAct(16, "gelu")
+    randomize(layer, seed=7)
+    x = torch.randn(2, 16, 6, 6)
+    y = layer(x)
+    y_cl = layer(x.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf = layer(x.bfloat16())
+    assert y_bf.dtype == torch.bfloat16
+    assert relative_difference(y_bf, layer.double()(x.double())) < 2e-2
+
+
+def test_compiles_without_graph_breaks():
+    layer = ProxyGroupNormAct(4, 16, act_layer=nn.SiLU(), output_affine=True)
+    x = torch.randn(2, 16, 5, 5)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0
+    torch.testing.assert_close(torch.compile(layer)(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def _pairs_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        GroupNormAct(16, 4, act_layer=nn.GELU),
+        nn.Conv2d(16, 16, 3, padding=1),
+        LayerNormAct2d(16, act_layer=nn.SiLU),
+        nn.Conv2d(16, 8, 1),
+        BatchNormAct2d(8, act_layer=nn.ReLU),
+        nn.Flatten(2),
+        nn.Unflatten(2, (5, 5)),
+    )
+
+
+def test_preserve_keeps_the_function_and_reports_the_activations():
+    torch.manual_seed(0)
+    model = _pairs_net().double().eval()
+    randomize(model, seed=2)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    report = ilmconvert.convert(model, method="proxy")
+    assert [(c.name, c.target, c.activation) for c in report.converted] == [
+        ("1", "ProxyGroupNormAct", "GELU"),
+        ("3", "ProxyLayerNormAct", "SiLU"),
+    ]
+    assert [s.name for s in report.skipped] == ["5"] and "include-batchnorm" in report.skipped[0].reason
+    assert report.converted[0].params_added == 4 * 16 and report.settings["method"] == "proxy"
+    with torch.no_grad():
+        assert relative_difference(model(x), before) <= 1e-10
+
+
+def test_layer_norm_act_tokens_preserve():
+    model = nn.Sequential(nn.Linear(6, 32), LayerNormAct(32, act_layer=nn.GELU), nn.Linear(32, 4)).double()
+    randomize(model, seed=4)
+    x = torch.randn(3, 7, 6, dtype=torch.float64)
+    before = model(x)
+    ilmconvert.convert(model, method="proxy")
+    assert isinstance(model[1], ProxyLayerNormAct) and not model[1].channels_first
+    assert relative_difference(model(x), before) <= 1e-10
+
+
+def test_resnetv2_bit_group_norm_act_preserved_in_float64():
+    model = ilmconvert.create_model("timm:resnetv2_50x1_bit", pretrained=False).double().eval()
+    randomize(model, seed=1)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        report = ilmconvert.convert(model, method="proxy")
+        after = model(x)
+    assert len(report.converted) == 49 and all(c.activation == "ReLU" for c in report.converted)
+    assert relative_difference(after, before) <= 1e-10
+
+
+def test_batchnorm_opt_in_removes_the_batch_dependence():
+    """efficientnet_b0's BatchNormAct2d -> GN + PN: in training mode a sample's output no longer
+    depends on the other samples of the batch."""
+    torch.manual_seed(0)
+    model = ilmconvert.create_model("timm:efficientnet_b0", pretrained=False, num_classes=5).train()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_difference(model(x)[:1], model(x[:1].expand(2, -1, -1, -1))[:1]) > 1e-3  # BN: depends
+    report = ilmconvert.convert(model, method="proxy", batchnorm="gn")
+    targets = {c.target: c.activation for c in report.converted}
+    assert report.function_changing and targets == {"ProxyGroupNormAct": "SiLU", "GroupNorm": ""}
+    with torch.no_grad():
+        alone, together = model(x[:1]), model(x)[:1]
+    assert relative_difference(alone, together) < 1e-5
+
+
+def test_plain_norms_without_activation_module_are_reported():
+    with pytest.raises(ilmconvert.ConversionError, match="norm without its activation"):
+        ilmconvert.convert(ilmconvert.create_model("timm:resnet50_gn", pretrained=False), method="proxy")
+    with pytest.raises(ilmconvert.ConversionError, match="method must be one of ilm, proxy"):
+        ilmconvert.convert(_pairs_net(), method="batch")
+
+
+def test_paper_init_is_the_authors_layer():
+    model = _pairs_net()
+    ilmconvert.convert(model, method="proxy", init="paper")
+    layer = model[1]
+    assert layer.output_weight is None and torch.equal(layer.weight, torch.ones(16))
+    assert not layer.proxy_weight.any() and not layer.proxy_bias.any()
+    with torch.no_grad():
+        y = layer(torch.randn(64, 16, 8, 8))
+    # N(0, 1) input: the proxy is exactly the input's distribution, so the output is nearly standardized
+    assert abs(float(y.mean())) < 0.05 and abs(float(y.var()) - 1.0) < 0.1
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    model = ilmconvert.create_model("timm:test_efficientnet_gn", pretrained=False)
+    randomize(model, seed=3)
+    ilmconvert.convert(model, method="proxy")
+    ilmconvert.save(model, tmp_path / "ckpt")
+    loaded = ilmconvert.load(tmp_path / "ckpt")
+    assert loaded.ilm_conversion.settings["method"] == "proxy"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    keys = set(loaded.state_dict())
+    assert {"bn1.weight", "bn1.proxy_weight", "bn1.output_bias"} <= keys  # the norm's names stay
