@@ -103,7 +103,7 @@ def check_target(directory: str | Path) -> Path:
         raise CheckpointError(f"{target} exists and is not an ilmconvert checkpoint; choose a new or empty directory")
     parent = existing_ancestor(target)
     if not parent.is_dir():
-        raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not a directory; choose another directory")
+        raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not a directory; choose another one")
     if not os.access(parent, os.W_OK):
         raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not writable; choose another directory")
     return target

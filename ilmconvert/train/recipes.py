@@ -38,7 +38,7 @@ class RecipeError(IlmconvertError):
 
 
 class _Strict(BaseModel):
-    # no NaN / infinity: a learning rate of NaN passes ``gt=0`` checks' negation and trains nothing
+    # no NaN / infinity in any number (pydantic accepts both by default; an infinite lr trains nothing)
     model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 

@@ -458,9 +458,11 @@ def _resumed_recipe(run: Path, epochs: int | None) -> tuple[Recipe, dict[str, An
         RunError: ``run`` is not a resumable run folder, or it is finished (``epochs`` not larger).
         RecipeError, CheckpointError: its recipe or trainer state cannot be read.
     """
-    from ..io import is_checkpoint, load_trainer_state
+    from ..io import CONFIG_FILE, is_checkpoint, load_trainer_state, read_config
 
     if not is_checkpoint(run / LAST) or not (run / RECIPE_FILE).is_file():
+        if (run / LAST / CONFIG_FILE).exists():
+            read_config(run / LAST)  # a damaged last/config.json: raises, naming the problem
         raise RunError(
             f"--resume: {run} is not a run folder with last/ and {RECIPE_FILE}; start a new run without --resume"
         )
