@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -161,6 +160,55 @@ def check_against_float64(mod: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> 
     return worst
 
 
+CHECKED = ("fast", "compiled", "triton", "reference")  # variants checked against float64 and published
+
+
+def _time_fwd_and_bwd(
+    mod: nn.Module, x: torch.Tensor, xg: torch.Tensor, dy: torch.Tensor, device, args
+) -> tuple[float, float]:
+    """Seconds of the forward of ``mod`` on ``x`` (no grad) and of its forward + backward on ``xg``
+    (a copy of ``x`` that requires grad) with output gradient ``dy``."""
+
+    def fwd():
+        with torch.no_grad():
+            return mod(x)
+
+    def fwd_bwd():
+        for p in mod.parameters():
+            p.grad = None
+        xg.grad = None
+        y = mod(xg)
+        y.backward(dy)
+
+    t_f = time_fn(fwd, device, repeats=args.repeats, min_time=args.min_time)
+    t_fb = time_fn(fwd_bwd, device, repeats=args.repeats, min_time=args.min_time)
+    return t_f, t_fb
+
+
+def _print_row(name: str, row: dict) -> None:
+    """One progress line for a timed variant (``row`` as ``bench_case`` builds it)."""
+    err = row.get("max_rel_err_vs_float64")
+    native = ""
+    if "fwd_vs_native" in row:
+        native = f"  x native: {row['fwd_vs_native']:.2f} / {row['fwd_bwd_vs_native']:.2f}"
+    print(
+        f"  {name:10s} fwd {row['fwd_ms']:8.3f} ms ({row['fwd_GBs']:7.1f} GB/s, {row['fwd_frac_copy_bw']:5.1%} of copy)"
+        f"  fwd+bwd {row['fwd_bwd_ms']:8.3f} ms"
+        + (f"  err {err:.1e}" if err is not None else "")
+        + native,
+        flush=True,
+    )
+
+
+def _add_speedup_vs_published(rows: list[dict]) -> None:
+    """Forward + backward speed-up of our variants over the published code measured in the same case."""
+    by = {r["variant"]: r for r in rows if "error" not in r}
+    if "published" in by:
+        for r in rows:
+            if "error" not in r and r["variant"] in CHECKED:
+                r["fwd_bwd_speedup_vs_published"] = by["published"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+
+
 def bench_case(case: dict, args, device, copy_gbs: float) -> list[dict]:
     kind, dtype = case["kind"], DTYPES[case["dtype"]]
     shape = case["shape"]
@@ -175,28 +223,15 @@ def bench_case(case: dict, args, device, copy_gbs: float) -> list[dict]:
     native_t: dict[str, float] = {}
     for name, mod in variants.items():
         xg = x.detach().clone().requires_grad_(True)
-
-        def fwd():
-            with torch.no_grad():
-                return mod(x)
-
-        def fwd_bwd():
-            for p in mod.parameters():
-                p.grad = None
-            xg.grad = None
-            y = mod(xg)
-            y.backward(dy)
-
         try:
-            t_f = time_fn(fwd, device, repeats=args.repeats, min_time=args.min_time)
-            t_fb = time_fn(fwd_bwd, device, repeats=args.repeats, min_time=args.min_time)
+            t_f, t_fb = _time_fwd_and_bwd(mod, x, xg, dy, device, args)
         except Exception as err:  # noqa: BLE001 - report, keep going
             rows.append({**case, "variant": name, "error": f"{type(err).__name__}: {err}"})
             print(f"  {name:10s} FAILED: {type(err).__name__}: {err}", flush=True)
             continue
         if name == "native":
             native_t = {"fwd": t_f, "fwd_bwd": t_fb}
-        err = check_against_float64(mod, x, dy) if name in ("fast", "compiled", "triton", "reference") else None
+        err = check_against_float64(mod, x, dy) if name in CHECKED else None
         gbs = nbytes / t_f / 1e9
         row = {
             **case,
@@ -212,19 +247,8 @@ def bench_case(case: dict, args, device, copy_gbs: float) -> list[dict]:
             row["fwd_vs_native"] = t_f / native_t["fwd"]
             row["fwd_bwd_vs_native"] = t_fb / native_t["fwd_bwd"]
         rows.append(row)
-        print(
-            f"  {name:10s} fwd {t_f * 1e3:8.3f} ms ({gbs:7.1f} GB/s, {gbs / copy_gbs:5.1%} of copy)"
-            f"  fwd+bwd {t_fb * 1e3:8.3f} ms"
-            + (f"  err {err:.1e}" if err is not None else "")
-            + (f"  x native: {row['fwd_vs_native']:.2f} / {row['fwd_bwd_vs_native']:.2f}" if native_t else ""),
-            flush=True,
-        )
-    # published vs ours
-    by = {r["variant"]: r for r in rows if "error" not in r}
-    if "published" in by:
-        for r in rows:
-            if "error" not in r and r["variant"] in ("fast", "compiled", "triton", "reference"):
-                r["fwd_bwd_speedup_vs_published"] = by["published"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+        _print_row(name, row)
+    _add_speedup_vs_published(rows)
     return rows
 
 
@@ -258,7 +282,10 @@ def summary_table(rows: list[dict]) -> str:
     for r in rows:
         shape = "x".join(str(s) for s in r["shape"])
         if "error" in r:
-            lines.append(f"| {r['kind']} | {shape} | {r['dtype']} | {r['layout']} | {r['variant']} | error: {r['error'][:60]} |||||||")
+            lines.append(
+                f"| {r['kind']} | {shape} | {r['dtype']} | {r['layout']} | {r['variant']} "
+                f"| error: {r['error'][:60]} |||||||"
+            )
             continue
         lines.append(
             f"| {r['kind']} | {shape} | {r['dtype']} | {r['layout']} | {r['variant']} | {r['fwd_ms']:.3f} "

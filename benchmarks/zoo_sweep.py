@@ -93,6 +93,7 @@ def _census(model) -> dict:
     from torch.nn.modules.instancenorm import _InstanceNorm
 
     norms, bn, other = Counter(), Counter(), Counter()
+    not_norms = ("conv", "mlp", "head", "block", "net", "linear", "stage", "attention")
     for mod in model.modules():
         if isinstance(mod, (nn.GroupNorm, nn.LayerNorm, _InstanceNorm)):
             norms[_qual(mod)] += 1
@@ -102,7 +103,7 @@ def _census(model) -> dict:
             name = type(mod).__name__
             low = name.lower()
             # leaf-ish norm-like modules that subclass nothing standard (RmsNorm, EvoNorm, GRN, ...)
-            if "norm" in low and not any(s in low for s in ("conv", "mlp", "head", "block", "net", "linear", "stage", "attention")):
+            if "norm" in low and not any(s in low for s in not_norms):
                 other[_qual(mod)] += 1
     return {"norms": dict(norms), "batchnorm": dict(bn), "other_norms": dict(other)}
 
@@ -174,8 +175,12 @@ def _train_loss(model, args: tuple, task: str):
 
     if task == "detection":
         targets = [
-            {"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0], [16.0, 8.0, 60.0, 50.0]], dtype=img.dtype, device=img.device),
-             "labels": torch.tensor([1, 2], device=img.device)}
+            {
+                "boxes": torch.tensor(
+                    [[4.0, 4.0, 40.0, 40.0], [16.0, 8.0, 60.0, 50.0]], dtype=img.dtype, device=img.device
+                ),
+                "labels": torch.tensor([1, 2], device=img.device),
+            }
             for img in args[0]
         ]
         return sum(model(args[0], targets).values())
@@ -220,186 +225,273 @@ def _attempts(library: str, name: str) -> list[tuple[dict, tuple[int, ...]]]:
     if name.startswith("maxvit"):
         return [({"input_size": (SMALL, SMALL)}, (2, 3, SMALL, SMALL)), ({}, (2, 3, 224, 224))]
     if name.startswith("inception") or name == "googlenet":
-        return [({"init_weights": True, "aux_logits": False}, (2, 3, 299, 299))] if name.startswith("inception") else [({"init_weights": True, "aux_logits": False}, (2, 3, 224, 224))]
+        side = 299 if name.startswith("inception") else 224
+        return [({"init_weights": True, "aux_logits": False}, (2, 3, side, side))]
     return [({}, (2, 3, SMALL, SMALL)), ({}, (2, 3, 224, 224))]
 
 
+class _StageClock:
+    """Wall time per stage of one architecture; ``stage`` is the stage running now."""
+
+    def __init__(self, first: str) -> None:
+        self.stage = first
+        self.seconds: dict[str, float] = {}
+        self.start = self._last = time.perf_counter()
+
+    def enter(self, new: str) -> None:
+        """Start stage ``new``; the time since the previous stage began goes to that stage."""
+        now = time.perf_counter()
+        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + now - self._last
+        self._last, self.stage = now, new
+
+
 def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
+    library, name = spec.split(":", 1)
+    rec: dict = {"name": name, "library": library, "family": _family(library, name), "device": device}
+    clock = _StageClock("meta-build")
+    try:
+        _run_checks(rec, clock, device, max_gb, extras)
+    except Exception as err:  # noqa: BLE001
+        rec["status"] = "error"
+        rec["stage"] = clock.stage
+        rec["error"] = _first_line(err)
+        rec["traceback"] = traceback.format_exc(limit=-4)[-1500:]
+    finally:
+        clock.enter("done")
+        rec["stage_s"] = {k: round(v, 3) for k, v in clock.seconds.items()}
+        rec["total_s"] = time.perf_counter() - clock.start
+    return rec
+
+
+def _run_checks(rec: dict, clock: _StageClock, device: str, max_gb: float, extras: bool) -> None:
+    """Fill ``rec`` for the architecture it names, stage by stage (``clock`` follows the stages)."""
+    library, name = rec["library"], rec["name"]
+    meta = _build(library, name, {}, device="meta")
+    rec.update(_census(meta))
+    rec["params"] = sum(p.numel() for p in meta.parameters())
+    if not rec["norms"]:
+        rec["status"] = "no_instance_norm"
+        return
+    non_cls = library == "torchvision" and rec["family"].split(".")[0] in ("segmentation", "quantization")
+    task = _task(rec["family"])
+    float32_only, too_big = _memory_plan(rec, max_gb)
+    if too_big or non_cls:
+        clock.enter("meta-convert")
+        _convert_on_meta(meta, rec, max_gb, too_big)
+        return
+    del meta
+
+    # ---- build a real network at the smallest input size that runs (float64 when possible)
+    clock.enter("build")
+    model, args, before = _build_and_probe(library, name, task, device, float32_only, rec)
+
+    original = None
+    if extras:
+        import copy
+
+        original = copy.deepcopy(model).float()
+
+    # ---- convert (timed), preservation
+    clock.enter("convert")
+    _timed_convert(model, rec, init="preserve")
+    clock.enter("preservation")
+    _check_preservation(model, args, task, before, rec)
+
+    # ---- forward + backward in train mode
+    clock.enter("backward")
+    _check_backward(model, args, task, rec)
+
+    # ---- save -> load, exact (float32, as a checkpoint is used)
+    clock.enter("save-load")
+    args32 = _check_save_load(model, args, task, device, rec)
+
+    if extras:
+        clock.enter("extras")
+        rec["extras"] = _extras(original, model, *args32)
+
+    _verdict(rec)
+
+
+def _memory_plan(rec: dict, max_gb: float) -> tuple[bool, bool]:
+    """(float32_only, too_big) for ``rec["params"]`` parameters and ``max_gb`` of RAM."""
+    # float64 check: the network and its reloaded copy at 8 bytes a parameter; when that does not
+    # fit but float32 does, the check runs in float32 (criterion 1e-4 instead of 1e-10)
+    float32_only = rec["params"] * 16 > max_gb * 2**30
+    too_big = rec["params"] * 8 > max_gb * 2**30
+    if float32_only and not too_big:
+        rec["float32_reason"] = (
+            f"float64 check needs ~{rec['params'] * 16 / 2**30:.0f} GB > {max_gb:g} GB: checked in float32"
+        )
+    return float32_only, too_big
+
+
+def _timed_convert(model, rec: dict, **kwargs) -> None:
+    """``ilmconvert.convert`` with its wall time and report recorded in ``rec``."""
+    import ilmconvert
+
+    t0 = time.perf_counter()
+    report = ilmconvert.convert(model, **kwargs)
+    rec["convert_s"] = time.perf_counter() - t0
+    _report_fields(rec, report)
+
+
+def _convert_on_meta(meta, rec: dict, max_gb: float, too_big: bool) -> None:
+    """Structure and report only: convert the meta-device network and record why it stops there."""
+    _timed_convert(meta, rec)
+    rec["status"] = "meta"
+    rec["meta_reason"] = (
+        f"even a float32 check needs ~{rec['params'] * 8 / 2**30:.0f} GB > {max_gb:g} GB" if too_big
+        else "no probe input for this task (structure and report only)"
+    )
+
+
+def _build_and_probe(library: str, name: str, task: str, device: str, float32_only: bool, rec: dict) -> tuple:
+    """(model, args, outputs): the network built with the first of ``_attempts`` whose forward runs,
+    its positional arguments and its outputs; the input used is recorded in ``rec``."""
+    model = args = before = dtype = None
+    kwargs_built = None
+    errors: list[str] = []
+    for kwargs, shape in _attempts(library, name):
+        try:
+            if kwargs != kwargs_built:
+                model = None  # free the previous network before building the next
+                model, dtype = _build_for_probe(library, name, kwargs, device, float32_only, rec)
+                kwargs_built = kwargs
+            args, before, dtype = _probe_forward(model, task, shape, dtype, device, f"{kwargs} {shape}", errors)
+            if before:
+                rec["input_kwargs"], rec["input_shape"], rec["dtype"] = kwargs, list(shape), str(dtype)[6:]
+                break
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"{kwargs} {shape}: {_first_line(err)}")
+            kwargs_built = None
+    if not before:
+        raise RuntimeError("no input size runs the original network: " + " | ".join(errors[-3:]))
+    return model, args, before
+
+
+def _build_for_probe(library: str, name: str, kwargs: dict, device: str, float32_only: bool, rec: dict) -> tuple:
+    """(model, dtype): the network (seed 0, random norm affines) in eval mode, cast to float64 unless
+    ``float32_only`` or the cast fails; the build time goes to ``rec``."""
     import torch
-    from torch import nn
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = _build(library, name, kwargs).to(device).eval()
+    rec["build_s"] = time.perf_counter() - t0
+    # non-trivial norm affines (w ~ N(1, 0.5), b ~ N(0, 0.5)): preservation is not 1 * x + 0
+    _randomize_norm_affines(model)
+    dtype = torch.float32 if float32_only else torch.float64
+    try:
+        model.to(dtype)
+    except Exception:  # noqa: BLE001
+        dtype = torch.float32
+    return model, dtype
+
+
+def _probe_forward(model, task: str, shape: tuple[int, ...], dtype, device: str, label: str, errors: list) -> tuple:
+    """(args, outputs, dtype): one seed-0 input of ``shape`` run through ``model`` in ``dtype``, falling
+    back from float64 to float32; outputs is None (and each failure is in ``errors``) when neither runs."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    args = None
+    for dt in ((dtype, torch.float32) if dtype == torch.float64 else (torch.float32,)):
+        try:
+            model.to(dt)
+            args = _inputs(task, shape, gen, dt, device)
+            return args, _forward(model, args, task), dt
+        except Exception as err:  # noqa: BLE001
+            errors.append(f"{label} {dt}: {_first_line(err)}")
+    return args, None, dtype
+
+
+def _check_preservation(model, args: tuple, task: str, before: list, rec: dict) -> None:
+    """Output difference of the converted network against the original outputs ``before``."""
+    import torch
+
+    after = _forward(model, args, task)
+    rec["max_abs_diff"], rec["rel_diff"] = _rel(before, after)
+    rec["finite"] = all(bool(torch.isfinite(a).all()) for a in after)
+
+
+def _check_backward(model, args: tuple, task: str, rec: dict) -> None:
+    """Train-mode forward + backward: finite loss, and finite gradients for every ILM layer that takes part."""
+    import torch
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = _train_loss(model, args, task)
+    loss.backward()
+    n_ilm, unused, nonfinite = _ilm_gradients(model)
+    rec["ilm_layers_unused"] = unused
+    rec["grad_nonfinite"] = nonfinite[:5]
+    rec["backward_ok"] = bool(torch.isfinite(loss)) and not nonfinite and unused < n_ilm
+    model.zero_grad(set_to_none=True)
+
+
+def _ilm_gradients(model) -> tuple[int, int, list[str]]:
+    """(ILM layers, layers without any gradient, names of layers with a missing or non-finite one)."""
+    import torch
+
+    from ilmconvert.nn import ILMNorm
+
+    ilm = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, ILMNorm)}
+    unused, nonfinite = 0, []
+    for n, m in ilm.values():
+        grads = [p.grad for p in m.parameters(recurse=False)]
+        grads += [p.grad for c in (m.encoder, m.decoder_mu, m.decoder_gamma) for p in c.parameters()]
+        if all(g is None for g in grads):
+            unused += 1
+        elif any(g is None or not bool(torch.isfinite(g).all()) for g in grads):
+            nonfinite.append(n)
+    return len(ilm), unused, nonfinite
+
+
+def _check_save_load(model, args: tuple, task: str, device: str, rec: dict) -> tuple:
+    """``ilmconvert.save`` -> ``ilmconvert.load`` gives bit-identical float32 outputs; returns the float32
+    arguments used (the model is left in float32 eval mode)."""
+    import torch
     from torch.utils._pytree import tree_map
 
     import ilmconvert
-    from ilmconvert.nn import ILMNorm
 
-    library, name = spec.split(":", 1)
-    rec: dict = {"name": name, "library": library, "family": _family(library, name), "device": device}
-    t_all = time.perf_counter()
-    stage = "meta-build"
-    stage_s: dict[str, float] = {}
-    clock = [t_all]
+    model.eval().float()
+    args32 = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) else t, args)
+    ref = _forward(model, args32, task)
+    with tempfile.TemporaryDirectory() as tmp:
+        ilmconvert.save(model, Path(tmp) / "ckpt")
+        # rebuild the unconverted architecture without the (slow, overwritten) random init;
+        # load() then re-converts it and loads every parameter and persistent buffer strictly
+        with _no_init():
+            fresh = _build(rec["library"], rec["name"], rec["input_kwargs"])
+        loaded = ilmconvert.load(Path(tmp) / "ckpt", model=fresh).to(device)
+        got = _forward(loaded, args32, task)
+    rec["save_load_exact"] = all(torch.equal(a, b) for a, b in zip(ref, got))
+    return args32
 
-    def enter(new: str) -> None:
-        """Start stage ``new``; the time since the previous stage began goes to that stage."""
-        nonlocal stage
-        now = time.perf_counter()
-        stage_s[stage] = stage_s.get(stage, 0.0) + now - clock[0]
-        clock[0], stage = now, new
 
-    try:
-        meta = _build(library, name, {}, device="meta")
-        rec.update(_census(meta))
-        rec["params"] = sum(p.numel() for p in meta.parameters())
-        if not rec["norms"]:
-            rec["status"] = "no_instance_norm"
-            return rec
-        non_cls = library == "torchvision" and rec["family"].split(".")[0] in ("segmentation", "quantization")
-        task = _task(rec["family"])
-        # float64 check: the network and its reloaded copy at 8 bytes a parameter; when that does not
-        # fit but float32 does, the check runs in float32 (criterion 1e-4 instead of 1e-10)
-        float32_only = rec["params"] * 16 > max_gb * 2**30
-        too_big = rec["params"] * 8 > max_gb * 2**30
-        if float32_only and not too_big:
-            rec["float32_reason"] = f"float64 check needs ~{rec['params'] * 16 / 2**30:.0f} GB > {max_gb:g} GB: checked in float32"
-        if too_big or non_cls:
-            enter("meta-convert")
-            t0 = time.perf_counter()
-            report = ilmconvert.convert(meta)
-            rec["convert_s"] = time.perf_counter() - t0
-            _report_fields(rec, report)
-            rec["status"] = "meta"
-            rec["meta_reason"] = (
-                f"even a float32 check needs ~{rec['params'] * 8 / 2**30:.0f} GB > {max_gb:g} GB" if too_big
-                else "no probe input for this task (structure and report only)"
-            )
-            return rec
-        del meta
-
-        # ---- build a real network at the smallest input size that runs (float64 when possible)
-        enter("build")
-        model = args = before = None
-        kwargs_built = None
-        errors = []
-        for kwargs, shape in _attempts(library, name):
-            try:
-                if kwargs != kwargs_built:
-                    model = None
-                    torch.manual_seed(0)
-                    t0 = time.perf_counter()
-                    model = _build(library, name, kwargs).to(device).eval()
-                    rec["build_s"] = time.perf_counter() - t0
-                    # non-trivial norm affines (w ~ N(1, 0.5), b ~ N(0, 0.5)): preservation is not 1 * x + 0
-                    _randomize_norm_affines(model)
-                    kwargs_built = kwargs
-                    dtype = torch.float32 if float32_only else torch.float64
-                    try:
-                        model.to(dtype)
-                    except Exception:  # noqa: BLE001
-                        dtype = torch.float32
-                gen = torch.Generator().manual_seed(0)
-                for dt in ((dtype, torch.float32) if dtype == torch.float64 else (torch.float32,)):
-                    try:
-                        model.to(dt)
-                        args = _inputs(task, shape, gen, dt, device)
-                        before = _forward(model, args, task)
-                        dtype = dt
-                        break
-                    except Exception as err:  # noqa: BLE001
-                        errors.append(f"{kwargs} {shape} {dt}: {_first_line(err)}")
-                        before = None
-                if before:
-                    rec["input_kwargs"], rec["input_shape"], rec["dtype"] = kwargs, list(shape), str(dtype)[6:]
-                    break
-            except Exception as err:  # noqa: BLE001
-                errors.append(f"{kwargs} {shape}: {_first_line(err)}")
-                kwargs_built = None
-        if not before:
-            raise RuntimeError("no input size runs the original network: " + " | ".join(errors[-3:]))
-
-        original = None
-        if extras:
-            import copy
-
-            original = copy.deepcopy(model).float()
-
-        # ---- convert (timed), preservation
-        enter("convert")
-        t0 = time.perf_counter()
-        report = ilmconvert.convert(model, init="preserve")
-        rec["convert_s"] = time.perf_counter() - t0
-        _report_fields(rec, report)
-        enter("preservation")
-        after = _forward(model, args, task)
-        rec["max_abs_diff"], rec["rel_diff"] = _rel(before, after)
-        rec["finite"] = all(bool(torch.isfinite(a).all()) for a in after)
-
-        # ---- forward + backward in train mode
-        enter("backward")
-        model.train()
-        model.zero_grad(set_to_none=True)
-        loss = _train_loss(model, args, task)
-        loss.backward()
-        ilm = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, ILMNorm)}
-        unused, nonfinite = 0, []
-        for n, m in ilm.values():
-            grads = [p.grad for p in m.parameters(recurse=False)] + [p.grad for c in (m.encoder, m.decoder_mu, m.decoder_gamma) for p in c.parameters()]
-            if all(g is None for g in grads):
-                unused += 1
-            elif any(g is None or not bool(torch.isfinite(g).all()) for g in grads):
-                nonfinite.append(n)
-        rec["ilm_layers_unused"] = unused
-        rec["grad_nonfinite"] = nonfinite[:5]
-        rec["backward_ok"] = bool(torch.isfinite(loss)) and not nonfinite and unused < len(ilm)
-        model.zero_grad(set_to_none=True)
-        del loss
-
-        # ---- save -> load, exact (float32, as a checkpoint is used)
-        enter("save-load")
-        model.eval().float()
-        args32 = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) else t, args)
-        ref = _forward(model, args32, task)
-        with tempfile.TemporaryDirectory() as tmp:
-            ilmconvert.save(model, Path(tmp) / "ckpt")
-            # rebuild the unconverted architecture without the (slow, overwritten) random init;
-            # load() then re-converts it and loads every parameter and persistent buffer strictly
-            with _no_init():
-                fresh = _build(library, name, rec["input_kwargs"])
-            loaded = ilmconvert.load(Path(tmp) / "ckpt", model=fresh).to(device)
-            got = _forward(loaded, args32, task)
-        rec["save_load_exact"] = all(torch.equal(a, b) for a, b in zip(ref, got))
-        del loaded
-
-        if extras:
-            enter("extras")
-            rec["extras"] = _extras(original, model, *args32)
-
-        ok = rec["finite"] and rec["backward_ok"] and rec["save_load_exact"]
-        limit = 1e-10 if rec["dtype"] == "float64" else 1e-4
-        rec["preserved"] = rec["rel_diff"] <= limit
-        rec["status"] = "ok" if ok and rec["preserved"] else "fail"
-        if not rec["preserved"]:
-            rec["fail_reason"] = f"relative output difference {rec['rel_diff']:.2e} > {limit:g} ({rec['dtype']})"
-        elif not ok:
-            rec["fail_reason"] = "non-finite output" if not rec["finite"] else ("backward" if not rec["backward_ok"] else "save->load not exact")
-        return rec
-    except Exception as err:  # noqa: BLE001
-        rec["status"] = "error"
-        rec["stage"] = stage
-        rec["error"] = _first_line(err)
-        rec["traceback"] = traceback.format_exc(limit=-4)[-1500:]
-        return rec
-    finally:
-        enter("done")
-        rec["stage_s"] = {k: round(v, 3) for k, v in stage_s.items()}
-        rec["total_s"] = time.perf_counter() - t_all
+def _verdict(rec: dict) -> None:
+    """``status`` ok / fail from the checks in ``rec``, and the reason for a failure."""
+    ok = rec["finite"] and rec["backward_ok"] and rec["save_load_exact"]
+    limit = 1e-10 if rec["dtype"] == "float64" else 1e-4
+    rec["preserved"] = rec["rel_diff"] <= limit
+    rec["status"] = "ok" if ok and rec["preserved"] else "fail"
+    if not rec["preserved"]:
+        rec["fail_reason"] = f"relative output difference {rec['rel_diff']:.2e} > {limit:g} ({rec['dtype']})"
+    elif not ok:
+        rec["fail_reason"] = (
+            "non-finite output" if not rec["finite"]
+            else "backward" if not rec["backward_ok"]
+            else "save->load not exact"
+        )
 
 
 class _no_init:
     """Make the weight-init functions no-ops (parameters stay uninitialized until loaded)."""
 
     def __enter__(self):
-        import torch
         import timm.layers.weight_init as wi
+        import torch
 
         self.saved = []
         targets = [(torch.nn.init, n) for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
@@ -534,8 +626,13 @@ def done_specs(path: Path, retry: tuple[str, ...] = ()) -> set[str]:
 
 class Worker:
     def __init__(self, args) -> None:
-        cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--max-gb", str(args.max_gb), "--threads", str(args.threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        cmd = [
+            sys.executable, __file__, "--worker",
+            "--device", args.device, "--max-gb", str(args.max_gb), "--threads", str(args.threads),
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1
+        )
 
     def ask(self, spec: str, extras: bool, timeout: float) -> dict | None:
         self.proc.stdin.write(spec + (" extras" if extras else "") + "\n")
@@ -564,7 +661,10 @@ def sweep(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     specs = all_specs(args.libraries.split(","))
     if args.filter:
-        specs = [s for s in specs if any(fnmatch.fnmatchcase(s.split(":", 1)[1], p) or fnmatch.fnmatchcase(s, p) for p in args.filter)]
+        specs = [
+            s for s in specs
+            if any(fnmatch.fnmatchcase(s.split(":", 1)[1], p) or fnmatch.fnmatchcase(s, p) for p in args.filter)
+        ]
     done = done_specs(out, tuple(args.retry.split(",")) if args.retry else ())
     todo = [s for s in specs if s not in done][: args.limit or None]
     print(f"{len(specs)} architectures, {len(done)} done, {len(todo)} to run", flush=True)
@@ -585,7 +685,9 @@ def sweep(args) -> None:
             print(f"[{i + 1}/{len(todo)} {time.monotonic() - t_start:7.0f}s] {spec}: {rec['status']} "
                   f"{rec.get('rel_diff', '')} {rec.get('error', rec.get('fail_reason', ''))}", flush=True)
     w.kill()
-    _write_run_info(out, args, len(done), len(todo), time.monotonic() - t_start, complete=not set(specs) - done_specs(out))
+    wall_s = time.monotonic() - t_start
+    complete = not set(specs) - done_specs(out)
+    _write_run_info(out, args, len(done), len(todo), wall_s, complete=complete)
 
 
 def _run_path(jsonl: Path) -> Path:
@@ -607,7 +709,10 @@ def _write_run_info(out: Path, args, already: int, ran: int, wall_s: float, comp
         "architectures_run": ran,
         "wall_s": round(wall_s, 1),
         "complete": complete,
-        "device": args.device if args.device != "cpu" else f"CPU ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads",
+        "device": (
+            args.device if args.device != "cpu"
+            else f"CPU ({platform.machine()}), {os.cpu_count()} cores, {args.threads} threads"
+        ),
         "cuda_device": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "python": platform.python_version(),
         **versions(),
@@ -617,18 +722,44 @@ def _write_run_info(out: Path, args, already: int, ran: int, wall_s: float, comp
 
 # ------------------------------------------------------------------------------------------ summary
 def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: int | None = None) -> None:
+    rows = _load_records(jsonl)
+    with_norm = [r for r in rows if r["status"] not in ("no_instance_norm",)]
+    by_lib = defaultdict(list)
+    for r in rows:
+        by_lib[r["library"]].append(r)
+    lines = _intro_lines()
+    lines += _totals_lines(by_lib, total_timm, total_tv)
+    lines += _coverage_lines()
+    lines += _norm_class_lines(rows, with_norm)
+    lines += _family_lines(with_norm)
+    lines += _failure_lines(with_norm)
+    lines += _meta_lines(with_norm)
+    lines += _extras_lines(rows)
+    lines += _timing_lines(rows, with_norm)
+    lines += _last_run_lines(jsonl)
+    lines.append("")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines) + "\n")
+
+
+def _load_records(jsonl: Path) -> list[dict]:
+    """The records of ``jsonl``, one per architecture (the last record of a name wins)."""
     recs = {}
     for line in jsonl.read_text().splitlines():
         r = json.loads(line)
         recs[(r["library"], r["name"])] = r
-    rows = list(recs.values())
-    with_norm = [r for r in rows if r["status"] not in ("no_instance_norm",)]
-    lines = ["# Zoo sweep: ILM conversion of every timm / torchvision architecture", ""]
-    lines += [
+    return list(recs.values())
+
+
+def _intro_lines() -> list[str]:
+    return [
+        "# Zoo sweep: ILM conversion of every timm / torchvision architecture",
+        "",
         "Generated by `python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --summarize docs/zoo.md`",
         "from the JSON lines of the sweep (one per architecture). Each architecture is built with random",
         "weights (seed 0) and random norm affines (w ~ N(1, 0.5), b ~ N(0, 0.5)), converted with",
-        "`init=\"preserve\"`, and checked: relative output difference `max|after - before| / max|before|` on a random batch of 2 at the smallest input size that runs",
+        "`init=\"preserve\"`, and checked: relative output difference `max|after - before| / max|before|` "
+        "on a random batch of 2 at the smallest input size that runs",
         "(float64; float32 where the network cannot run in float64), a train-mode forward + backward with",
         "finite gradients for every ILM parameter that takes part, and save -> load giving bit-identical",
         "float32 outputs. **ok** = all of these with rel. diff <= 1e-10 (float64) / 1e-4 (float32).",
@@ -638,34 +769,54 @@ def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: in
         "coordinate grid with `.float()`.",
         "",
     ]
-    by_lib = defaultdict(list)
-    for r in rows:
-        by_lib[r["library"]].append(r)
-    lines += ["## Totals", "", "| library | architectures swept | with GN / LN / IN | ok | meta only | fail | error / timeout |", "|---|---|---|---|---|---|---|"]
+
+
+def _totals_lines(by_lib: dict, total_timm: int | None, total_tv: int | None) -> list[str]:
+    """Per-library counts by status, the share that is ok, and the registered totals."""
+    lines = [
+        "## Totals",
+        "",
+        "| library | architectures swept | with GN / LN / IN | ok | meta only | fail | error / timeout |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for lib, rs in sorted(by_lib.items()):
         wn = [r for r in rs if r["status"] != "no_instance_norm"]
         c = Counter(r["status"] for r in wn)
-        lines.append(f"| {lib} | {len(rs)} | {len(wn)} | {c['ok']} | {c['meta']} | {c['fail']} | {c['error'] + c['timeout'] + c['crash']} |")
+        lines.append(
+            f"| {lib} | {len(rs)} | {len(wn)} | {c['ok']} | {c['meta']} | {c['fail']} "
+            f"| {c['error'] + c['timeout'] + c['crash']} |"
+        )
     lines.append("")
     for lib, rs in sorted(by_lib.items()):
         wn = [r for r in rs if r["status"] != "no_instance_norm"]
         if wn:
             ok = sum(r["status"] == "ok" for r in wn)
-            lines.append(f"- {lib}: **{ok} / {len(wn)} = {100 * ok / len(wn):.1f} %** of the swept architectures with an instance-level norm convert, preserve, train and round-trip.")
+            lines.append(
+                f"- {lib}: **{ok} / {len(wn)} = {100 * ok / len(wn):.1f} %** of the swept architectures "
+                "with an instance-level norm convert, preserve, train and round-trip."
+            )
     if total_timm:
         lines.append(f"- timm registers {total_timm} architectures; {len(by_lib.get('timm', []))} were swept so far.")
     if total_tv:
-        lines.append(f"- torchvision registers {total_tv} architectures; {len(by_lib.get('torchvision', []))} were swept so far.")
-    lines += [
+        lines.append(
+            f"- torchvision registers {total_tv} architectures; "
+            f"{len(by_lib.get('torchvision', []))} were swept so far."
+        )
+    return lines
+
+
+def _coverage_lines() -> list[str]:
+    out = "--out benchmarks/results/zoo_cpu.jsonl"
+    return [
         "",
         "Coverage is what the JSON lines hold: the sweep is resumable, and architectures not yet swept are",
         "simply absent from the tables. To continue (skips every name already recorded; `--retry timeout`",
         "re-runs the ones that hit the per-model limit, with a larger `--timeout`):",
         "",
         "```",
-        "HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --timeout 240",
-        "HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --retry timeout --timeout 900",
-        "python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --summarize docs/zoo.md",
+        f"HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py {out} --timeout 240",
+        f"HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py {out} --retry timeout --timeout 900",
+        f"python benchmarks/zoo_sweep.py {out} --summarize docs/zoo.md",
         "```",
         "",
         "torch.fx: each ILM layer is one opaque node of a `torch.fx.symbolic_trace` graph",
@@ -673,104 +824,198 @@ def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: in
         "",
     ]
 
-    # norm classes
+
+def _norm_class_lines(rows: list[dict], with_norm: list[dict]) -> list[str]:
+    """Norm classes met and converted, the skipped ones, and the norm-like modules left alone."""
     found, conv = Counter(), Counter()
     for r in with_norm:
         for k in r.get("norms", {}):
             found[k] += 1
         for k in r.get("converted_by_class", {}):
             conv[k] += 1
-    lines += ["## Norm classes met", "", "| class | architectures containing it | architectures where it was converted |", "|---|---|---|"]
+    lines = [
+        "## Norm classes met",
+        "",
+        "| class | architectures containing it | architectures where it was converted |",
+        "|---|---|---|",
+    ]
     lines += [f"| `{k}` | {n} | {conv.get(k, 0)} |" for k, n in found.most_common()]
+    lines += _skipped_lines(with_norm)
+    lines += _other_norm_lines(rows)
+    lines.append("")
+    return lines
+
+
+def _skipped_lines(with_norm: list[dict]) -> list[str]:
     skipped = Counter()
     for r in with_norm:
         for s in r.get("skipped", []):
             skipped[(s["source"], s["reason"])] += 1
-    if skipped:
-        lines += ["", "Skipped (left as they are), by class and reason:", "", "| class | reason | architectures |", "|---|---|---|"]
-        lines += [f"| `{s}` | {reason} | {n} |" for (s, reason), n in skipped.most_common()]
+    if not skipped:
+        return []
+    lines = [
+        "",
+        "Skipped (left as they are), by class and reason:",
+        "",
+        "| class | reason | architectures |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{s}` | {reason} | {n} |" for (s, reason), n in skipped.most_common()]
+    return lines
+
+
+def _other_norm_lines(rows: list[dict]) -> list[str]:
     other = Counter()
     for r in rows:
         for k in r.get("other_norms", {}):
             other[k] += 1
-    if other:
-        lines += ["", "Norm-like modules that are not GroupNorm / LayerNorm / InstanceNorm subclasses (RMSNorm, EvoNorm, GRN, ...): "
-                  "not instance-level mean/variance standardization, so not converted:", ""]
-        lines.append(", ".join(f"`{k.rsplit('.', 1)[-1]}` ({n})" for k, n in other.most_common()))
-    lines.append("")
+    if not other:
+        return []
+    return [
+        "",
+        "Norm-like modules that are not GroupNorm / LayerNorm / InstanceNorm subclasses (RMSNorm, EvoNorm, GRN, ...): "
+        "not instance-level mean/variance standardization, so not converted:",
+        "",
+        ", ".join(f"`{k.rsplit('.', 1)[-1]}` ({n})" for k, n in other.most_common()),
+    ]
 
-    # families
+
+def _family_lines(with_norm: list[dict]) -> list[str]:
     fam = defaultdict(list)
     for r in with_norm:
         fam[(r["library"], r.get("family", "?"))].append(r)
-    lines += ["## By family", "", "| library | family | archs | ok | meta | fail/error | max rel. diff (float64) | mean param. increase % | max convert s |", "|---|---|---|---|---|---|---|---|---|"]
-    for (lib, f), rs in sorted(fam.items()):
-        c = Counter(r["status"] for r in rs)
-        diffs = [r["rel_diff"] for r in rs if r.get("dtype") == "float64" and "rel_diff" in r]
-        inc = [r["increase_pct"] for r in rs if "increase_pct" in r]
-        cs = [r["convert_s"] for r in rs if "convert_s" in r]
-        lines.append(
-            f"| {lib} | {f} | {len(rs)} | {c['ok']} | {c['meta']} | {len(rs) - c['ok'] - c['meta']} | "
-            f"{max(diffs):.1e} | {sum(inc) / len(inc):.2f} | {max(cs):.2f} |".replace("| 0.0e+00 |", "| 0 |")
-            if diffs and inc and cs else
-            f"| {lib} | {f} | {len(rs)} | {c['ok']} | {c['meta']} | {len(rs) - c['ok'] - c['meta']} | - | "
-            f"{(sum(inc) / len(inc)) if inc else float('nan'):.2f} | {max(cs) if cs else float('nan'):.2f} |"
-        )
+    lines = [
+        "## By family",
+        "",
+        "| library | family | archs | ok | meta | fail/error | max rel. diff (float64) | mean param. increase % "
+        "| max convert s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_family_row(lib, f, rs) for (lib, f), rs in sorted(fam.items())]
     lines.append("")
+    return lines
 
-    # failures
+
+def _family_row(lib: str, family: str, rs: list[dict]) -> str:
+    c = Counter(r["status"] for r in rs)
+    diffs = [r["rel_diff"] for r in rs if r.get("dtype") == "float64" and "rel_diff" in r]
+    inc = [r["increase_pct"] for r in rs if "increase_pct" in r]
+    cs = [r["convert_s"] for r in rs if "convert_s" in r]
+    head = f"| {lib} | {family} | {len(rs)} | {c['ok']} | {c['meta']} | {len(rs) - c['ok'] - c['meta']} | "
+    if diffs and inc and cs:
+        row = f"{head}{max(diffs):.1e} | {sum(inc) / len(inc):.2f} | {max(cs):.2f} |"
+        return row.replace("| 0.0e+00 |", "| 0 |")
+    mean_inc = (sum(inc) / len(inc)) if inc else float("nan")
+    max_cs = max(cs) if cs else float("nan")
+    return f"{head}- | {mean_inc:.2f} | {max_cs:.2f} |"
+
+
+def _failure_lines(with_norm: list[dict]) -> list[str]:
     bad = [r for r in with_norm if r["status"] not in ("ok", "meta")]
-    lines += ["## Every failure and its cause", ""]
+    lines = ["## Every failure and its cause", ""]
     if not bad:
-        lines.append("None.")
-    else:
-        lines += ["| architecture | status | stage | cause |", "|---|---|---|---|"]
-        for r in sorted(bad, key=lambda r: (r["library"], r["name"])):
-            cause = r.get("fail_reason") or r.get("error", "")
-            lines.append(f"| {r['library']}:{r['name']} | {r['status']} | {r.get('stage', '')} | {cause.replace('|', '/')[:220]} |")
+        return lines + ["None."]
+    lines += ["| architecture | status | stage | cause |", "|---|---|---|---|"]
+    for r in sorted(bad, key=lambda r: (r["library"], r["name"])):
+        cause = r.get("fail_reason") or r.get("error", "")
+        lines.append(
+            f"| {r['library']}:{r['name']} | {r['status']} | {r.get('stage', '')} | {cause.replace('|', '/')[:220]} |"
+        )
+    return lines
+
+
+def _meta_lines(with_norm: list[dict]) -> list[str]:
     metas = [r for r in with_norm if r["status"] == "meta"]
-    if metas:
-        lines += ["", "## Converted on the meta device only (structure and report, no numerical check)", ""]
-        lines += [f"- {r['library']}:{r['name']} ({r['params'] / 1e6:.0f} M params): {r.get('meta_reason', '')}" for r in sorted(metas, key=lambda r: -r["params"])]
-    # extras
+    if not metas:
+        return []
+    lines = ["", "## Converted on the meta device only (structure and report, no numerical check)", ""]
+    lines += [
+        f"- {r['library']}:{r['name']} ({r['params'] / 1e6:.0f} M params): {r.get('meta_reason', '')}"
+        for r in sorted(metas, key=lambda r: -r["params"])
+    ]
+    return lines
+
+
+def _extras_lines(rows: list[dict]) -> list[str]:
     ex = [r for r in rows if "extras" in r]
-    if ex:
-        lines += ["", "## torch.compile / fx / export (representative subset, float32, eval)", "",
-                  "| architecture | graph breaks original -> converted | fx (where the original traces) | export |", "|---|---|---|---|"]
-        for r in ex:
-            e = r["extras"]
-            gb = f"{e.get('graph_breaks_original')} -> {e.get('graph_breaks_converted')}" if "graph_breaks_converted" in e else e.get("explain_error", "")
-            fx = ("ok" if e.get("fx_converted") else f"FAIL: {e.get('fx_error', '')[:120]}") if e.get("fx_original") else "original does not trace"
-            exp = "ok" if e.get("export") else f"FAIL: {e.get('export_error', '')[:120]}"
-            lines.append(f"| {r['library']}:{r['name']} | {gb} | {fx} | {exp} |")
-    # slowest / largest
+    if not ex:
+        return []
+    lines = [
+        "",
+        "## torch.compile / fx / export (representative subset, float32, eval)",
+        "",
+        "| architecture | graph breaks original -> converted | fx (where the original traces) | export |",
+        "|---|---|---|---|",
+    ]
+    return lines + [_extras_row(r) for r in ex]
+
+
+def _extras_row(r: dict) -> str:
+    e = r["extras"]
+    if "graph_breaks_converted" in e:
+        gb = f"{e.get('graph_breaks_original')} -> {e.get('graph_breaks_converted')}"
+    else:
+        gb = e.get("explain_error", "")
+    if not e.get("fx_original"):
+        fx = "original does not trace"
+    else:
+        fx = "ok" if e.get("fx_converted") else f"FAIL: {e.get('fx_error', '')[:120]}"
+    exp = "ok" if e.get("export") else f"FAIL: {e.get('export_error', '')[:120]}"
+    return f"| {r['library']}:{r['name']} | {gb} | {fx} | {exp} |"
+
+
+def _timing_lines(rows: list[dict], with_norm: list[dict]) -> list[str]:
+    """The slowest and the largest conversions, and the summed sweep time."""
     timed = [r for r in with_norm if "convert_s" in r]
-    lines += ["", "## Slowest and largest conversions", "", "| architecture | params (M) | norms converted | convert s | status |", "|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Slowest and largest conversions",
+        "",
+        "| architecture | params (M) | norms converted | convert s | status |",
+        "|---|---|---|---|---|",
+    ]
     for r in sorted(timed, key=lambda r: -r["convert_s"])[:10]:
-        lines.append(f"| {r['library']}:{r['name']} | {r['params'] / 1e6:.0f} | {r.get('converted', 0)} | {r['convert_s']:.3f} | {r['status']} |")
+        lines.append(
+            f"| {r['library']}:{r['name']} | {r['params'] / 1e6:.0f} | {r.get('converted', 0)} "
+            f"| {r['convert_s']:.3f} | {r['status']} |"
+        )
     lines += ["", "Largest:", ""]
     for r in sorted(timed, key=lambda r: -r["params"])[:5]:
-        lines.append(f"- {r['library']}:{r['name']}: {r['params'] / 1e6:.0f} M params, {r.get('converted', 0)} norms, convert {r['convert_s']:.3f} s ({r['status']})")
+        lines.append(
+            f"- {r['library']}:{r['name']}: {r['params'] / 1e6:.0f} M params, {r.get('converted', 0)} norms, "
+            f"convert {r['convert_s']:.3f} s ({r['status']})"
+        )
     wall = sum(r.get("total_s", 0) for r in rows)
-    lines += ["", "## Sweep time", "", f"Sum over the recorded architectures (excluding worker start-up): {wall / 60:.1f} min."]
+    lines += [
+        "",
+        "## Sweep time",
+        "",
+        f"Sum over the recorded architectures (excluding worker start-up): {wall / 60:.1f} min.",
+    ]
+    return lines
+
+
+def _last_run_lines(jsonl: Path) -> list[str]:
+    """How the last sweep over ``jsonl`` ran, from the ``.run.json`` next to it (none if absent)."""
     run = _run_path(jsonl)
-    if run.exists():
-        info = json.loads(run.read_text())
-        start = "from an empty file" if not info["already_recorded"] else f"resuming after {info['already_recorded']} recorded"
-        lines += [
-            "",
-            f"Last run ({info['finished']}, {start}, {'complete' if info['complete'] else 'incomplete'}): "
-            f"{info['architectures_run']} architectures in **{info['wall_s'] / 60:.1f} min** wall clock on "
-            f"{info['cuda_device'] or info['device']}; torch {info['torch']}, torchvision {info['torchvision']}, timm {info['timm']}, "
-            f"Python {info['python']}:",
-            "",
-            "```",
-            info["command"],
-            "```",
-        ]
-    lines.append("")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines) + "\n")
+    if not run.exists():
+        return []
+    info = json.loads(run.read_text())
+    if not info["already_recorded"]:
+        start = "from an empty file"
+    else:
+        start = f"resuming after {info['already_recorded']} recorded"
+    return [
+        "",
+        f"Last run ({info['finished']}, {start}, {'complete' if info['complete'] else 'incomplete'}): "
+        f"{info['architectures_run']} architectures in **{info['wall_s'] / 60:.1f} min** wall clock on "
+        f"{info['cuda_device'] or info['device']}; torch {info['torch']}, torchvision {info['torchvision']}, "
+        f"timm {info['timm']}, Python {info['python']}:",
+        "",
+        "```",
+        info["command"],
+        "```",
+    ]
 
 
 def main() -> None:
@@ -781,10 +1026,14 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--timeout", type=float, default=240.0, help="per-architecture limit, seconds")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-gb", type=float, default=20.0, help="RAM for the float64 check; larger networks go to the meta device")
+    p.add_argument(
+        "--max-gb", type=float, default=20.0, help="RAM for the float64 check; larger networks go to the meta device"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--retry", default="", help="re-run architectures recorded with these statuses, e.g. timeout,crash")
-    p.add_argument("--extras-all", action="store_true", help="run the compile / fx / export checks on every architecture")
+    p.add_argument(
+        "--extras-all", action="store_true", help="run the compile / fx / export checks on every architecture"
+    )
     p.add_argument("--summarize", metavar="MD", help="write the Markdown summary of --out to MD and exit")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -792,7 +1041,6 @@ def main() -> None:
         worker(args.device, args.max_gb, args.threads)
     elif args.summarize:
         import timm
-
         import torchvision
 
         summarize(Path(args.out), Path(args.summarize), len(timm.list_models()), len(torchvision.models.list_models()))
