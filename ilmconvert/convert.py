@@ -42,6 +42,7 @@ NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "La
 #: Adapter kinds: the selectable norm kinds and ``"bn"`` (BatchNorm, opt-in, function-changing).
 ADAPTER_KINDS: tuple[str, ...] = (*NORM_KINDS, "bn")
 BATCHNORM_MODES: tuple[str, ...] = ("gn",)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: Conversion methods: ILM Norm (the default) and Proxy Norm (GN / LN + PN-Act, docs/design.md §8).
 METHODS: tuple[str, ...] = ("ilm", "proxy")
 
@@ -60,6 +61,10 @@ class NormAdapter:
         target: the replacement class; ``target.from_norm(module, init=, key_group_size=,
             reduction=, **layout)`` builds the replacement (see :class:`ilmconvert.nn.ILMGroupNorm`).
         layout: extra keyword arguments for ``from_norm`` (e.g. ``channels_first=True``).
+        needs_activation: the source is a plain norm and the target also takes over the activation
+            module that follows it (Proxy Norm); :func:`convert` pairs them with
+            :func:`ilmconvert.pairing.find_activation_pairs`, passes the activation to ``from_norm``
+            as ``act_layer`` and puts an ``nn.Identity`` where the activation was.
 
     Raises:
         ValueError: for an unknown ``kind``, or a ``target`` without ``from_norm``.
@@ -68,6 +73,7 @@ class NormAdapter:
     kind: str
     target: type[nn.Module]
     layout: Mapping[str, Any] = field(default_factory=dict)
+    needs_activation: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ADAPTER_KINDS:
@@ -152,21 +158,33 @@ def default_mapping() -> dict[type[nn.Module], NormAdapter]:
 
 
 def proxy_mapping() -> dict[type[nn.Module], NormAdapter]:
-    """A fresh copy of the Proxy Norm mapping (``convert(method="proxy")``): timm's norm + activation
-    modules become standardization + :class:`~ilmconvert.nn.ProxyNormAct`.
+    """A fresh copy of the Proxy Norm mapping (``convert(method="proxy")``): norm + activation pairs
+    become standardization + :class:`~ilmconvert.nn.ProxyNormAct`.
 
-    ``GroupNormAct`` / ``GroupNorm1Act`` -> :class:`~ilmconvert.nn.ProxyGroupNormAct`,
-    ``LayerNormAct`` / ``LayerNormAct2d`` -> :class:`~ilmconvert.nn.ProxyLayerNormAct`, and
-    (opt-in, function-changing) ``BatchNormAct2d`` -> GN + PN.
+    timm's ``GroupNormAct`` / ``GroupNorm1Act`` -> :class:`~ilmconvert.nn.ProxyGroupNormAct`,
+    ``LayerNormAct`` / ``LayerNormAct2d`` -> :class:`~ilmconvert.nn.ProxyLayerNormAct` (they carry
+    their activation); plain GroupNorm / LayerNorm modules of torch and timm where ``torch.fx``
+    pairs them with the activation module after them (``needs_activation``); and (opt-in,
+    function-changing) ``BatchNormAct2d`` and ``BatchNorm1d/2d/3d`` -> GN + PN, or plain GN where
+    no activation follows.
     """
+    from timm.layers import norm as timm_norm
     from timm.layers import norm_act as timm_norm_act
 
+    first = {"channels_first": True}
     return {
         timm_norm_act.GroupNormAct: NormAdapter("gn", ProxyGroupNormAct),
         timm_norm_act.GroupNorm1Act: NormAdapter("gn", ProxyGroupNormAct),
         timm_norm_act.LayerNormAct: NormAdapter("ln", ProxyLayerNormAct),
-        timm_norm_act.LayerNormAct2d: NormAdapter("ln", ProxyLayerNormAct, {"channels_first": True}),
+        timm_norm_act.LayerNormAct2d: NormAdapter("ln", ProxyLayerNormAct, first),
         timm_norm_act.BatchNormAct2d: NormAdapter("bn", ProxyGroupNormAct),
+        nn.GroupNorm: NormAdapter("gn", ProxyGroupNormAct, needs_activation=True),
+        timm_norm.GroupNorm: NormAdapter("gn", ProxyGroupNormAct, needs_activation=True),
+        timm_norm.GroupNorm1: NormAdapter("gn", ProxyGroupNormAct, needs_activation=True),
+        nn.LayerNorm: NormAdapter("ln", ProxyLayerNormAct, needs_activation=True),
+        timm_norm.LayerNorm: NormAdapter("ln", ProxyLayerNormAct, needs_activation=True),
+        timm_norm.LayerNorm2d: NormAdapter("ln", ProxyLayerNormAct, first, needs_activation=True),
+        **{bn: NormAdapter("bn", ProxyGroupNormAct, needs_activation=True) for bn in _BATCHNORMS},
     }
 
 
@@ -187,7 +205,9 @@ class ConvertedModule:
     """One replaced module (``aliases``: its other names when the object is shared).
 
     ``key_group_size`` / ``num_key_groups`` / ``embedding_size`` are ILM's K, N, M (0 for Proxy
-    Norm); ``activation`` is the activation a Proxy Norm replacement normalizes ("" for ILM).
+    Norm); ``activation`` is the activation a Proxy Norm replacement normalizes ("" for ILM), and
+    ``absorbed`` names the separate activation modules it took over (now ``nn.Identity``);
+    ``note`` says why an opted-in BatchNorm got no Proxy Norm (it became a plain GroupNorm).
     """
 
     name: str
@@ -201,6 +221,8 @@ class ConvertedModule:
     params_added: int
     function_changing: bool = False
     activation: str = ""
+    absorbed: list[str] = field(default_factory=list)
+    note: str = ""
     key_group_size_adjusted: bool = False
     aliases: list[str] = field(default_factory=list)
 
@@ -291,10 +313,7 @@ def _skip_reason(
 ) -> str | None:
     """Why a norm-like module is not converted, or None when it is selected."""
     if adapter is None and method == "proxy" and type(module) in _default():
-        return (
-            "a norm without its activation: Proxy Norm converts norm + activation modules (timm's *Act "
-            "norms); separate norm and activation modules are not paired yet"
-        )
+        return f"{type(module).__name__} has no Proxy Norm counterpart (GroupNorm / LayerNorm / BatchNorm + activation)"
     if adapter is None:
         return (
             f"{type(module).__name__} is not in the mapping (a subclass may override forward with other "
@@ -356,6 +375,7 @@ def swap_module(
     key_group_size: int = 16,
     reduction: int = 16,
     name: str = "",
+    activation: nn.Module | None = None,
 ) -> tuple[nn.Module, ConvertedModule]:
     """Build the replacement of one module; ``module`` itself and its parents are not changed.
 
@@ -369,6 +389,8 @@ def swap_module(
         adapter: how to convert it (see :func:`default_mapping`).
         init, key_group_size, reduction: as in :func:`convert`.
         name: the module's qualified name, for the report row.
+        activation: for an adapter that ``needs_activation``, the activation module the
+            replacement takes over (passed to ``from_norm`` as ``act_layer``).
 
     Returns:
         ``(replacement, report row)``.
@@ -377,8 +399,9 @@ def swap_module(
         UnsupportedNormError: ``module``'s configuration cannot be taken over (the walker skips it).
         Exception: whatever ``from_norm`` raises otherwise.
     """
+    extra = {"act_layer": activation} if activation is not None else {}
     new = adapter.target.from_norm(
-        module, init=init, key_group_size=key_group_size, reduction=reduction, **adapter.layout
+        module, init=init, key_group_size=key_group_size, reduction=reduction, **adapter.layout, **extra
     )
     device, dtype = _device_and_dtype(module)
     if device is not None:
@@ -393,7 +416,7 @@ def swap_module(
         source=_qualified_class(module),
         target=type(new).__name__,
         channels=getattr(new, "num_channels", 0),
-        norm_groups=getattr(new, "num_norm_groups", 0),
+        norm_groups=getattr(new, "num_norm_groups", getattr(new, "num_groups", 0)),
         key_group_size=getattr(new, "key_group_size", 0),
         num_key_groups=getattr(new, "num_key_groups", 0),
         embedding_size=getattr(new, "embedding_size", 0),
@@ -408,11 +431,24 @@ def swap_module(
 @dataclass
 class _Planned:
     """One module object to replace, every (qualified name, parent, attribute) slot it occupies,
-    and the adapter that converts it."""
+    the adapter that converts it, and the activation module it takes over (with its slots)."""
 
     module: nn.Module
     adapter: NormAdapter
     slots: list[tuple[str, nn.Module, str]]
+    activation: nn.Module | None = None
+    activation_slots: list[tuple[str, nn.Module, str]] = field(default_factory=list)
+    note: str = ""
+
+
+def _slots_of(model: nn.Module, target: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Every (qualified name, parent, attribute) slot that holds the object ``target``."""
+    return [
+        (f"{parent_name}.{child_name}" if parent_name else child_name, parent, child_name)
+        for parent_name, parent in model.named_modules(remove_duplicate=False)
+        for child_name, child in parent._modules.items()
+        if child is target
+    ]
 
 
 def _places(model: nn.Module, mapping: ConversionMapping) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -448,7 +484,13 @@ def _plan(
     method: str,
     report: ConversionReport,
 ) -> list[_Planned]:
-    """Decide, for every norm-like module object, convert or skip; skipped ones go to ``report``."""
+    """Decide, for every norm-like module object, convert or skip; skipped ones go to ``report``.
+
+    Adapters that ``needs_activation`` get the activation module that ``torch.fx`` proves to be
+    the norm's only consumer (:mod:`ilmconvert.pairing`); a norm without one is skipped with the
+    reason, except an opted-in BatchNorm, which is converted alone.
+    """
+    pairing = None
     planned = []
     for slots in _places(model, mapping).values():
         module = slots[0][1]._modules[slots[0][2]]
@@ -459,8 +501,20 @@ def _plan(
             reason = "not matched by include"
         if reason is None and exclude and _matches(names, exclude):
             reason = "matched by exclude"
+        activation = None
+        if reason is None and adapter.needs_activation:
+            if pairing is None:
+                from .pairing import find_activation_pairs
+
+                pairing = find_activation_pairs(model, tuple(t for t, a in mapping.items() if a.needs_activation))
+            activation = pairing.activations.get(id(module))
+            unpaired = f"not paired with an activation: {pairing.reasons.get(id(module), 'not found')}"
+            if activation is None and adapter.kind != "bn":
+                reason = unpaired
         if reason is None:
-            planned.append(_Planned(module, adapter, slots))
+            act_slots = _slots_of(model, activation) if activation is not None else []
+            note = unpaired if adapter.needs_activation and activation is None else ""
+            planned.append(_Planned(module, adapter, slots, activation, act_slots, note))
         else:
             report.skipped.append(SkippedModule(names[0], _qualified_class(module), reason))
     return planned
@@ -538,12 +592,20 @@ def convert(
         names = [s[0] for s in item.slots]
         try:
             new, row = swap_module(
-                item.module, item.adapter, init=init, key_group_size=key_group_size, reduction=reduction, name=names[0]
+                item.module,
+                item.adapter,
+                init=init,
+                key_group_size=key_group_size,
+                reduction=reduction,
+                name=names[0],
+                activation=item.activation,
             )
         except UnsupportedNormError as err:
             report.skipped.append(SkippedModule(names[0], _qualified_class(item.module), str(err)))
             continue
         row.aliases = names[1:]
+        row.absorbed = [s[0] for s in item.activation_slots]
+        row.note = item.note
         built.append((item, new, row))
     if not built:
         raise ConversionError(_nothing_converted_message(model, report, kinds))
@@ -551,6 +613,8 @@ def convert(
     for item, new, row in built:  # then assign
         for _, parent, child_name in item.slots:
             parent._modules[child_name] = new
+        for _, parent, child_name in item.activation_slots:  # the activation now runs inside `new`
+            parent._modules[child_name] = nn.Identity()
         report.converted.append(row)
     report.params_after = _count_parameters(model)
     model.ilm_conversion = report

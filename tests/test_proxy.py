@@ -172,11 +172,71 @@ def test_batchnorm_opt_in_removes_the_batch_dependence():
     assert relative_difference(alone, together) < 1e-5
 
 
-def test_plain_norms_without_activation_module_are_reported():
-    with pytest.raises(ilmconvert.ConversionError, match="norm without its activation"):
-        ilmconvert.convert(ilmconvert.create_model("timm:resnet50_gn", pretrained=False), method="proxy")
+def test_plain_norms_pair_with_the_activation_module_after_them():
+    """timm's resnet50_gn: GroupNorm -> act modules. fx proves bn1 -> act1 and bn2 -> act2 (33 pairs);
+    bn3 and the downsample norms feed the residual add and are skipped with that reason."""
+    model = ilmconvert.create_model("timm:resnet50_gn", pretrained=False).double().eval()
+    randomize(model, seed=6)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        report = ilmconvert.convert(model, method="proxy")
+        after = model(x)
+    assert len(report.converted) == 33 and len(report.skipped) == 20
+    assert all("goes to add" in s.reason for s in report.skipped)
+    row = next(c for c in report.converted if c.name == "layer1.0.bn2")
+    assert row.activation == "ReLU" and row.absorbed == ["layer1.0.act2"]
+    assert isinstance(model.layer1[0].act2, nn.Identity) and isinstance(model.layer1[0].bn2.act, nn.ReLU)
+    assert relative_difference(after, before) <= 1e-10
+
+
+class SharedActivation(nn.Module):
+    """One ReLU module called after two norms (as torchvision's ResNet blocks do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.gn1, self.gn2 = nn.GroupNorm(4, 16), nn.GroupNorm(4, 16)
+        self.relu = nn.ReLU()
+        self.gn3, self.drop, self.act3 = nn.GroupNorm(4, 16), nn.Identity(), nn.SiLU()
+
+    def forward(self, x):
+        x = self.relu(self.gn1(self.conv(x)))
+        x = self.relu(self.gn2(x))
+        return self.act3(self.drop(self.gn3(x)))
+
+
+def test_a_shared_activation_is_not_moved_and_the_pair_is_reported():
+    model = SharedActivation().double()
+    randomize(model, seed=8)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = model(x)
+    report = ilmconvert.convert(model, method="proxy")
+    assert [c.name for c in report.converted] == ["gn3"] and report.converted[0].absorbed == ["act3"]
+    assert [s.name for s in report.skipped] == ["gn1", "gn2"]
+    assert all("relu (ReLU) is shared: called at 2 places" in s.reason for s in report.skipped)
+    assert relative_difference(model(x), before) <= 1e-10
+
+
+def test_torchvision_resnet_batchnorm_opt_in_is_batch_independent():
+    """torchvision's resnet50: the stem's BN -> ReLU becomes GN + PN; the blocks' BNs, whose ReLU is
+    shared, become plain GroupNorm with a note; in training mode no output depends on the batch."""
+    model = ilmconvert.create_model("torchvision:resnet50", pretrained=False, num_classes=4).train()
+    report = ilmconvert.convert(model, method="proxy", batchnorm="gn")
+    assert report.converted[0].name == "bn1" and report.converted[0].target == "ProxyGroupNormAct"
+    plain = [c for c in report.converted[1:]]
+    assert len(plain) == 52 and all(c.target == "GroupNorm" and "is shared" in c.note for c in plain[:2])
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert relative_difference(model(x[:1]), model(x)[:1]) < 1e-5
+
+
+def test_unknown_method_and_nothing_to_pair():
     with pytest.raises(ilmconvert.ConversionError, match="method must be one of ilm, proxy"):
         ilmconvert.convert(_pairs_net(), method="batch")
+    lonely = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(2, 8), nn.Conv2d(8, 8, 1))
+    with pytest.raises(ilmconvert.ConversionError, match="not paired with an activation.*goes to Conv2d"):
+        ilmconvert.convert(lonely, method="proxy")
 
 
 def test_paper_init_is_the_authors_layer():
@@ -191,8 +251,9 @@ def test_paper_init_is_the_authors_layer():
     assert abs(float(y.mean())) < 0.05 and abs(float(y.var()) - 1.0) < 0.1
 
 
-def test_checkpoint_round_trip_is_bit_exact(tmp_path):
-    model = ilmconvert.create_model("timm:test_efficientnet_gn", pretrained=False)
+@pytest.mark.parametrize("spec", ["timm:test_efficientnet_gn", "timm:resnet50_gn"])
+def test_checkpoint_round_trip_is_bit_exact(spec, tmp_path):
+    model = ilmconvert.create_model(spec, pretrained=False)
     randomize(model, seed=3)
     ilmconvert.convert(model, method="proxy")
     ilmconvert.save(model, tmp_path / "ckpt")
@@ -201,5 +262,4 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
-    keys = set(loaded.state_dict())
-    assert {"bn1.weight", "bn1.proxy_weight", "bn1.output_bias"} <= keys  # the norm's names stay
+    assert {"bn1.weight", "bn1.proxy_weight", "bn1.output_bias"} <= set(loaded.state_dict())  # names stay

@@ -73,7 +73,9 @@ def render_report(report: Any, title: str) -> None:
         k = f"{c.key_group_size}*" if c.key_group_size_adjusted else str(c.key_group_size)
         name = c.name + (f" (+{len(c.aliases)} shared)" if c.aliases else "")
         target = c.target + (" [yellow](changes function)[/]" if c.function_changing else "")
-        sizes = (c.activation,) if proxy else (k, str(c.num_key_groups), str(c.embedding_size))
+        absorbed = f" ({', '.join(c.absorbed)} -> Identity)" if c.absorbed else ""
+        activation = c.activation + absorbed if c.activation else f"none: {c.note}"
+        sizes = (activation,) if proxy else (k, str(c.num_key_groups), str(c.embedding_size))
         source = c.source.rsplit(".", 1)[-1]
         table.add_row(name, source, target, str(c.channels), str(c.norm_groups), *sizes, f"{c.params_added:,}")
     console.print(table)

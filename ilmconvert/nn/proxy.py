@@ -189,9 +189,19 @@ class _ProxyFromNorm:
 
     @classmethod
     def from_norm(
-        cls, norm: nn.Module, *, init: str = "preserve", key_group_size: int = 16, reduction: int = 16, **layout: Any
+        cls,
+        norm: nn.Module,
+        *,
+        init: str = "preserve",
+        key_group_size: int = 16,
+        reduction: int = 16,
+        act_layer: nn.Module | None = None,
+        **layout: Any,
     ) -> nn.Module:
-        """Build the Proxy Norm replacement of a timm norm + activation module (same device and dtype).
+        """Build the Proxy Norm replacement of a norm and its activation (same device and dtype).
+
+        The activation is ``act_layer`` (a separate module that followed a plain norm) or, for
+        timm's norm + activation modules, their own ``act``.
 
         ``init="preserve"`` adds the output affine that keeps ``norm``'s function (up to rounding);
         ``"paper"`` is the authors' layer (gamma = 1, beta = 0, no output affine).
@@ -215,7 +225,7 @@ class _ProxyFromNorm:
             if t.is_floating_point():
                 factory = {"device": t.device, "dtype": t.dtype}
                 break
-        act = getattr(norm, "act", None)
+        act = act_layer if act_layer is not None else getattr(norm, "act", None)
         if not isinstance(act, nn.Module) or isinstance(act, nn.Identity):
             if isinstance(norm, _BatchNorm):  # opt-in BatchNorm without activation: plain GN, batch-independent
                 return _group_norm_of_batchnorm(norm, factory)
