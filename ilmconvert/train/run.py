@@ -113,6 +113,9 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     """The per-epoch metrics of a run (``[]`` when there are none yet).
 
     A last line without its newline (half-written by an older version that was killed) is skipped.
+
+    Raises:
+        ValueError: another line is not JSON (``json.JSONDecodeError``).
     """
     path = Path(run) / METRICS_FILE
     if not path.is_file():
