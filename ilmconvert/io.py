@@ -55,7 +55,12 @@ def versions() -> dict[str, str]:
     import timm
     import torchvision
 
-    return {"ilmconvert": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__}
+    return {
+        "ilmconvert": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+    }
 
 
 def _resolve_source(model: nn.Module, source: ModelSource | str | None) -> ModelSource:
@@ -105,7 +110,9 @@ def check_target(directory: str | Path) -> Path:
     if not parent.is_dir():
         raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not a directory; choose another one")
     if not os.access(parent, os.W_OK):
-        raise CheckpointError(f"cannot write checkpoint to {target}: {parent} is not writable; choose another directory")
+        raise CheckpointError(
+            f"cannot write checkpoint to {target}: {parent} is not writable; choose another directory"
+        )
     return target
 
 
@@ -170,7 +177,9 @@ def save(
         _fsync_dir_files(tmp)
         _replace_dir(tmp, target)
     except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint to {target}: {err.strerror or err}; choose another directory") from err
+        raise CheckpointError(
+            f"cannot write checkpoint to {target}: {err.strerror or err}; choose another directory"
+        ) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -202,7 +211,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     """
     path = Path(directory) / CONFIG_FILE
     if not Path(directory).is_dir():
-        raise CheckpointError(f"{directory} is not a directory; pass a checkpoint directory written by `ilmconvert swap`")
+        raise CheckpointError(
+            f"{directory} is not a directory; pass a checkpoint directory written by `ilmconvert swap`"
+        )
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError as err:

@@ -138,7 +138,9 @@ def _construct(source: ModelSource, pretrained: bool) -> nn.Module:
     if source.library == "timm":
         import timm
 
-        name = source.architecture + (f".{source.pretrained_tag}" if pretrained and source.pretrained_tag not in (None, "default") else "")
+        name = source.architecture + (
+            f".{source.pretrained_tag}" if pretrained and source.pretrained_tag not in (None, "default") else ""
+        )
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     import torchvision
 
@@ -441,8 +443,14 @@ def _cifar_stem(model: nn.Module) -> None:
     if not isinstance(conv, nn.Conv2d) or pool is None:
         raise ModelSourceError(f"cifar_stem needs a ResNet with conv1 / maxpool; {type(model).__name__} has none")
     model.conv1 = nn.Conv2d(
-        conv.in_channels, conv.out_channels, 3, 1, 1, bias=conv.bias is not None,
-        device=conv.weight.device, dtype=conv.weight.dtype,
+        conv.in_channels,
+        conv.out_channels,
+        3,
+        1,
+        1,
+        bias=conv.bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
     )
     model.maxpool = nn.Identity()
 

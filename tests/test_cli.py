@@ -34,7 +34,9 @@ def test_inspect_table_and_json():
     result = _run("inspect", "resnet50_gn", "--json")
     data = json.loads(result.stdout)
     assert data["model"] == "resnet50_gn" and len(data["converted"]) == 53
-    assert data["converted"][0]["num_key_groups"] == 4 and data["params_added"] == sum(c["params_added"] for c in data["converted"])
+    assert data["converted"][0]["num_key_groups"] == 4 and data["params_added"] == sum(
+        c["params_added"] for c in data["converted"]
+    )
 
 
 def test_inspect_key_group_size_and_batchnorm_opt_in():
@@ -49,12 +51,21 @@ def test_inspect_key_group_size_and_batchnorm_opt_in():
         (["inspect", "torchvision:resnet50"], "nothing to convert in ResNet"),
         (["inspect", "resnet50_gn", "--norms", "gn,xx"], "unknown norm kind xx"),
         (["swap", "convnext_atto", "--out", "OUT"], "--no-pretrained"),
-        (["swap", "convnext_atto", "--no-pretrained", "--init", "zeros", "--out", "OUT"], "--init must be preserve or paper"),
-        (["swap", "convnext_atto", "--no-pretrained", "--weights", "missing.safetensors", "--out", "OUT"], "does not exist"),
+        (
+            ["swap", "convnext_atto", "--no-pretrained", "--init", "zeros", "--out", "OUT"],
+            "--init must be preserve or paper",
+        ),
+        (
+            ["swap", "convnext_atto", "--no-pretrained", "--weights", "missing.safetensors", "--out", "OUT"],
+            "does not exist",
+        ),
     ],
 )
 def test_expected_mistakes_are_one_line_and_exit_2(args, message, tmp_path):
-    args = [a.replace("OUT", str(tmp_path / "out")).replace("missing.safetensors", str(tmp_path / "missing.safetensors")) for a in args]
+    args = [
+        a.replace("OUT", str(tmp_path / "out")).replace("missing.safetensors", str(tmp_path / "missing.safetensors"))
+        for a in args
+    ]
     result = _run(*args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]

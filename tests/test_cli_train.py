@@ -79,7 +79,11 @@ def test_finetune_writes_metrics_and_loadable_checkpoints(finished_run):
     assert best(torch.randn(2, 3, 32, 32)).shape == (2, 3)
     config = json.loads((finished_run / "best" / "config.json").read_text())
     best_epoch = max(metrics, key=lambda m: m["top1"])
-    assert config["metadata"]["top1"] == best_epoch["top1"] and config["metadata"]["data"]["classes"] == ["checker", "horizontal", "vertical"]
+    assert config["metadata"]["top1"] == best_epoch["top1"] and config["metadata"]["data"]["classes"] == [
+        "checker",
+        "horizontal",
+        "vertical",
+    ]
     # the patterns are easy: two short epochs must beat chance (33 %)
     assert best_epoch["top1"] > 50, metrics
 
@@ -133,7 +137,13 @@ def test_resume_continues_where_an_interrupted_run_stopped(tiny_data, tiny_recip
 
 def test_finetune_a_converted_checkpoint_resizes_its_head(tiny_data, tiny_recipe, tmp_path):
     network = ilmconvert.create_model(
-        "timm:resnet18", pretrained=False, num_classes=10, norm_layer="groupnorm", channels=[32, 64, 128, 256], stem_width=32, layers=[1, 1, 1, 1]
+        "timm:resnet18",
+        pretrained=False,
+        num_classes=10,
+        norm_layer="groupnorm",
+        channels=[32, 64, 128, 256],
+        stem_width=32,
+        layers=[1, 1, 1, 1],
     )
     ilmconvert.convert(network)
     ilmconvert.save(network, tmp_path / "swapped")
@@ -157,7 +167,10 @@ def test_expected_mistakes_are_one_line_and_write_nothing(tiny_data, tiny_recipe
         (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--resume"], "only --epochs may change"),
         (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--lr", "0"], "train.lr"),
         (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--device", "tpu"], "--device"),
-        ([tmp_path / "nockpt", "--recipe", tiny_recipe, "--data", tiny_data, "--out", run], "not an ilmconvert checkpoint"),
+        (
+            [tmp_path / "nockpt", "--recipe", tiny_recipe, "--data", tiny_data, "--out", run],
+            "not an ilmconvert checkpoint",
+        ),
     ]
     for args, expected in cases:
         line = one_error_line(finetune(*args))
@@ -167,7 +180,9 @@ def test_expected_mistakes_are_one_line_and_write_nothing(tiny_data, tiny_recipe
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert "not a writable directory" in one_error_line(finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", blocker / "run"))
+    assert "not a writable directory" in one_error_line(
+        finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", blocker / "run")
+    )
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
@@ -180,7 +195,9 @@ def test_expected_mistakes_are_one_line_and_write_nothing(tiny_data, tiny_recipe
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    line = one_error_line(finetune("--recipe", tiny_recipe, "--data", "cifar10", "--data-root", tmp_path / "dl", "--out", run))
+    line = one_error_line(
+        finetune("--recipe", tiny_recipe, "--data", "cifar10", "--data-root", tmp_path / "dl", "--out", run)
+    )
     assert "cannot download cifar10" in line and "ImageFolder" in line
     assert not run.exists()
 
@@ -193,7 +210,10 @@ def test_eval_errors_are_one_line(finished_run, tiny_data, tmp_path):
     assert "predicts 3 classes but" in one_error_line(result)
 
 
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="torch was built without the Gloo backend")
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch was built without the Gloo backend",
+)
 def test_finetune_under_torchrun_with_two_cpu_processes(tiny_data, tiny_recipe, tmp_path):
     """`torchrun --nproc_per_node 2 -m ilmconvert finetune` on CPU (Gloo): rank 0 alone reports and
     writes, and the test metrics summed over the two disjoint test slices are those of the whole
@@ -203,8 +223,25 @@ def test_finetune_under_torchrun_with_two_cpu_processes(tiny_data, tiny_recipe, 
 
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ilmconvert", "finetune", "--recipe", str(tiny_recipe), "--data", str(tiny_data), "--out", str(run), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ilmconvert",
+        "finetune",
+        "--recipe",
+        str(tiny_recipe),
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.count("epoch   2/2") == 1
@@ -223,7 +260,13 @@ def test_finetune_under_torchrun_with_two_cpu_processes(tiny_data, tiny_recipe, 
 @pytest.mark.parametrize("module", ["ilmconvert", "ilmconvert.cli"])
 def test_python_dash_m_knows_the_fine_tuning_commands(module):
     """`python -m ilmconvert.cli` once ran a second copy of the app without finetune / eval."""
-    done = subprocess.run([sys.executable, "-m", module, "recipes"], env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "recipes"],
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "cifar10-smoke" in done.stdout
 
@@ -237,4 +280,6 @@ def test_world_size_without_torchrun_is_one_line(tiny_data, tiny_recipe, tmp_pat
     assert "joining the process group failed" in line and "torchrun" in line
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("WORLD_SIZE", "two")
-    assert "must be integers" in one_error_line(finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", tmp_path / "run"))
+    assert "must be integers" in one_error_line(
+        finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", tmp_path / "run")
+    )

@@ -21,8 +21,12 @@ class InstanceNormNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.InstanceNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 48, 3, padding=1), nn.InstanceNorm2d(48, affine=True), nn.ReLU(),
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.InstanceNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 48, 3, padding=1),
+            nn.InstanceNorm2d(48, affine=True),
+            nn.ReLU(),
         )
         self.head = nn.Conv2d(48, 3, 1)
 
@@ -34,15 +38,40 @@ PRESERVATION_CASES = {
     # name: (factory, input size, expected ILM classes)
     "timm:resnet50_gn": (lambda: ilmconvert.create_model("timm:resnet50_gn", pretrained=False), 64, {ILMGroupNorm}),
     "timm:convnext_atto": (lambda: ilmconvert.create_model("timm:convnext_atto", pretrained=False), 64, {ILMLayerNorm}),
-    "timm:vit_tiny_patch16_224": (lambda: ilmconvert.create_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=64), 64, {ILMLayerNorm}),
+    "timm:vit_tiny_patch16_224": (
+        lambda: ilmconvert.create_model("timm:vit_tiny_patch16_224", pretrained=False, img_size=64),
+        64,
+        {ILMLayerNorm},
+    ),
     "timm:swin_tiny_patch4_window7_224": (
-        lambda: ilmconvert.create_model("timm:swin_tiny_patch4_window7_224", pretrained=False, img_size=64, window_size=2), 64, {ILMLayerNorm}),
+        lambda: ilmconvert.create_model(
+            "timm:swin_tiny_patch4_window7_224", pretrained=False, img_size=64, window_size=2
+        ),
+        64,
+        {ILMLayerNorm},
+    ),
     # BiT: GroupNormAct (activation kept)
-    "timm:resnetv2_50x1_bit": (lambda: ilmconvert.create_model("timm:resnetv2_50x1_bit", pretrained=False), 64, {ILMGroupNormAct}),
+    "timm:resnetv2_50x1_bit": (
+        lambda: ilmconvert.create_model("timm:resnetv2_50x1_bit", pretrained=False),
+        64,
+        {ILMGroupNormAct},
+    ),
     # PoolFormer: GroupNorm1 blocks and a LayerNorm2d
-    "timm:poolformer_s12": (lambda: ilmconvert.create_model("timm:poolformer_s12", pretrained=False), 64, {ILMGroupNorm, ILMLayerNorm}),
-    "torchvision:convnext_tiny": (lambda: ilmconvert.create_model("torchvision:convnext_tiny", pretrained=False), 64, {ILMLayerNorm}),
-    "torchvision:vit_b_16": (lambda: ilmconvert.create_model("torchvision:vit_b_16", pretrained=False, image_size=64), 64, {ILMLayerNorm}),
+    "timm:poolformer_s12": (
+        lambda: ilmconvert.create_model("timm:poolformer_s12", pretrained=False),
+        64,
+        {ILMGroupNorm, ILMLayerNorm},
+    ),
+    "torchvision:convnext_tiny": (
+        lambda: ilmconvert.create_model("torchvision:convnext_tiny", pretrained=False),
+        64,
+        {ILMLayerNorm},
+    ),
+    "torchvision:vit_b_16": (
+        lambda: ilmconvert.create_model("torchvision:vit_b_16", pretrained=False, image_size=64),
+        64,
+        {ILMLayerNorm},
+    ),
     "torchvision:swin_t": (lambda: ilmconvert.create_model("torchvision:swin_t", pretrained=False), 64, {ILMLayerNorm}),
     "instance-norm-net": (InstanceNormNet, 32, {ILMInstanceNorm}),
 }
@@ -253,7 +282,9 @@ def test_batchnorm_opt_in_converts_and_flags_the_change():
     assert all(c.function_changing and c.norm_groups == 32 for c in report.converted)
 
 
-@pytest.mark.parametrize("spec, kwargs", [("timm:resnet50_gn", {}), ("timm:convnext_atto", {}), ("timm:resnetv2_50x1_bit", {})])
+@pytest.mark.parametrize(
+    "spec, kwargs", [("timm:resnet50_gn", {}), ("timm:convnext_atto", {}), ("timm:resnetv2_50x1_bit", {})]
+)
 def test_converted_network_traces_with_torch_fx(spec, kwargs):
     """Each ILM layer is one node of the FX graph (ilmconvert.nn.core.ilm_forward), run eagerly."""
     model = ilmconvert.create_model(spec, pretrained=False, **kwargs).eval()

@@ -86,7 +86,9 @@ def test_float64_gradcheck_of_the_fast_path(make, shape):
     layer = make().double()
     randomize(layer, seed=6)
     layer.fast = "torch"
-    small = tuple(min(s, 3) if i != 1 and not (i == len(shape) - 1 and not layer.pooled) else s for i, s in enumerate(shape))
+    small = tuple(
+        min(s, 3) if i != 1 and not (i == len(shape) - 1 and not layer.pooled) else s for i, s in enumerate(shape)
+    )
     x = torch.randn(small, dtype=torch.float64, requires_grad=True)
     names = [n for n, _ in layer.named_parameters()]
     params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
@@ -159,8 +161,15 @@ def test_fast_path_is_taken_and_can_be_forced_off(monkeypatch):
     assert calls == [1, 1]
 
 
-@pytest.mark.parametrize("make, shape, cl", [(POOLED[0][0], POOLED[0][1], False), (POOLED[0][0], POOLED[0][1], True),
-                                             (TOKENS[0][0], TOKENS[0][1], False), (TOKENS[3][0], TOKENS[3][1], False)])
+@pytest.mark.parametrize(
+    "make, shape, cl",
+    [
+        (POOLED[0][0], POOLED[0][1], False),
+        (POOLED[0][0], POOLED[0][1], True),
+        (TOKENS[0][0], TOKENS[0][1], False),
+        (TOKENS[3][0], TOKENS[3][1], False),
+    ],
+)
 def test_inplace_op_on_the_output_is_legal(make, shape, cl):
     """timm follows norms with ReLU(inplace=True): the fast path's output must allow it."""
     layer = make()
@@ -247,8 +256,11 @@ def test_output_dtype_follows_cuda_autocast_rules():
 
 @pytest.mark.parametrize(
     "make, shape",
-    [(lambda: ILMGroupNorm(4, 32), (2, 32, 5, 5)), (lambda: ILMLayerNorm(48), (2, 7, 48)),
-     (lambda: ILMLayerNorm(32, channels_first=True), (2, 32, 4, 4))],
+    [
+        (lambda: ILMGroupNorm(4, 32), (2, 32, 5, 5)),
+        (lambda: ILMLayerNorm(48), (2, 7, 48)),
+        (lambda: ILMLayerNorm(32, channels_first=True), (2, 32, 4, 4)),
+    ],
 )
 def test_compiled_fast_path_has_no_graph_break_and_matches(make, shape):
     import torch._dynamo

@@ -218,14 +218,24 @@ def test_preprocessing_follows_the_pretrained_weights():
     from ilmconvert.models import ModelSource, build, preprocessing
 
     def of(library, arch, tag=None, adaptations=()):
-        return preprocessing(build(ModelSource(library, arch, pretrained_tag=tag, adaptations=list(adaptations)), device="meta"))
+        return preprocessing(
+            build(ModelSource(library, arch, pretrained_tag=tag, adaptations=list(adaptations)), device="meta")
+        )
 
     # timm's pretrained_cfg of the recorded tag: 384 px, mean = std = 0.5 for this AugReg ViT
-    assert of("timm", "vit_base_patch16_384", "augreg_in21k_ft_in1k") == {"image_size": 384, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    assert of("timm", "vit_base_patch16_384", "augreg_in21k_ft_in1k") == {
+        "image_size": 384,
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+    }
     assert of("timm", "convnext_base", "fb_in22k_ft_in1k_384")["image_size"] == 384
     assert of("timm", "convnext_base")["image_size"] == 224
     # torchvision's weights transforms: SWAG ViT-H/14 is evaluated at 518 px; no weights: ImageNet at 224
     assert of("torchvision", "vit_h_14", "IMAGENET1K_SWAG_E2E_V1")["image_size"] == 518
-    assert of("torchvision", "resnet50") == {"image_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert of("torchvision", "resnet50") == {
+        "image_size": 224,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+    }
     # a CIFAR stem no longer takes the pretrained input: the recipe defaults apply
     assert of("torchvision", "resnet50", "default", ["cifar_stem"]) is None

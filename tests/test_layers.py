@@ -25,22 +25,24 @@ def reference_ilm(
     otherwise the positions of a sample are pooled (GroupNorm / InstanceNorm).
     """
     b, c, p = x.shape
-    instances = [(i, [j]) for i in range(b) for j in range(p)] if per_position else [(i, list(range(p))) for i in range(b)]
+    instances = (
+        [(i, [j]) for i in range(b) for j in range(p)] if per_position else [(i, list(range(p))) for i in range(b)]
+    )
     y = np.empty_like(x)
     k = c // key_groups
     g = c // norm_groups
     for i, positions in instances:
         xi = x[i][:, positions]  # (C, P_i)
-        mu = np.array([xi[n * k:(n + 1) * k].mean() for n in range(key_groups)])  # eq. 3
-        gamma = np.array([xi[n * k:(n + 1) * k].var() for n in range(key_groups)])  # biased
+        mu = np.array([xi[n * k : (n + 1) * k].mean() for n in range(key_groups)])  # eq. 3
+        gamma = np.array([xi[n * k : (n + 1) * k].var() for n in range(key_groups)])  # biased
         e_mu, e_gamma = np.maximum(w1 @ mu, 0), np.maximum(w1 @ gamma, 0)  # eq. 4
         d_mu, d_gamma = np.tanh(w2 @ e_mu), _sigmoid(w3 @ e_gamma)  # eq. 5
         omega = np.repeat(d_gamma, k) + b_omega  # eq. 6
         beta = np.repeat(d_mu, k) + b_beta
         xs = np.empty_like(xi)
         for gi in range(norm_groups):  # eq. 1, the underlying norm's groups
-            block = xi[gi * g:(gi + 1) * g]
-            xs[gi * g:(gi + 1) * g] = (block - block.mean()) / np.sqrt(block.var() + eps)
+            block = xi[gi * g : (gi + 1) * g]
+            xs[gi * g : (gi + 1) * g] = (block - block.mean()) / np.sqrt(block.var() + eps)
         y[i][:, positions] = xs * omega[:, None] + beta[:, None]  # eq. 2
     return y
 
@@ -65,7 +67,9 @@ def test_group_norm_matches_paper_equations(groups, channels, spatial, key_group
     layer = ILMGroupNorm(groups, channels, eps=1e-5, key_group_size=key_group_size, dtype=torch.float64)
     randomize(layer, seed=channels)
     x = torch.randn(3, channels, *spatial, dtype=torch.float64) * 2 + 0.5
-    expected = reference_ilm(x.reshape(3, channels, -1).numpy(), norm_groups=groups, per_position=False, **_params(layer))
+    expected = reference_ilm(
+        x.reshape(3, channels, -1).numpy(), norm_groups=groups, per_position=False, **_params(layer)
+    )
     np.testing.assert_allclose(layer(x).detach().reshape(3, channels, -1).numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -74,7 +78,9 @@ def test_instance_norm_matches_paper_equations(channels, spatial):
     layer = ILMInstanceNorm(channels, eps=1e-3, dtype=torch.float64)
     randomize(layer, seed=1)
     x = torch.randn(2, channels, *spatial, dtype=torch.float64)
-    expected = reference_ilm(x.reshape(2, channels, -1).numpy(), norm_groups=channels, per_position=False, **_params(layer))
+    expected = reference_ilm(
+        x.reshape(2, channels, -1).numpy(), norm_groups=channels, per_position=False, **_params(layer)
+    )
     np.testing.assert_allclose(layer(x).detach().reshape(2, channels, -1).numpy(), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -101,7 +107,7 @@ def test_per_position_key_features_do_not_mix_tokens():
     x = torch.randn(1, 9, 32, dtype=torch.float64)
     full = layer(x)
     for t in range(9):  # each token alone gives the same output: causal-safe, length-independent
-        torch.testing.assert_close(layer(x[:, t:t + 1]), full[:, t:t + 1], rtol=0, atol=1e-14)
+        torch.testing.assert_close(layer(x[:, t : t + 1]), full[:, t : t + 1], rtol=0, atol=1e-14)
 
 
 def test_instances_are_independent_of_the_batch():
@@ -119,7 +125,8 @@ def test_unbatched_instance_norm_input():
 
 
 @pytest.mark.parametrize(
-    "channels, k, expected_k", [(64, 16, 16), (40, 16, 10), (96, 16, 16), (30, 16, 15), (7, 16, 7), (13, 4, 1), (320, 16, 16)]
+    "channels, k, expected_k",
+    [(64, 16, 16), (40, 16, 10), (96, 16, 16), (30, 16, 15), (7, 16, 7), (13, 4, 1), (320, 16, 16)],
 )
 def test_key_group_size_is_largest_divisor_not_above_k(channels, k, expected_k):
     assert resolve_key_group_size(channels, k) == expected_k
@@ -134,7 +141,11 @@ def test_parameter_shapes_and_names():
     layer = ILMGroupNorm(32, 256)  # K = 16, N = 16, M = max(2, 1) = 2
     shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
     assert shapes == {
-        "weight": (256,), "bias": (256,), "encoder.weight": (2, 16), "decoder_mu.weight": (16, 2), "decoder_gamma.weight": (16, 2),
+        "weight": (256,),
+        "bias": (256,),
+        "encoder.weight": (2, 16),
+        "decoder_mu.weight": (16, 2),
+        "decoder_gamma.weight": (16, 2),
     }
     assert layer.added_parameters() == 3 * 16 * 2
 

@@ -260,7 +260,9 @@ def test_short_finetune_on_real_cifar10_beats_chance(cifar10_root, tmp_path):
     from ilmconvert.train.run import evaluate_checkpoint, prepare_finetune, read_metrics, run_finetune
 
     recipe = R.load_recipe("cifar10-smoke")
-    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"train_subset": 12000, "test_subset": 1000})})
+    recipe = recipe.model_copy(
+        update={"data": recipe.data.model_copy(update={"train_subset": 12000, "test_subset": 1000})}
+    )
     recipe = recipe.with_overrides(epochs=2)
     path = tmp_path / "short.yaml"
     path.write_text(recipe.to_yaml())

@@ -19,15 +19,36 @@ SUBSET = [
     ("timm:test_efficientnet_ln", {}, 32, {"timm.layers.norm_act.LayerNormAct2d"}),
     ("timm:test_efficientnet_gn", {}, 32, {"timm.layers.norm_act.GroupNormAct"}),
     ("timm:mobilevitv2_050", {}, 64, {"timm.layers.norm.GroupNorm1"}),
-    ("timm:poolformerv2_s12", {}, 32, {"timm.models.metaformer.GroupNorm1NoBias", "timm.models.metaformer.LayerNorm2dNoBias"}),
-    ("timm:caformer_s18", {}, 32, {"timm.models.metaformer.LayerNormNoBias", "timm.models.metaformer.LayerNorm2dNoBias"}),
+    (
+        "timm:poolformerv2_s12",
+        {},
+        32,
+        {"timm.models.metaformer.GroupNorm1NoBias", "timm.models.metaformer.LayerNorm2dNoBias"},
+    ),
+    (
+        "timm:caformer_s18",
+        {},
+        32,
+        {"timm.models.metaformer.LayerNormNoBias", "timm.models.metaformer.LayerNorm2dNoBias"},
+    ),
     ("timm:resnet50_gn", {}, 32, {"timm.layers.norm.GroupNorm"}),
-    ("torchvision:convnext_tiny", {}, 32, {"torchvision.models.convnext.LayerNorm2d", "torch.nn.modules.normalization.LayerNorm"}),
+    (
+        "torchvision:convnext_tiny",
+        {},
+        32,
+        {"torchvision.models.convnext.LayerNorm2d", "torch.nn.modules.normalization.LayerNorm"},
+    ),
     ("torchvision:swin_t", {}, 32, {"torch.nn.modules.normalization.LayerNorm"}),
     ("torchvision:vit_b_16", {"image_size": 32}, 32, {"torch.nn.modules.normalization.LayerNorm"}),
 ]
 #: the subset plus save -> load (a rebuild each): the cheaper ones
-ROUND_TRIP = {"timm:test_convnext", "timm:test_vit_relpos", "timm:test_efficientnet_gn", "timm:poolformerv2_s12", "torchvision:swin_t"}
+ROUND_TRIP = {
+    "timm:test_convnext",
+    "timm:test_vit_relpos",
+    "timm:test_efficientnet_gn",
+    "timm:poolformerv2_s12",
+    "torchvision:swin_t",
+}
 
 
 def _qual(cls: type) -> str:
@@ -159,4 +180,6 @@ def test_raft_instance_norms_convert_preserve_and_train():
     model.train()
     (model(*frames, num_flow_updates=2)[-1] ** 2).mean().backward()
     layers = [m for m in model.modules() if isinstance(m, ILMNorm)]
-    assert layers and all(m.encoder.weight.grad is not None and torch.isfinite(m.encoder.weight.grad).all() for m in layers)
+    assert layers and all(
+        m.encoder.weight.grad is not None and torch.isfinite(m.encoder.weight.grad).all() for m in layers
+    )

@@ -85,7 +85,10 @@ def resolve_data(
     if root.exists() and not root.is_dir():
         raise DataError(f"data {root} is a file, not a folder; pass an ImageFolder root with train/ and test/")
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; pass an ImageFolder root with train/ and test/ (or val/), or cifar10 / cifar100")
+        raise DataError(
+            f"data folder {root} does not exist; pass an ImageFolder root with train/ and test/ (or val/), "
+            "or cifar10 / cifar100"
+        )
     splits = {}
     if (root / "train").is_dir():
         splits["train"] = root / "train"

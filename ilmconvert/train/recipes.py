@@ -150,13 +150,17 @@ class Recipe(_Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
 
-    def with_overrides(self, *, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None) -> Recipe:
+    def with_overrides(
+        self, *, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None
+    ) -> Recipe:
         """A copy with the given training settings replaced (``None`` keeps the recipe's)."""
         changes = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
         if not changes:
             return self
         merged = self.train.model_dump() | changes
-        return self.model_copy(update={"train": _validate(TrainSettings, merged, "with command-line overrides", "train.")})
+        return self.model_copy(
+            update={"train": _validate(TrainSettings, merged, "with command-line overrides", "train.")}
+        )
 
     def to_yaml(self) -> str:
         """The recipe as YAML (what ``finetune`` writes to ``RUN/recipe.yaml``)."""
