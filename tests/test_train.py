@@ -295,3 +295,23 @@ def test_gpu_style_precision_path_trains_and_saves(tmp_path, monkeypatch):
     loaded = ilmconvert.load(tmp_path / "run" / "last")
     for (name, a), b in zip(plan.network.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a.cpu(), b), name
+
+
+def test_a_failure_before_the_run_folder_is_written_leaves_nothing(tmp_path, monkeypatch):
+    """The lock creates RUN; an error in run_finetune before last/ exists removes it again."""
+    from ilmconvert.train import run as R_run
+
+    data = make_image_folder(tmp_path / "data", n_train=4, n_test=2)
+    (tmp_path / "r.yaml").write_text(TINY_RECIPE)
+    plan = R_run.prepare_finetune(
+        data=str(data), run=tmp_path / "out" / "run", recipe=str(tmp_path / "r.yaml"), device="cpu"
+    )
+    assert (tmp_path / "out" / "run" / R_run.LOCK_FILE).is_file()
+
+    def broken(*args, **kwargs):
+        raise L.TrainError("injected: the optimizer cannot be built")
+
+    monkeypatch.setattr(R_run, "create_optimizer", broken)
+    with pytest.raises(L.TrainError, match="injected"):
+        R_run.run_finetune(plan)
+    assert not (tmp_path / "out").exists()

@@ -120,6 +120,16 @@ def create_optimizer(network: nn.Module, train: TrainSettings) -> torch.optim.Op
     )
 
 
+def check_scheduler(train: TrainSettings) -> None:
+    """Build the recipe's scheduler on a throwaway optimizer, so that a bad ``sched`` is reported
+    before anything is written.
+
+    Raises:
+        TrainError: a scheduler name or setting timm does not accept.
+    """
+    create_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.lr), train, 1)
+
+
 def create_scheduler(optimizer: torch.optim.Optimizer, train: TrainSettings, updates_per_epoch: int) -> Any:
     """A per-update timm scheduler (``timm.scheduler.create_scheduler_v2``); ``None`` for ``sched: none``.
 

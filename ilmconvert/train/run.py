@@ -52,6 +52,7 @@ from .loop import (
     Batches,
     Precision,
     build_network,
+    check_scheduler,
     cpu_threads,
     create_optimizer,
     create_scheduler,
@@ -430,6 +431,7 @@ def prepare_finetune(
         else:
             resolved = load_recipe(recipe or default_recipe).with_overrides(epochs=epochs, batch_size=batch_size, lr=lr)
             state = None
+            check_scheduler(resolved.train)
             check_new_run(run)
             if checkpoint is not None:
                 check_checkpoint(checkpoint)
@@ -555,16 +557,25 @@ def run_finetune(plan: FinetunePlan, progress: Progress | None = None) -> dict[s
             return _fit(plan, progress)
     except KeyboardInterrupt:
         raise _interrupted(plan) from None
+    except BaseException:
+        if not _written(plan) and plan.lock is not None:
+            plan.lock.discard()  # nothing but the lock was written: leave nothing behind
+        raise
     finally:
         plan.release()
+
+
+def _written(plan: FinetunePlan) -> bool:
+    """Whether the run folder holds a resumable run (its ``last/`` checkpoint and recipe)."""
+    from ..io import is_checkpoint
+
+    return is_checkpoint(plan.run / LAST) and (plan.run / RECIPE_FILE).is_file()
 
 
 def _interrupted(plan: FinetunePlan) -> RunInterrupted:
     """The error for Ctrl-C during :func:`_fit`: how to resume, or (before RUN was written) that
     nothing was written; then the lock file and any folder created for it are removed."""
-    from ..io import is_checkpoint
-
-    if is_checkpoint(plan.run / LAST) and (plan.run / RECIPE_FILE).is_file():
+    if _written(plan):
         return RunInterrupted(f"interrupted; resume with: {plan.resume_command}")
     if plan.lock is not None:
         plan.lock.discard()
