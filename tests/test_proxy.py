@@ -263,3 +263,16 @@ def test_checkpoint_round_trip_is_bit_exact(spec, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
     assert {"bn1.weight", "bn1.proxy_weight", "bn1.output_bias"} <= set(loaded.state_dict())  # names stay
+
+
+def test_the_proxy_shift_and_scale_are_decayed_and_nothing_else_of_pn():
+    from ilmconvert.train.loop import create_optimizer
+    from ilmconvert.train.recipes import TrainSettings
+
+    model = _pairs_net()
+    ilmconvert.convert(model, method="proxy")
+    optimizer = create_optimizer(model, TrainSettings(weight_decay=5e-4))
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    names = {n: decay[id(p)] for n, p in model.named_parameters()}
+    assert names["1.proxy_weight"] == names["1.proxy_bias"] == 5e-4 and names["0.weight"] == 5e-4
+    assert names["1.weight"] == names["1.bias"] == names["1.output_weight"] == names["0.bias"] == 0.0

@@ -111,12 +111,41 @@ def fit_classifier(network: nn.Module, num_classes: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ optimization
+#: Parameters that are decayed although they are 1-d: Proxy Norm's proxy shift and scale (the
+#: authors' optimizer decays them and no other PN parameter; docs/design.md §8).
+DECAYED_1D = ("proxy_weight", "proxy_bias")
+
+
+def parameter_groups(network: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's weight-decay groups (``timm.optim.param_groups_weight_decay``: no decay for biases,
+    1-d parameters and the model's ``no_weight_decay()``), except that :data:`DECAYED_1D`
+    parameters are decayed."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = network.no_weight_decay() if hasattr(network, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(network, weight_decay, no_weight_decay_list=skip)
+    decayed = {id(p) for name, p in network.named_parameters() if name.rsplit(".", 1)[-1] in DECAYED_1D}
+    if not decayed or not weight_decay:
+        return groups
+    moved = [p for g in groups if not g["weight_decay"] for p in g["params"] if id(p) in decayed]
+    for g in groups:
+        if not g["weight_decay"]:
+            g["params"] = [p for p in g["params"] if id(p) not in decayed]
+    return [g for g in groups if g["params"]] + [{"params": moved, "weight_decay": weight_decay}]
+
+
 def create_optimizer(network: nn.Module, train: TrainSettings) -> torch.optim.Optimizer:
-    """SGD with momentum through ``timm.optim.create_optimizer_v2(opt='momentum')``."""
+    """SGD with momentum through ``timm.optim.create_optimizer_v2(opt='momentum')``, with the weight
+    decay groups of :func:`parameter_groups`."""
     from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(
-        network, opt="momentum", lr=train.lr, weight_decay=train.weight_decay, momentum=train.momentum
+        network,
+        opt="momentum",
+        lr=train.lr,
+        weight_decay=train.weight_decay,
+        momentum=train.momentum,
+        param_group_fn=lambda model: parameter_groups(model, train.weight_decay),
     )
 
 
