@@ -193,7 +193,11 @@ def _fsync_dir_files(directory: Path) -> None:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``, replacing an existing ``target`` with two renames."""
+    """Move ``new`` to ``target``, replacing an existing ``target`` with two renames.
+
+    A process killed between the two renames leaves no ``target`` but the previous checkpoint as
+    ``.NAME.old-XXXXXXXX`` beside it, which :func:`recover_checkpoint` puts back.
+    """
     if not target.exists():
         os.replace(new, target)
         return
@@ -201,6 +205,23 @@ def _replace_dir(new: Path, target: Path) -> None:
     os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(directory: str | Path) -> bool:
+    """Put back the checkpoint that an interrupted :func:`save` moved aside, when ``directory`` is
+    missing and exactly that is left (a kill between the two renames of a replacement).
+
+    Returns:
+        True when a checkpoint was put back at ``directory``.
+    """
+    target = Path(directory)
+    if target.exists() or not target.parent.is_dir():
+        return False
+    moved = [p for p in target.parent.glob(f".{target.name}.old-*") if is_checkpoint(p)]
+    if len(moved) != 1:
+        return False
+    os.replace(moved[0], target)
+    return True
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,29 @@ def test_preprocessing_follows_the_pretrained_weights():
     }
     # a CIFAR stem no longer takes the pretrained input: the recipe defaults apply
     assert of("torchvision", "resnet50", "default", ["cifar_stem"]) is None
+
+
+def test_a_save_killed_between_its_two_renames_is_recovered(tmp_path, monkeypatch):
+    """Replacing a checkpoint moves the old one aside, then the new one in; a kill in between
+    leaves only `.NAME.old-*`, which recover_checkpoint puts back (resume calls it)."""
+    from ilmconvert import io
+
+    model = _converted("timm:test_convnext")
+    ilmconvert.save(model, tmp_path / "last")
+    real_replace = os.replace
+    calls = []
+
+    def killed_after_the_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ilmconvert.save(model, tmp_path / "last")
+    monkeypatch.setattr(io.os, "replace", real_replace)
+    assert not (tmp_path / "last").exists() and len(list(tmp_path.glob(".last.old-*"))) == 1
+    assert io.recover_checkpoint(tmp_path / "last") and io.is_checkpoint(tmp_path / "last")
+    assert not io.recover_checkpoint(tmp_path / "last")  # nothing to do any more
+    ilmconvert.load(tmp_path / "last")

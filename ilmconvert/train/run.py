@@ -463,8 +463,9 @@ def _resumed_recipe(run: Path, epochs: int | None) -> tuple[Recipe, dict[str, An
         RunError: ``run`` is not a resumable run folder, or it is finished (``epochs`` not larger).
         RecipeError, CheckpointError: its recipe or trainer state cannot be read.
     """
-    from ..io import CONFIG_FILE, is_checkpoint, load_trainer_state, read_config
+    from ..io import CONFIG_FILE, is_checkpoint, load_trainer_state, read_config, recover_checkpoint
 
+    recover_checkpoint(run / LAST)  # a kill in the middle of replacing last/ leaves it beside
     if not is_checkpoint(run / LAST) or not (run / RECIPE_FILE).is_file():
         if (run / LAST / CONFIG_FILE).exists():
             read_config(run / LAST)  # a damaged last/config.json: raises, naming the problem
