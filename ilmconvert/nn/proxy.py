@@ -167,10 +167,19 @@ class ProxyNormAct(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects {self.num_channels} channels, got input of shape {tuple(x.shape)}"
             )
-        st = torch.float64 if x.dtype == torch.float64 else None
-        scale, shift = self.output_coefficients(st)
-        shape = (self.num_channels, *([1] * (x.dim() - 2))) if self.channels_first else (self.num_channels,)
-        z = self.act(torch.addcmul(self.bias.to(x.dtype).view(shape), x, self.weight.to(x.dtype).view(shape)))
+        shape = self._channel_shape(x)
+        return self._activate_and_normalize(
+            torch.addcmul(self.bias.to(x.dtype).view(shape), x, self.weight.to(x.dtype).view(shape))
+        )
+
+    def _channel_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (self.num_channels, *([1] * (x.dim() - 2))) if self.channels_first else (self.num_channels,)
+
+    def _activate_and_normalize(self, u: torch.Tensor) -> torch.Tensor:
+        """``act(u) * scale + shift`` for the pre-activation ``u = gamma x_hat + beta``."""
+        scale, shift = self.output_coefficients(torch.float64 if u.dtype == torch.float64 else None)
+        shape = self._channel_shape(u)
+        z = self.act(u)
         return torch.addcmul(shift.to(z.dtype).view(shape), z, scale.to(z.dtype).view(shape))
 
     def extra_repr(self) -> str:
@@ -293,8 +302,16 @@ class ProxyGroupNormAct(_ProxyFromNorm, ProxyNormAct):
         return self.num_groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """GN standardization, then PN-Act; ``x`` is ``(B, C, *spatial)``."""
-        return super().forward(F.group_norm(x, self.num_groups, None, None, self.norm_eps))
+        """GN standardization, then PN-Act; ``x`` is ``(B, C, *spatial)``.
+
+        The affine gamma, beta runs inside ``F.group_norm`` (one pass fewer than standardizing and
+        then :meth:`ProxyNormAct.forward`; the same function).
+        """
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            return super().forward(x)  # raises the channel error
+        return self._activate_and_normalize(
+            F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.norm_eps)
+        )
 
     def extra_repr(self) -> str:
         return f"groups={self.num_groups}, norm_eps={self.norm_eps}, " + super().extra_repr()
@@ -337,13 +354,16 @@ class ProxyLayerNormAct(_ProxyFromNorm, ProxyNormAct):
         return {"num_channels": shape[0], "eps": norm.eps, **layout}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """LN standardization over the channels, then PN-Act."""
-        c = (self.num_channels,)
+        """LN standardization over the channels, then PN-Act (the affine runs inside ``F.layer_norm``)."""
+        dim = 1 if self.channels_first else -1
+        if x.dim() < 2 or x.shape[dim] != self.num_channels:
+            return super().forward(x)  # raises the channel error
+        c, w, b = (self.num_channels,), self.weight.to(x.dtype), self.bias.to(x.dtype)
         if self.channels_first:
-            x_hat = F.layer_norm(x.permute(0, 2, 3, 1), c, None, None, self.norm_eps).permute(0, 3, 1, 2)
+            u = F.layer_norm(x.permute(0, 2, 3, 1), c, w, b, self.norm_eps).permute(0, 3, 1, 2)
         else:
-            x_hat = F.layer_norm(x, c, None, None, self.norm_eps)
-        return super().forward(x_hat)
+            u = F.layer_norm(x, c, w, b, self.norm_eps)
+        return self._activate_and_normalize(u)
 
     def extra_repr(self) -> str:
         return f"norm_eps={self.norm_eps}, " + super().extra_repr()
