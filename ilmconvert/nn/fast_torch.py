@@ -293,29 +293,13 @@ def pooled_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ..
     Shared by :class:`PooledILM` and the Triton Function (whose forward saves the same tensors),
     which falls back to it when a Triton kernel fails.
     """
-    x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
+    x, _weight, _bias, _w1, _w2, _w3, m_c, a, mg, _mu, _gamma, rstd, *_ = ctx.saved_tensors
     dy = dy.view(x.shape) if dy.shape != x.shape else dy
     st = m_c.dtype
     c = a.shape[1]
     big_m = up(mg, c)
     s0, g_a, xc = _channel_sums(dy, x, big_m, up(rstd, c), st)
-    npos = math.prod(x.shape[2:])
-    e, f0, grads = pooled_small_backward(
-        s0,
-        g_a,
-        ctx.spec,
-        npos,
-        (weight, bias, w1, w2, w3),
-        m_c,
-        a,
-        mg,
-        mu,
-        gamma,
-        rstd,
-        omega,
-        saved,
-        ctx.needs_input_grad,
-    )
+    e, f0, grads = pooled_small_backward(ctx, s0, g_a)
     shape = (*a.shape, *([1] * (x.dim() - 2)))
     dx = None
     if ctx.needs_input_grad[0]:
@@ -328,20 +312,22 @@ def pooled_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ..
     return (dx, *grads, None)
 
 
-def pooled_small_backward(s0, g_a, spec, npos, params, m_c, a, mg, mu, gamma, rstd, omega, saved, needs):
+def pooled_small_backward(ctx: Any, s0: torch.Tensor, g_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Backward of everything between the two passes, on ``(B, C)`` tensors.
 
     Args:
+        ctx: the autograd context of :class:`PooledILM` or the Triton Function (the same saved
+            tensors: ``x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *mlp``,
+            and ``ctx.spec = (groups, K, eps, out_dtype)``).
         s0: ``sum_p dy`` per (instance, channel); g_a: ``sum_p dy * (x - M)`` (= dL/da).
-        spec: ``(groups, K, eps, out_dtype)``; npos: P, positions per instance.
-        params: ``(weight, bias, w1, w2, w3)`` as given to the forward (for dtypes).
 
     Returns:
         ``(e, f0, grads)`` with ``dx = dy * a + (x - m_c) * e + f0`` and ``grads`` the gradients of
         ``(weight, bias, w1, w2, w3)`` (None where not needed).
     """
-    groups, k, _, _ = spec
-    weight, bias, w1, w2, w3 = params
+    x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
+    groups, k, _, _ = ctx.spec
+    needs, npos = ctx.needs_input_grad, math.prod(x.shape[2:])
     st = m_c.dtype
     c = a.shape[1]
     n = c // k

@@ -278,28 +278,12 @@ class _TritonPooledILM(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, dy):
-        x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
+        x, _weight, _bias, _w1, _w2, _w3, m_c, a, mg, *_ = ctx.saved_tensors
         if fast_torch.pooled_view_strides(dy) is None:
             dy = dy.contiguous()
         big_m = fast_torch.up(mg, a.shape[1])
         s0, s1 = bwd_sums(dy, x, big_m)
-        npos = math.prod(x.shape[2:])
-        e, f, grads = fast_torch.pooled_small_backward(
-            s0,
-            s1,
-            ctx.spec,
-            npos,
-            (weight, bias, w1, w2, w3),
-            m_c,
-            a,
-            mg,
-            mu,
-            gamma,
-            rstd,
-            omega,
-            saved,
-            ctx.needs_input_grad,
-        )
+        e, f, grads = fast_torch.pooled_small_backward(ctx, s0, s1)
         dx = bwd_apply(dy, x, big_m, a, e, f + e * (big_m - m_c)) if ctx.needs_input_grad[0] else None
         return (dx, *grads, None)
 
