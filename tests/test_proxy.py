@@ -276,3 +276,16 @@ def test_the_proxy_shift_and_scale_are_decayed_and_nothing_else_of_pn():
     names = {n: decay[id(p)] for n, p in model.named_parameters()}
     assert names["1.proxy_weight"] == names["1.proxy_bias"] == 5e-4 and names["0.weight"] == 5e-4
     assert names["1.weight"] == names["1.bias"] == names["1.output_weight"] == names["0.bias"] == 0.0
+
+
+def test_a_recipe_can_pick_proxy_norm():
+    from ilmconvert.train import loop, recipes
+
+    recipe = recipes.parse_recipe(
+        "model: {name: 'timm:test_efficientnet_gn'}\nconversion: {method: proxy, init: preserve}\n", "pn"
+    )
+    network = loop.build_network(recipe.model, recipe.conversion, num_classes=3)
+    assert network.ilm_conversion.settings["method"] == "proxy"
+    assert {c.target for c in network.ilm_conversion.converted} == {"ProxyGroupNormAct"}
+    with pytest.raises(recipes.RecipeError, match="conversion.method"):
+        recipes.parse_recipe("model: {name: x}\nconversion: {method: batch}\n", "bad")

@@ -60,7 +60,8 @@ class ModelSettings(_Strict):
 
 
 class ConversionSettings(_Strict):
-    """Arguments of :func:`ilmconvert.convert` (see its docstring for their meaning)."""
+    """Arguments of :func:`ilmconvert.convert` (see its docstring for their meaning); ``method``
+    picks ILM Norm (``ilm``) or Proxy Norm (``proxy``)."""
 
     norms: str = "gn,in,ln"
     init: Literal["preserve", "paper"] = "paper"
@@ -69,6 +70,7 @@ class ConversionSettings(_Strict):
     include: Optional[list[str]] = None
     exclude: Optional[list[str]] = None
     batchnorm: Optional[Literal["gn"]] = None
+    method: Literal["ilm", "proxy"] = "ilm"
 
 
 class TrainSettings(_Strict):
