@@ -12,7 +12,7 @@ from timm.layers.norm_act import BatchNormAct2d, GroupNormAct, LayerNormAct, Lay
 from torch import nn
 
 import ilmconvert
-from helpers import randomize, relative_difference
+from helpers import randomize, relative_difference, run_layer
 from ilmconvert.nn import ProxyGroupNormAct, ProxyLayerNormAct, ProxyNormAct, proxy_points
 
 ACTIVATIONS = {
@@ -289,3 +289,26 @@ def test_a_recipe_can_pick_proxy_norm():
     assert {c.target for c in network.ilm_conversion.converted} == {"ProxyGroupNormAct"}
     with pytest.raises(recipes.RecipeError, match="conversion.method"):
         recipes.parse_recipe("model: {name: x}\nconversion: {method: batch}\n", "bad")
+
+
+def test_relu_folded_into_the_standardization_is_the_same_function_and_gradient(monkeypatch):
+    """CPU + ReLU: relu(u) * s + t runs as relu(GN(x; gamma s, beta s)) + t; values and gradients
+    equal the general path, and a negative output scale takes the general path."""
+    layer = ProxyGroupNormAct(4, 16, act_layer=nn.ReLU(), output_affine=True).double()
+    randomize(layer, seed=9)
+    with torch.no_grad():
+        layer.proxy_weight.normal_(0, 0.3)
+        layer.output_weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert layer._folded_into_standardization(x) is not None
+    assert torch.autograd.gradcheck(layer, (x,))
+    dy = torch.randn(2, 16, 3, 3, dtype=torch.float64)
+    folded, folded_grads = run_layer(layer, x, dy, fast_choice=None)
+    monkeypatch.setattr(ProxyGroupNormAct, "_folded_into_standardization", lambda self, x: None)
+    general, general_grads = run_layer(layer, x, dy, fast_choice=None)
+    assert relative_difference(folded, general) < 1e-12
+    assert all(relative_difference(a, b) < 1e-12 for a, b in zip(folded_grads, general_grads) if a is not None)
+    monkeypatch.undo()
+    with torch.no_grad():
+        layer.output_weight[0] = -1.0
+    assert layer._folded_into_standardization(x) is None
