@@ -1,4 +1,4 @@
-"""Model surgery: replace a network's instance-level norms by ILM layers, in place.
+"""Model surgery: replace a network's instance-level norms by ILM layers (or Proxy Norm), in place.
 
 The pattern is ``torch.ao.quantization.convert``: a *mapping* from each exact source class to a
 :class:`NormAdapter` whose target class has a ``from_norm`` constructor. :func:`convert` walks
@@ -6,7 +6,8 @@ the network and plans every replacement, :func:`swap_module` builds one, and not
 until every replacement is built, so a failure leaves the network untouched (docs/design.md §3).
 The walker knows nothing about particular norms. Classes that merely subclass ``nn.GroupNorm`` /
 ``nn.LayerNorm`` / ``_InstanceNorm`` may override ``forward`` with other semantics, so they are
-skipped and reported, never guessed at; add them to a mapping to convert them.
+skipped and reported, never guessed at; add them to a mapping to convert them. The second method,
+Proxy Norm (``method="proxy"``, docs/design.md §8), is another mapping for the same walker.
 """
 
 from __future__ import annotations
