@@ -27,9 +27,20 @@ Every architecture runs in a worker process with a per-model time limit (``--tim
 hung or crashed worker is replaced and the architecture recorded as ``timeout`` / ``crash``. The
 sweep is resumable: names already in ``--out`` are skipped.
 
+``--method proxy`` sweeps Proxy Norm instead (``convert(method="proxy")``, default settings, no
+BatchNorm opt-in) into its own file (default ``benchmarks/results/zoo_cpu_proxy.jsonl``): only
+architectures with a GroupNorm / LayerNorm module (``--from-results``: those the ILM sweep's records
+say have one; otherwise the census on the meta device decides, ``no_gn_ln``). The conversion runs
+first on the meta device; where it finds no norm -> activation pair the architecture is recorded as
+``no_pair`` with every norm's reason. Otherwise the same checks as for ILM run on the PN-Act layers,
+and the record adds the activations taken over and the skip reasons by category (``skip_reasons``).
+``--summarize`` appends a Proxy Norm section when ``--proxy-results`` exists.
+
 Usage::
 
     HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl
+    HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --method proxy \\
+        --from-results benchmarks/results/zoo_cpu.jsonl --out benchmarks/results/zoo_cpu_proxy.jsonl
     python benchmarks/zoo_sweep.py --out benchmarks/results/zoo_cpu.jsonl --summarize docs/zoo.md
     python benchmarks/zoo_sweep.py --device cuda --out benchmarks/results/zoo_cuda.jsonl
 """
@@ -40,6 +51,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -68,6 +80,23 @@ EXTRAS = {
     "torchvision:vit_b_16",
 }
 TORCHVISION_FULL = ("torchvision.models", "torchvision.models.video")
+OUT_DEFAULT = {"ilm": "benchmarks/results/zoo_cpu.jsonl", "proxy": "benchmarks/results/zoo_cpu_proxy.jsonl"}
+#: Proxy Norm skip reasons -> a short category (first match); "goes to X" is found by ``_GOES_TO``.
+SKIP_CATEGORIES = (
+    ("torch.fx cannot trace", "cannot trace (torch.fx)"),
+    ("is shared", "shared activation module"),
+    ("users, not one activation", "several users"),
+    ("the norm module is called at", "norm called at several places"),
+    ("never called in the traced forward", "norm never called"),
+    ("takes more than the norm's output", "activation takes more inputs"),
+    ("no activation follows this norm", "norm + act module without activation"),
+    ("a dropout between", "dropout before the activation"),
+    ("spans more than the channel", "normalized over more than the channels"),
+    ("no Proxy Norm counterpart", "class not in the proxy mapping"),
+    ("is not in the mapping", "class not in the proxy mapping"),
+    ("BatchNorm is batch-level", "BatchNorm (not opted in)"),
+)
+_GOES_TO = re.compile(r"its output goes to ([^)]*)\)")
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -245,12 +274,14 @@ class _StageClock:
         self._last, self.stage = now, new
 
 
-def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
+def run_one(spec: str, device: str, max_gb: float, extras: bool, method: str = "ilm") -> dict:
     library, name = spec.split(":", 1)
     rec: dict = {"name": name, "library": library, "family": _family(library, name), "device": device}
+    if method != "ilm":
+        rec["method"] = method
     clock = _StageClock("meta-build")
     try:
-        _run_checks(rec, clock, device, max_gb, extras)
+        _run_checks(rec, clock, device, max_gb, extras, method)
     except Exception as err:  # noqa: BLE001
         rec["status"] = "error"
         rec["stage"] = clock.stage
@@ -263,21 +294,26 @@ def run_one(spec: str, device: str, max_gb: float, extras: bool) -> dict:
     return rec
 
 
-def _run_checks(rec: dict, clock: _StageClock, device: str, max_gb: float, extras: bool) -> None:
+def _run_checks(rec: dict, clock: _StageClock, device: str, max_gb: float, extras: bool, method: str) -> None:
     """Fill ``rec`` for the architecture it names, stage by stage (``clock`` follows the stages)."""
     library, name = rec["library"], rec["name"]
     meta = _build(library, name, {}, device="meta")
     rec.update(_census(meta))
     rec["params"] = sum(p.numel() for p in meta.parameters())
-    if not rec["norms"]:
+    if method == "proxy":
+        if _proxy_stops_on_meta(meta, rec, clock):
+            return
+    elif not rec["norms"]:
         rec["status"] = "no_instance_norm"
         return
     non_cls = library == "torchvision" and rec["family"].split(".")[0] in ("segmentation", "quantization")
     task = _task(rec["family"])
     float32_only, too_big = _memory_plan(rec, max_gb)
     if too_big or non_cls:
-        clock.enter("meta-convert")
-        _convert_on_meta(meta, rec, max_gb, too_big)
+        if method == "ilm":  # (Proxy Norm converted the meta network already)
+            clock.enter("meta-convert")
+            _timed_convert(meta, rec)
+        _mark_meta(rec, max_gb, too_big)
         return
     del meta
 
@@ -293,13 +329,13 @@ def _run_checks(rec: dict, clock: _StageClock, device: str, max_gb: float, extra
 
     # ---- convert (timed), preservation
     clock.enter("convert")
-    _timed_convert(model, rec, init="preserve")
+    _timed_convert(model, rec, init="preserve", **({"method": method} if method != "ilm" else {}))
     clock.enter("preservation")
     _check_preservation(model, args, task, before, rec)
 
     # ---- forward + backward in train mode
     clock.enter("backward")
-    _check_backward(model, args, task, rec)
+    _check_backward(model, args, task, rec, method)
 
     # ---- save -> load, exact (float32, as a checkpoint is used)
     clock.enter("save-load")
@@ -333,11 +369,12 @@ def _timed_convert(model, rec: dict, **kwargs) -> None:
     report = ilmconvert.convert(model, **kwargs)
     rec["convert_s"] = time.perf_counter() - t0
     _report_fields(rec, report)
+    if kwargs.get("method") == "proxy":
+        _proxy_report_fields(rec, report)
 
 
-def _convert_on_meta(meta, rec: dict, max_gb: float, too_big: bool) -> None:
-    """Structure and report only: convert the meta-device network and record why it stops there."""
-    _timed_convert(meta, rec)
+def _mark_meta(rec: dict, max_gb: float, too_big: bool) -> None:
+    """Structure and report only (the meta-device network was converted): record why it stops there."""
     rec["status"] = "meta"
     rec["meta_reason"] = (
         f"even a float32 check needs ~{rec['params'] * 8 / 2**30:.0f} GB > {max_gb:g} GB" if too_big
@@ -414,16 +451,17 @@ def _check_preservation(model, args: tuple, task: str, before: list, rec: dict) 
     rec["finite"] = all(bool(torch.isfinite(a).all()) for a in after)
 
 
-def _check_backward(model, args: tuple, task: str, rec: dict) -> None:
-    """Train-mode forward + backward: finite loss, and finite gradients for every ILM layer that takes part."""
+def _check_backward(model, args: tuple, task: str, rec: dict, method: str = "ilm") -> None:
+    """Train-mode forward + backward: finite loss, and finite gradients for every ILM (PN-Act) layer
+    that takes part."""
     import torch
 
     model.train()
     model.zero_grad(set_to_none=True)
     loss = _train_loss(model, args, task)
     loss.backward()
-    n_ilm, unused, nonfinite = _ilm_gradients(model)
-    rec["ilm_layers_unused"] = unused
+    n_ilm, unused, nonfinite = _ilm_gradients(model) if method == "ilm" else _proxy_gradients(model)
+    rec["ilm_layers_unused" if method == "ilm" else "pn_layers_unused"] = unused
     rec["grad_nonfinite"] = nonfinite[:5]
     rec["backward_ok"] = bool(torch.isfinite(loss)) and not nonfinite and unused < n_ilm
     model.zero_grad(set_to_none=True)
@@ -445,6 +483,23 @@ def _ilm_gradients(model) -> tuple[int, int, list[str]]:
         elif any(g is None or not bool(torch.isfinite(g).all()) for g in grads):
             nonfinite.append(n)
     return len(ilm), unused, nonfinite
+
+
+def _proxy_gradients(model) -> tuple[int, int, list[str]]:
+    """(PN-Act layers, layers without any gradient, names of layers with a missing or non-finite one)."""
+    import torch
+
+    from ilmconvert.nn import ProxyNormAct
+
+    pn = [(n, m) for n, m in model.named_modules() if isinstance(m, ProxyNormAct)]
+    unused, nonfinite = 0, []
+    for n, m in pn:
+        grads = [p.grad for p in m.parameters()]
+        if all(g is None for g in grads):
+            unused += 1
+        elif any(g is None or not bool(torch.isfinite(g).all()) for g in grads):
+            nonfinite.append(n)
+    return len(pn), unused, nonfinite
 
 
 def _check_save_load(model, args: tuple, task: str, device: str, rec: dict) -> tuple:
@@ -533,6 +588,93 @@ def _report_fields(rec: dict, report) -> None:
     rec["increase_pct"] = report.increase_percent
 
 
+def _proxy_stops_on_meta(meta, rec: dict, clock: _StageClock) -> bool:
+    """Proxy Norm on the meta-device network (cheap): True, with the status in ``rec``, when the
+    architecture has no GroupNorm / LayerNorm (``no_gn_ln``) or no norm -> activation pair
+    (``no_pair``, with every norm's reason); else its report is in ``rec`` and the checks go on."""
+    from torch import nn
+
+    import ilmconvert
+
+    if not any(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in meta.modules()):
+        rec["status"] = "no_gn_ln"
+        return True
+    clock.enter("meta-convert")
+    try:
+        _timed_convert(meta, rec, method="proxy")
+    except ilmconvert.ConversionError as err:
+        rec["status"] = "no_pair"
+        rec["no_pair_reason"] = _first_line(err)
+        rec["converted"] = 0
+        skipped = _unpaired_reasons(meta)
+        rec["skipped"] = [{"source": s, "reason": r, "count": n} for (s, r), n in skipped.items()]
+        rec["skip_reasons"] = _skip_categories(rec["skipped"])
+        return True
+    return False
+
+
+def _unpaired_reasons(model) -> Counter:
+    """``(source class, reason) -> modules`` for the GN / LN / IN modules of a network where
+    ``convert(method="proxy")`` converted nothing, found with the same public pieces it uses
+    (``proxy_mapping``, ``find_activation_pairs``, ``swap_module``), worded like its report."""
+    from torch import nn
+    from torch.nn.modules.instancenorm import _InstanceNorm
+
+    from ilmconvert import swap_module
+    from ilmconvert.convert import proxy_mapping
+    from ilmconvert.nn import UnsupportedNormError
+    from ilmconvert.pairing import find_activation_pairs
+
+    mapping = proxy_mapping()
+    pairing = find_activation_pairs(model, tuple(t for t, a in mapping.items() if a.needs_activation))
+    out = Counter()
+    for m in model.modules():
+        if not isinstance(m, (nn.GroupNorm, nn.LayerNorm, _InstanceNorm)):
+            continue
+        adapter = mapping.get(type(m))
+        if adapter is None:
+            reason = f"{type(m).__name__} has no Proxy Norm counterpart (not in the proxy mapping)"
+        elif id(m) in pairing.reasons:
+            reason = f"not paired with an activation: {pairing.reasons[id(m)]}"
+        else:
+            try:
+                swap_module(m, adapter, activation=pairing.activations.get(id(m)))
+                reason = "convertible alone (converted nothing as a whole: see no_pair_reason)"
+            except UnsupportedNormError as err:
+                reason = str(err)
+        out[(_qual(m), reason[:300])] += 1
+    return out
+
+
+def _skip_category(reason: str) -> str:
+    """A short category of a Proxy Norm skip reason (``SKIP_CATEGORIES``; ``goes to X``)."""
+    goes = _GOES_TO.search(reason)
+    if goes:
+        return f"goes to {goes.group(1)}"
+    for needle, category in SKIP_CATEGORIES:
+        if needle in reason:
+            return category
+    return reason[:80]
+
+
+def _skip_categories(skipped: list[dict]) -> dict:
+    """Skipped modules by category, BatchNorms (never converted without the opt-in) left out."""
+    c = Counter()
+    for s in skipped:
+        category = _skip_category(s["reason"])
+        if category != "BatchNorm (not opted in)":
+            c[category] += s["count"]
+    return dict(c.most_common())
+
+
+def _proxy_report_fields(rec: dict, report) -> None:
+    """Proxy Norm's additions to the report fields: activations taken over, absorbed activation
+    modules, skip reasons by category."""
+    rec["activations"] = dict(Counter(c.activation for c in report.converted))
+    rec["absorbed"] = sum(len(c.absorbed) for c in report.converted)
+    rec["skip_reasons"] = _skip_categories(rec["skipped"])
+
+
 def _extras(original, model, x) -> dict:
     """torch.compile / fx / export checks on the float32 eval-mode converted network."""
     import torch
@@ -584,7 +726,7 @@ def _first_line(err: BaseException) -> str:
     return first_line(err)[:300]
 
 
-def worker(device: str, max_gb: float, threads: int) -> None:
+def worker(device: str, max_gb: float, threads: int, method: str = "ilm") -> None:
     import torch
 
     warnings.filterwarnings("ignore")
@@ -593,7 +735,7 @@ def worker(device: str, max_gb: float, threads: int) -> None:
     sys.stdout = sys.stderr  # models that print must not corrupt the protocol
     for line in sys.stdin:
         spec, _, flag = line.strip().partition(" ")
-        rec = run_one(spec, device, max_gb, flag == "extras")
+        rec = run_one(spec, device, max_gb, flag == "extras", method)
         out.write(MARK + json.dumps(rec, default=str) + "\n")
 
 
@@ -609,6 +751,44 @@ def all_specs(libraries: list[str]) -> list[str]:
 
         specs += [f"torchvision:{n}" for n in torchvision.models.list_models()]
     return specs
+
+
+def gn_ln_specs(results: Path) -> set[str]:
+    """The architectures whose records in ``results`` (an ILM sweep) list a GroupNorm / LayerNorm
+    module (any norm class of the census that is not an InstanceNorm)."""
+    out = set()
+    for r in _load_records(results):
+        if any(_is_gn_ln(k) for k in r.get("norms", {})):
+            out.add(f"{r['library']}:{r['name']}")
+    return out
+
+
+def _is_gn_ln(qualname: str) -> bool:
+    """Whether the class named ``module.Class`` subclasses GroupNorm / LayerNorm (by name where it
+    cannot be imported)."""
+    import importlib
+
+    from torch import nn
+
+    module, _, cls_name = qualname.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError):
+        return "InstanceNorm" not in cls_name
+    return isinstance(cls, type) and issubclass(cls, (nn.GroupNorm, nn.LayerNorm))
+
+
+def _check_out_method(out: Path, method: str) -> None:
+    """Refuse to append ``method`` records to a file holding another method's (ILM's have no ``method``)."""
+    if not out.exists():
+        return
+    for line in out.read_text().splitlines():
+        try:
+            other = json.loads(line).get("method", "ilm")
+        except ValueError:
+            continue
+        if other != method:
+            sys.exit(f"{out} holds {other} records; pass another --out for --method {method}")
 
 
 def done_specs(path: Path, retry: tuple[str, ...] = ()) -> set[str]:
@@ -629,6 +809,7 @@ class Worker:
         cmd = [
             sys.executable, __file__, "--worker",
             "--device", args.device, "--max-gb", str(args.max_gb), "--threads", str(args.threads),
+            "--method", args.method,
         ]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1
@@ -659,7 +840,11 @@ class Worker:
 def sweep(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out_method(out, args.method)
     specs = all_specs(args.libraries.split(","))
+    if args.from_results:
+        candidates = gn_ln_specs(Path(args.from_results))
+        specs = [s for s in specs if s in candidates]
     if args.filter:
         specs = [
             s for s in specs
@@ -678,12 +863,15 @@ def sweep(args) -> None:
                 status = "timeout" if rec is None else "crash"
                 err = f"exceeded the {args.timeout:g} s per-model limit" if rec is None else rec["error"]
                 rec = {"name": name, "library": library, "status": status, "error": err, "device": args.device}
+                if args.method != "ilm":
+                    rec["method"] = args.method
                 w.kill()
                 w = Worker(args)
             fh.write(json.dumps(rec, default=str) + "\n")
             fh.flush()
+            why = rec.get("error", rec.get("fail_reason", rec.get("no_pair_reason", "")))
             print(f"[{i + 1}/{len(todo)} {time.monotonic() - t_start:7.0f}s] {spec}: {rec['status']} "
-                  f"{rec.get('rel_diff', '')} {rec.get('error', rec.get('fail_reason', ''))}", flush=True)
+                  f"{rec.get('rel_diff', '')} {why}", flush=True)
     w.kill()
     wall_s = time.monotonic() - t_start
     complete = not set(specs) - done_specs(out)
@@ -721,7 +909,11 @@ def _write_run_info(out: Path, args, already: int, ran: int, wall_s: float, comp
 
 
 # ------------------------------------------------------------------------------------------ summary
-def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: int | None = None) -> None:
+def summarize(
+    jsonl: Path, md: Path, total_timm: int | None = None, total_tv: int | None = None, proxy: Path | None = None
+) -> None:
+    """Write the Markdown summary of the ILM sweep ``jsonl`` to ``md``, followed by a Proxy Norm
+    section when the ``proxy`` sweep's file exists (without it the output is the ILM summary alone)."""
     rows = _load_records(jsonl)
     with_norm = [r for r in rows if r["status"] not in ("no_instance_norm",)]
     by_lib = defaultdict(list)
@@ -737,6 +929,8 @@ def summarize(jsonl: Path, md: Path, total_timm: int | None = None, total_tv: in
     lines += _extras_lines(rows)
     lines += _timing_lines(rows, with_norm)
     lines += _last_run_lines(jsonl)
+    if proxy is not None and proxy.exists():
+        lines += _proxy_lines(proxy)
     lines.append("")
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines) + "\n")
@@ -1018,9 +1212,160 @@ def _last_run_lines(jsonl: Path) -> list[str]:
     ]
 
 
+# ------------------------------------------------------------------------------ summary: Proxy Norm
+PN_SWEPT_OUT = ("no_gn_ln",)  # records that are not architectures with a GN / LN module
+
+
+def _proxy_lines(jsonl: Path) -> list[str]:
+    """The Proxy Norm section: counts, preservation, skip reasons, families, failures, time."""
+    rows = [r for r in _load_records(jsonl) if r["status"] not in PN_SWEPT_OUT]
+    paired = [r for r in rows if r["status"] != "no_pair"]
+    lines = _proxy_intro_lines(jsonl)
+    lines += _proxy_totals_lines(rows)
+    lines += _proxy_preservation_lines(paired)
+    lines += _proxy_skip_lines(rows)
+    lines += _proxy_family_lines(rows)
+    ex = [r for r in paired if "extras" in r]
+    if ex:
+        lines += ["", "torch.compile / fx / export of the converted network (subset, float32, eval):", ""]
+        lines += _extras_lines(ex)[3:]
+    bad = [r for r in paired if r["status"] not in ("ok", "meta")]
+    lines += ["", "### Proxy Norm failures", ""] + (_failure_lines(bad)[2:] if bad else ["None."])
+    wall = sum(r.get("total_s", 0) for r in rows)
+    lines += ["", f"Sum over the recorded architectures (excluding worker start-up): {wall / 60:.1f} min."]
+    return lines + _last_run_lines(jsonl)
+
+
+def _proxy_intro_lines(jsonl: Path) -> list[str]:
+    return [
+        "",
+        "## Proxy Norm",
+        "",
+        "The same sweep with `ilmconvert.convert(model, method=\"proxy\")` (default settings: `init=\"preserve\"`, no",
+        "BatchNorm opt-in) over the architectures whose ILM records list a GroupNorm / LayerNorm module. Each",
+        "norm -> activation pair (timm's GroupNormAct / LayerNormAct(2d), or a plain GN / LN that torch.fx pairs with",
+        "the activation module after it) becomes GN / LN + PN-Act (docs/design.md §8); the conversion is tried",
+        "first on the meta device, and an architecture where it finds no pair is recorded as **no pair** with",
+        "every norm's reason. The others get the ILM checks: rel. diff <= 1e-10 (float64) / 1e-4 (float32), a",
+        "train step with finite gradients for every PN-Act parameter that takes part, bit-exact save -> load.",
+        "",
+        "```",
+        f"HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --method proxy --from-results "
+        f"benchmarks/results/zoo_cpu.jsonl --out {jsonl}",
+        "```",
+        "",
+    ]
+
+
+def _proxy_totals_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "| library | with GN / LN | no pair | with a pair | ok | meta only | fail | error / timeout "
+        "| PN-Act layers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_lib = defaultdict(list)
+    for r in rows:
+        by_lib[r["library"]].append(r)
+    for lib, rs in sorted(by_lib.items()):
+        c = Counter(r["status"] for r in rs)
+        layers = sum(r.get("converted", 0) for r in rs if r["status"] != "no_pair")
+        lines.append(
+            f"| {lib} | {len(rs)} | {c['no_pair']} | {len(rs) - c['no_pair']} | {c['ok']} | {c['meta']} "
+            f"| {c['fail']} | {c['error'] + c['timeout'] + c['crash']} | {layers} |"
+        )
+    lines.append("")
+    for lib, rs in sorted(by_lib.items()):
+        paired = [r for r in rs if r["status"] != "no_pair"]
+        if paired:
+            ok = sum(r["status"] == "ok" for r in paired)
+            lines.append(
+                f"- {lib}: **{ok} / {len(paired)} = {100 * ok / len(paired):.1f} %** of the architectures with a "
+                "norm -> activation pair convert, preserve, train and round-trip."
+            )
+    return lines
+
+
+def _proxy_preservation_lines(paired: list[dict]) -> list[str]:
+    """The worst preservation figure per dtype, and the activations taken over."""
+    lines = [""]
+    for dtype in ("float64", "float32"):
+        checked = [r for r in paired if r.get("dtype") == dtype and "rel_diff" in r]
+        if checked:
+            worst = max(checked, key=lambda r: r["rel_diff"])
+            lines.append(
+                f"- Worst rel. diff in {dtype} over {len(checked)} architectures: {worst['rel_diff']:.1e} "
+                f"({worst['library']}:{worst['name']})."
+            )
+    acts = Counter()
+    for r in paired:
+        acts.update(r.get("activations", {}))
+    if acts:
+        lines.append("- Activations taken over: " + ", ".join(f"{a} {n}" for a, n in acts.most_common()) + ".")
+    return lines
+
+
+def _proxy_skip_lines(rows: list[dict]) -> list[str]:
+    """GN / LN / IN modules left alone, by reason category (BatchNorms not counted)."""
+    modules, archs, no_pair = Counter(), Counter(), Counter()
+    for r in rows:
+        for category, n in r.get("skip_reasons", {}).items():
+            modules[category] += n
+            archs[category] += 1
+            no_pair[category] += r["status"] == "no_pair"
+    if not modules:
+        return []
+    lines = [
+        "",
+        "Norms left alone, by reason (BatchNorms, never converted without the opt-in, not counted):",
+        "",
+        "| reason | norm modules | architectures | of which with no pair |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {c} | {n} | {archs[c]} | {no_pair[c]} |" for c, n in modules.most_common(15)]
+    if len(modules) > 15:
+        rest = list(modules)[15:]
+        lines.append(f"| {len(rest)} other reasons | {sum(modules[c] for c in rest)} | | |")
+    return lines
+
+
+def _proxy_family_lines(rows: list[dict]) -> list[str]:
+    fam = defaultdict(list)
+    for r in rows:
+        fam[(r["library"], r.get("family", "?"))].append(r)
+    lines = [
+        "",
+        "### Proxy Norm by family",
+        "",
+        "| library | family | with GN / LN | with a pair | ok | fail/error | PN-Act layers | max rel. diff (float64) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    unpaired = []
+    for (lib, f), rs in sorted(fam.items()):
+        c = Counter(r["status"] for r in rs)
+        paired = len(rs) - c["no_pair"]
+        if not paired:
+            unpaired.append(f"{lib}:{f} ({len(rs)})")
+            continue
+        layers = sum(r.get("converted", 0) for r in rs if r["status"] != "no_pair")
+        diffs = [r["rel_diff"] for r in rs if r.get("dtype") == "float64" and "rel_diff" in r]
+        diff = (f"{max(diffs):.1e}" if max(diffs) else "0") if diffs else "-"
+        lines.append(
+            f"| {lib} | {f} | {len(rs)} | {paired} | {c['ok']} | {paired - c['ok'] - c['meta']} | {layers} | {diff} |"
+        )
+    if unpaired:
+        lines += ["", "Families with a GN / LN module but no pair (architectures): " + ", ".join(unpaired) + "."]
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="benchmarks/results/zoo_cpu.jsonl")
+    p.add_argument("--out", help=f"JSON lines to append to (default {OUT_DEFAULT['ilm']}; "
+                   f"{OUT_DEFAULT['proxy']} with --method proxy)")
+    p.add_argument("--method", choices=sorted(OUT_DEFAULT), default="ilm", help="conversion method to sweep")
+    p.add_argument(
+        "--from-results", metavar="JSONL",
+        help="sweep only the architectures whose records in this ILM sweep list a GroupNorm / LayerNorm",
+    )
     p.add_argument("--libraries", default="timm,torchvision")
     p.add_argument("--filter", action="append", help="fnmatch pattern on the name (repeatable)")
     p.add_argument("--limit", type=int, default=0)
@@ -1034,16 +1379,29 @@ def main() -> None:
     p.add_argument(
         "--extras-all", action="store_true", help="run the compile / fx / export checks on every architecture"
     )
-    p.add_argument("--summarize", metavar="MD", help="write the Markdown summary of --out to MD and exit")
+    p.add_argument(
+        "--summarize", metavar="MD",
+        help="write the Markdown summary of --out (ILM), and of --proxy-results where it exists, to MD and exit",
+    )
+    p.add_argument(
+        "--proxy-results", metavar="JSONL", default=OUT_DEFAULT["proxy"],
+        help="the Proxy Norm sweep that --summarize adds as a section when the file exists (default %(default)s)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.summarize and args.method != "ilm":
+        p.error("--summarize reads --out as the ILM sweep and --proxy-results as the Proxy Norm one; drop --method")
+    args.out = args.out or OUT_DEFAULT[args.method]
     if args.worker:
-        worker(args.device, args.max_gb, args.threads)
+        worker(args.device, args.max_gb, args.threads, args.method)
     elif args.summarize:
         import timm
         import torchvision
 
-        summarize(Path(args.out), Path(args.summarize), len(timm.list_models()), len(torchvision.models.list_models()))
+        summarize(
+            Path(args.out), Path(args.summarize), len(timm.list_models()), len(torchvision.models.list_models()),
+            proxy=Path(args.proxy_results),
+        )
     else:
         sweep(args)
 

@@ -312,3 +312,14 @@ def test_relu_folded_into_the_standardization_is_the_same_function_and_gradient(
     with torch.no_grad():
         layer.output_weight[0] = -1.0
     assert layer._folded_into_standardization(x) is None
+
+
+def test_a_proxy_converted_network_traces_with_torch_fx():
+    model = ilmconvert.create_model("timm:resnet50_gn", pretrained=False).eval()
+    report = ilmconvert.convert(model, method="proxy")
+    traced = torch.fx.symbolic_trace(model)
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target.__name__ == "proxy_forward"]
+    assert len(calls) == len(report.converted) == 33
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)

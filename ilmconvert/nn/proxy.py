@@ -41,6 +41,15 @@ def proxy_points(num_proxy: int, dtype: torch.dtype = torch.float32, device: Any
     return (math.sqrt(2.0) * torch.erfinv((2.0 * i + 1.0) / num_proxy - 1.0)).to(dtype)
 
 
+@torch.fx.wrap
+def proxy_forward(layer: ProxyNormAct, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` as one opaque call for ``torch.fx.symbolic_trace``: the layers check shapes and
+    pick a path from the input (Python control flow that FX proxies cannot answer), so a converted
+    network traces with each Proxy Norm layer as a single node run eagerly. ``torch.compile`` and
+    ``torch.export`` trace through it as usual."""
+    return layer._forward(x)
+
+
 def _activation(act: nn.Module | type[nn.Module] | str | None) -> nn.Module:
     """An activation module from a module, a module class, or a name timm knows (``"gelu"``)."""
     if isinstance(act, nn.Module):
@@ -157,6 +166,13 @@ class ProxyNormAct(nn.Module):
         self.output_bias.copy_(m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer (PN-Act here; standardization + PN-Act in the subclasses); see :meth:`_forward`.
+
+        ``torch.fx.symbolic_trace`` sees one opaque call (:func:`proxy_forward`), as for ILM layers.
+        """
+        return proxy_forward(self, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """PN-Act of a standardized ``x``: ``(B, C, *spatial)`` (channels_first) or ``(..., C)``.
 
         Raises:
@@ -301,14 +317,14 @@ class ProxyGroupNormAct(_ProxyFromNorm, ProxyNormAct):
     def num_norm_groups(self) -> int:
         return self.num_groups
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """GN standardization, then PN-Act; ``x`` is ``(B, C, *spatial)``.
 
         The affine gamma, beta runs inside ``F.group_norm`` (one pass fewer than standardizing and
         then :meth:`ProxyNormAct.forward`; the same function).
         """
         if x.dim() < 2 or x.shape[1] != self.num_channels:
-            return super().forward(x)  # raises the channel error
+            return super()._forward(x)  # raises the channel error
         folded = self._folded_into_standardization(x)
         if folded is not None:
             return folded
@@ -373,11 +389,11 @@ class ProxyLayerNormAct(_ProxyFromNorm, ProxyNormAct):
             raise UnsupportedNormError(f"normalized_shape={shape} spans more than the channel dimension")
         return {"num_channels": shape[0], "eps": norm.eps, **layout}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """LN standardization over the channels, then PN-Act (the affine runs inside ``F.layer_norm``)."""
         dim = 1 if self.channels_first else -1
         if x.dim() < 2 or x.shape[dim] != self.num_channels:
-            return super().forward(x)  # raises the channel error
+            return super()._forward(x)  # raises the channel error
         c, w, b = (self.num_channels,), self.weight.to(x.dtype), self.bias.to(x.dtype)
         if self.channels_first:
             u = F.layer_norm(x.permute(0, 2, 3, 1), c, w, b, self.norm_eps).permute(0, 3, 1, 2)
