@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import convert, train
-from .output import EXIT_USAGE, err_console
+from .output import EXIT_USAGE, err_console, one_line
 
 # click's exceptions, from the click typer runs on (recent typer vendors it as typer._click)
 _click_errors = importlib.import_module(typer.BadParameter.__module__)
@@ -37,22 +37,14 @@ class _OneLineErrors(TyperGroup):
             rv = EXIT_USAGE
         except _click_errors.ClickException as err:
             where = err.ctx.command_path if getattr(err, "ctx", None) is not None else "ilmconvert"
-            message = " ".join(err.format_message().split()).rstrip(".")
-            err_console.print(
-                f"[bold red]error:[/] {_escape(message)}; see `{where} --help`", highlight=False, soft_wrap=True
-            )
+            message = one_line(" ".join(err.format_message().split()).rstrip("."))
+            err_console.print(f"[bold red]error:[/] {message}; see `{where} --help`", highlight=False, soft_wrap=True)
             rv = err.exit_code
         except typer.Abort:
             rv = 1
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 app = typer.Typer(

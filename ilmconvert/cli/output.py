@@ -41,15 +41,16 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except IlmconvertError as err:
-            fail(_escape(str(err)), code=err.exit_code)
+            fail(one_line(str(err)), code=err.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", code=EXIT_INTERRUPTED)
 
     return wrapper
 
 
-def _escape(text: str) -> str:
-    """``text`` with rich markup disabled (paths and values may contain ``[...]``), on one line."""
+def one_line(text: str) -> str:
+    """``text`` on one line (newlines become spaces), with rich markup escaped (paths and values
+    may contain ``[...]``)."""
     from rich.markup import escape
 
     return escape(" ".join(text.split("\n")))
