@@ -1250,8 +1250,8 @@ def _proxy_intro_lines(jsonl: Path) -> list[str]:
         "train step with finite gradients for every PN-Act parameter that takes part, bit-exact save -> load.",
         "",
         "```",
-        f"HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/zoo_sweep.py --method proxy --from-results "
-        f"benchmarks/results/zoo_cpu.jsonl --out {jsonl}",
+        f"HF_HUB_OFFLINE=1 nice -n 5 python benchmarks/zoo_sweep.py --method proxy --from-results "
+        f"benchmarks/results/zoo_cpu.jsonl --out {jsonl} --timeout 240",
         "```",
         "",
     ]
