@@ -100,6 +100,24 @@ def compare_fast_path(layer: nn.Module, x: torch.Tensor, *, tol: float, fast_cho
 
 
 # ------------------------------------------------------------------------------------------ training
+#: A small GroupNorm ResNet (timm ``resnet18`` kwargs, 1.25 M parameters): the tests' network.
+TINY_MODEL = {
+    "norm_layer": "groupnorm",
+    "channels": [32, 64, 128, 256],
+    "stem_width": 32,
+    "layers": [1, 1, 1, 1],
+}
+
+
+def tiny_converted_network(num_classes: int = 3) -> nn.Module:
+    """:data:`TINY_MODEL` with ``num_classes`` outputs, converted to ILM (preserve init)."""
+    import ilmconvert
+
+    network = ilmconvert.create_model("timm:resnet18", pretrained=False, num_classes=num_classes, **TINY_MODEL)
+    ilmconvert.convert(network)
+    return network
+
+
 TINY_RECIPE = """
 description: tiny test network
 model:

@@ -33,6 +33,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import tiny_converted_network
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
 
@@ -85,16 +87,7 @@ def build_shared(shared: Path) -> None:
 
     image_folder(shared / "data")
     (shared / "recipe.yaml").write_text(TINY_RECIPE)
-    network = ilmconvert.create_model(
-        "timm:resnet18",
-        pretrained=False,
-        num_classes=3,
-        norm_layer="groupnorm",
-        channels=[32, 64, 128, 256],
-        stem_width=32,
-        layers=[1, 1, 1, 1],
-    )
-    ilmconvert.convert(network)
+    network = tiny_converted_network(num_classes=3)
     ilmconvert.save(network, shared / "ckpt")
     for name in ("convnext_femto", "resnet10t"):  # another width of convnext_atto, another architecture
         other = ilmconvert.create_model(f"timm:{name}", pretrained=False)
@@ -846,16 +839,7 @@ def test_plain_subprocess_agrees_with_the_zygote(catalogue: dict[str, Any]) -> N
 def test_checkpoint_files_get_the_umask_permissions(tmp_path: Path) -> None:
     import ilmconvert
 
-    network = ilmconvert.create_model(
-        "timm:resnet18",
-        pretrained=False,
-        num_classes=3,
-        norm_layer="groupnorm",
-        channels=[32, 64, 128, 256],
-        stem_width=32,
-        layers=[1, 1, 1, 1],
-    )
-    ilmconvert.convert(network)
+    network = tiny_converted_network(num_classes=3)
     old = os.umask(0o022)
     try:
         ilmconvert.save(network, tmp_path / "ck")

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import ilmconvert
-from helpers import TINY_RECIPE, make_image_folder
+from helpers import TINY_RECIPE, make_image_folder, tiny_converted_network
 from ilmconvert.cli import app
 from ilmconvert.train import run as run_module
 from ilmconvert.train.run import METRIC_KEYS, read_metrics
@@ -136,16 +136,7 @@ def test_resume_continues_where_an_interrupted_run_stopped(tiny_data, tiny_recip
 
 
 def test_finetune_a_converted_checkpoint_resizes_its_head(tiny_data, tiny_recipe, tmp_path):
-    network = ilmconvert.create_model(
-        "timm:resnet18",
-        pretrained=False,
-        num_classes=10,
-        norm_layer="groupnorm",
-        channels=[32, 64, 128, 256],
-        stem_width=32,
-        layers=[1, 1, 1, 1],
-    )
-    ilmconvert.convert(network)
+    network = tiny_converted_network(num_classes=10)
     ilmconvert.save(network, tmp_path / "swapped")
     run = tmp_path / "run"
     result = finetune(tmp_path / "swapped", "--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--epochs", "1")
