@@ -65,26 +65,52 @@ class _LeafTracer(torch.fx.Tracer):
 def find_activation_pairs(model: nn.Module, norm_types: tuple[type[nn.Module], ...]) -> Pairing:
     """Pair every module of an exact class in ``norm_types`` with the activation module after it.
 
+    The whole network is traced with ``torch.fx``; where that fails, each child that holds a
+    candidate norm is traced on its own, recursively, so that one untraceable spot (a data-dependent
+    branch in an attention block, say) does not hide the pairs elsewhere. Inside a traced
+    submodule, an activation module also registered outside it is not moved (it may be called
+    there too).
+
     Args:
         model: the network (not modified; traced symbolically with ``torch.fx``).
         norm_types: the norm classes to pair (exact types).
 
     Returns:
-        A :class:`Pairing`; every candidate norm is in ``activations`` or in ``reasons``. A network
-        that ``torch.fx`` cannot trace gives the tracing error as every candidate's reason.
+        A :class:`Pairing`; every candidate norm is in ``activations`` or in ``reasons``. A norm
+        whose smallest enclosing module ``torch.fx`` cannot trace gets the tracing error as reason.
     """
     result = Pairing()
     candidates = [m for m in model.modules() if type(m) in norm_types]
     if not candidates:
         return result
-    activations = activation_types()
+    registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    _pair_within(model, norm_types, activation_types(), registrations, result)
+    for m in candidates:
+        if id(m) not in result.activations:
+            result.reasons.setdefault(id(m), "the norm is never called in the traced forward")
+    return result
+
+
+def _pair_within(
+    module: nn.Module,
+    norm_types: tuple[type[nn.Module], ...],
+    activations: tuple[type[nn.Module], ...],
+    registrations: Counter,
+    result: Pairing,
+) -> None:
+    """Trace ``module`` and pair its norms; where it cannot be traced, recurse into its children."""
     try:
-        graph = _LeafTracer((*norm_types, *activations, nn.Identity, *_DROPOUTS)).trace(model)
+        graph = _LeafTracer((*norm_types, *activations, nn.Identity, *_DROPOUTS)).trace(module)
     except Exception as err:  # torch.fx raises many types for untraceable code
-        reason = f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}), so no activation can be paired"
-        result.reasons.update({id(m): reason for m in candidates})
-        return result
-    modules = dict(model.named_modules(remove_duplicate=False))
+        reason = f"torch.fx cannot trace {type(module).__name__} ({type(err).__name__}), so its norms are not paired"
+        for child in module.children():
+            if type(child) in norm_types:  # called by the module that cannot be traced
+                result.reasons.setdefault(id(child), reason)
+            elif any(type(m) in norm_types for m in child.modules()):
+                _pair_within(child, norm_types, activations, registrations, result)
+        return
+    modules = dict(module.named_modules(remove_duplicate=False))
+    inside = Counter(id(m) for m in modules.values())
     calls = Counter(id(modules[n.target]) for n in graph.nodes if n.op == "call_module")
     for node in graph.nodes:
         if node.op != "call_module" or type(modules[node.target]) not in norm_types:
@@ -93,14 +119,12 @@ def find_activation_pairs(model: nn.Module, norm_types: tuple[type[nn.Module], .
         found, reason = _follow(node, modules, activations, calls)
         if calls[id(norm)] > 1:
             found, reason = None, f"the norm module is called at {calls[id(norm)]} places"
+        elif found is not None and registrations[id(found)] > inside[id(found)]:
+            found, reason = None, f"its activation module is also registered outside {type(module).__name__}"
         if found is not None:
             result.activations[id(norm)] = found
         else:
             result.reasons.setdefault(id(norm), reason)
-    for m in candidates:
-        if id(m) not in result.activations:
-            result.reasons.setdefault(id(m), "the norm is never called in the traced forward")
-    return result
 
 
 def _follow(

@@ -323,3 +323,30 @@ def test_a_proxy_converted_network_traces_with_torch_fx():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow at the top (torch.fx cannot trace it); a traceable block below."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU())
+        self.gn = nn.GroupNorm(4, 16)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.block(x)
+        if y.sum() > 0:  # a value decides the path: not traceable
+            y = y * 2
+        return self.act(self.gn(y))
+
+
+def test_an_untraceable_network_still_pairs_inside_its_traceable_children():
+    model = Untraceable().double()
+    randomize(model, seed=10)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    before = model(x)
+    report = ilmconvert.convert(model, method="proxy")
+    assert [c.name for c in report.converted] == ["block.1"] and report.converted[0].absorbed == ["block.2"]
+    assert [s.name for s in report.skipped] == ["gn"] and "cannot trace Untraceable" in report.skipped[0].reason
+    assert relative_difference(model(x), before) <= 1e-10
