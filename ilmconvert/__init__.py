@@ -9,7 +9,16 @@ Python API::
     model = ilmconvert.load("out/resnet50_gn-ilm")  # rebuild, re-convert, strict load
 """
 
-from .convert import ConversionError, ConversionReport, NormAdapter, convert, default_mapping, register, swap_module
+from .convert import (
+    ConversionError,
+    ConversionReport,
+    NormAdapter,
+    convert,
+    default_mapping,
+    proxy_mapping,
+    register,
+    swap_module,
+)
 from .io import CheckpointError, load, save
 from .models import ModelSource, ModelSourceError, create_model
 from .version import __version__
@@ -26,6 +35,7 @@ __all__ = [
     "create_model",
     "default_mapping",
     "load",
+    "proxy_mapping",
     "register",
     "save",
     "swap_module",
