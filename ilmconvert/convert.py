@@ -37,6 +37,7 @@ from .nn import (
     UnsupportedNormError,
 )
 from .nn.core import INITS
+from .nn.layers import factory_kwargs
 
 #: Norm kinds a user can select (``norms=``), with their long names.
 NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "LayerNorm"}
@@ -352,13 +353,6 @@ def _check_settings(
     return kinds
 
 
-def _device_and_dtype(module: nn.Module) -> tuple[Any, Any]:
-    """Device and dtype of ``module``'s own first parameter or buffer (``(None, None)`` without any)."""
-    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-        return t.device, t.dtype
-    return None, None
-
-
 _HOOK_DICTS = (
     "_forward_pre_hooks",
     "_forward_pre_hooks_with_kwargs",
@@ -404,9 +398,7 @@ def swap_module(
     new = adapter.target.from_norm(
         module, init=init, key_group_size=key_group_size, reduction=reduction, **adapter.layout, **extra
     )
-    device, dtype = _device_and_dtype(module)
-    if device is not None:
-        new.to(device=device, dtype=dtype if dtype.is_floating_point else None)
+    new.to(**factory_kwargs(module))
     new.train(module.training)
     for hooks in _HOOK_DICTS:
         if hasattr(module, hooks) and hasattr(new, hooks):

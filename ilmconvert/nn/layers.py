@@ -23,10 +23,16 @@ class UnsupportedNormError(IlmconvertError):
     """A norm module whose configuration ILM Norm cannot take over without changing its function."""
 
 
-def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
-    """Device and dtype of ``module``'s first parameter or buffer (empty when it has none)."""
-    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-        return {"device": t.device, "dtype": t.dtype}
+#: GroupNorm groups for an opted-in BatchNorm (or the largest divisor of C not above it).
+BATCHNORM_GROUPS = 32
+
+
+def factory_kwargs(module: nn.Module) -> dict[str, Any]:
+    """``{"device", "dtype"}`` of ``module``'s own first floating-point parameter or buffer (empty
+    when it has none): where and how a replacement of ``module`` is built."""
+    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        if t.is_floating_point():
+            return {"device": t.device, "dtype": t.dtype}
     return {}
 
 
@@ -78,7 +84,7 @@ class _FromNorm:
             key_group_size=key_group_size,
             reduction=reduction,
             bias=_keeps_bias(norm),
-            **_factory_kwargs(norm),
+            **factory_kwargs(norm),
         )
         if init == "preserve":
             layer.init_preserve(*_affine_of(norm))
@@ -121,7 +127,9 @@ class ILMGroupNorm(_FromNorm, ILMNorm):
         self.num_groups = int(num_groups)
 
     @classmethod
-    def _settings_of(cls, norm: nn.Module, *, batchnorm_groups: int = 32, **layout: Any) -> dict[str, Any]:
+    def _settings_of(
+        cls, norm: nn.Module, *, batchnorm_groups: int = BATCHNORM_GROUPS, **layout: Any
+    ) -> dict[str, Any]:
         if isinstance(norm, _BatchNorm):  # opt-in BatchNorm -> ILM+GN: function-changing
             channels = norm.num_features
             return {

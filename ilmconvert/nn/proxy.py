@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import INITS, resolve_key_group_size
-from .layers import UnsupportedNormError
+from .layers import BATCHNORM_GROUPS, UnsupportedNormError, factory_kwargs
 
 
 def proxy_points(num_proxy: int, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
@@ -245,11 +245,7 @@ class _ProxyFromNorm:
         drop = getattr(norm, "drop", None)
         if drop is not None and not isinstance(drop, nn.Identity):
             raise UnsupportedNormError("a dropout between the norm and its activation cannot be kept with Proxy Norm")
-        factory = {}
-        for t in (*norm.parameters(recurse=False), *norm.buffers(recurse=False)):
-            if t.is_floating_point():
-                factory = {"device": t.device, "dtype": t.dtype}
-                break
+        factory = factory_kwargs(norm)
         act = act_layer if act_layer is not None else getattr(norm, "act", None)
         if not isinstance(act, nn.Module) or isinstance(act, nn.Identity):
             if isinstance(norm, _BatchNorm):  # opt-in BatchNorm without activation: plain GN, batch-independent
@@ -264,7 +260,8 @@ class _ProxyFromNorm:
 def _group_norm_of_batchnorm(norm: _BatchNorm, factory: dict[str, Any]) -> nn.GroupNorm:
     """``nn.GroupNorm`` (G = 32 or the largest divisor of C not above 32) with the BatchNorm's affine."""
     channels = norm.num_features
-    gn = nn.GroupNorm(resolve_key_group_size(channels, 32), channels, norm.eps, affine=norm.affine, **factory)
+    groups = resolve_key_group_size(channels, BATCHNORM_GROUPS)
+    gn = nn.GroupNorm(groups, channels, norm.eps, affine=norm.affine, **factory)
     if norm.affine:
         with torch.no_grad():
             gn.weight.copy_(norm.weight)
@@ -306,7 +303,9 @@ class ProxyGroupNormAct(_ProxyFromNorm, ProxyNormAct):
         self.num_groups, self.norm_eps = int(num_groups), float(eps)
 
     @classmethod
-    def _settings_of(cls, norm: nn.Module, *, batchnorm_groups: int = 32, **layout: Any) -> dict[str, Any]:
+    def _settings_of(
+        cls, norm: nn.Module, *, batchnorm_groups: int = BATCHNORM_GROUPS, **layout: Any
+    ) -> dict[str, Any]:
         if isinstance(norm, _BatchNorm):  # opt-in BatchNorm -> GN + PN: function-changing
             channels = norm.num_features
             groups = resolve_key_group_size(channels, batchnorm_groups)
