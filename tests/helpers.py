@@ -91,12 +91,16 @@ def compare_fast_path(layer: nn.Module, x: torch.Tensor, *, tol: float, fast_cho
     assert y_f.dtype == y_r.dtype and y_f.shape == y_r.shape
     checks = [("oracle", y_o, g_o)] + ([("reference", y_r, g_r)] if x.dtype == torch.float32 else [])
     for what, y_b, g_b in checks:
-        assert relative_difference(y_f, y_b) < tol, (what, "output", relative_difference(y_f, y_b))
-        for name, a, b, r in zip(("x",) + ILM_PARAMS, g_f, g_b, g_r):
+        for name, a, b, r, o in zip(("output", "x") + ILM_PARAMS, [y_f] + g_f, [y_b] + g_b, [y_r] + g_r, [y_o] + g_o):
             assert (a is None) == (b is None), name
-            if a is not None:
-                assert a.dtype == r.dtype, name
-                assert relative_difference(a, b) < tol, (what, name, relative_difference(a, b))
+            if a is None:
+                continue
+            assert a.dtype == r.dtype, name
+            # Against the float32 reference, allow the reference's own rounding error as well (triangle
+            # inequality): two float32 answers that are each within ``tol`` of the oracle may differ by
+            # more than ``tol``, and by how much depends on the CPU's vector width.
+            bound = tol if what == "oracle" else tol + relative_difference(r, o)
+            assert relative_difference(a, b) < bound, (what, name, relative_difference(a, b), bound)
 
 
 # ------------------------------------------------------------------------------------------ training
