@@ -45,8 +45,9 @@ NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "La
 ADAPTER_KINDS: tuple[str, ...] = (*NORM_KINDS, "bn")
 BATCHNORM_MODES: tuple[str, ...] = ("gn",)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: Conversion methods: ILM Norm (the default) and Proxy Norm (GN / LN + PN-Act, docs/design.md §8).
-METHODS: tuple[str, ...] = ("ilm", "proxy")
+#: Conversion methods: ILM Norm (the default), Proxy Norm (GN / LN + PN-Act, docs/design.md §8) and
+#: ``none``, the unconverted baseline (nothing is replaced; only the report is attached).
+METHODS: tuple[str, ...] = ("ilm", "proxy", "none")
 
 
 class ConversionError(IlmconvertError):
@@ -553,7 +554,9 @@ def convert(
         method: ``"ilm"`` (ILM Norm) or ``"proxy"``: Proxy Norm, timm's norm + activation modules
             become standardization + PN-Act (``init="preserve"`` adds the output affine that keeps
             the function; ``"paper"`` is the authors' layer). Selects the built-in mapping when
-            ``mapping`` is None.
+            ``mapping`` is None. ``"none"``: the unconverted baseline; nothing is replaced, the
+            (empty) report is attached all the same, so that the network as built saves, loads and
+            fine-tunes through the same code as a converted one (``finetune --method none``).
 
     Returns:
         The :class:`ConversionReport`.
@@ -576,6 +579,10 @@ def convert(
         "method": method,
     }
     report = ConversionReport(settings=settings, params_before=_count_parameters(model))
+    if method == "none":
+        report.params_after = report.params_before
+        model.ilm_conversion = report
+        return report
     if mapping is None:
         mapping = _default() if method == "ilm" else proxy_mapping()
     planned = _plan(model, mapping, kinds, include, exclude, batchnorm, method, report)

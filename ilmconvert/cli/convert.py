@@ -35,7 +35,10 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
-        help="ilm: ILM Norm; proxy: Proxy Norm, timm's norm + activation modules become GN / LN + PN-Act.",
+        help=(
+            "ilm: ILM Norm; proxy: Proxy Norm, timm's norm + activation modules become GN / LN + PN-Act; "
+            "none: leave the network as it is (a baseline checkpoint)."
+        ),
     ),
 ]
 

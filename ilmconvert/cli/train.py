@@ -94,6 +94,16 @@ def finetune(
     lr: Annotated[
         Optional[float], typer.Option("--lr", min=0.0, help="Override the recipe's peak learning rate.")
     ] = None,
+    method: Annotated[
+        Optional[str],
+        typer.Option(
+            "--method",
+            help=(
+                "Override the recipe's conversion: ilm (ILM Norm), proxy (Proxy Norm) or none "
+                "(train the network unconverted: the baseline)."
+            ),
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
     resume: Annotated[
@@ -121,12 +131,19 @@ def finetune(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
+            method=method,
             device=device,
             data_root=data_root,
             resume=resume,
         )
     finally:
         destroy_process_group()
+
+
+def _conversion_label(conversion: Any) -> str:
+    if conversion.method == "none":
+        return "unconverted"
+    return f"{'ILM' if conversion.method == 'ilm' else 'Proxy Norm'} init={conversion.init}"
 
 
 def _finetune(processes: Distributed, **options: Any) -> None:
@@ -146,7 +163,7 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     what = (
         str(checkpoint)
         if checkpoint
-        else f"{r.model.name} ({', '.join(r.model.adaptations) or 'as built'}, ILM init={r.conversion.init})"
+        else f"{r.model.name} ({', '.join(r.model.adaptations) or 'as built'}, {_conversion_label(r.conversion)})"
     )
     console.print(
         f"[bold]{r.name or 'recipe'}[/]: {what} on {plan.source.name}: "

@@ -61,7 +61,8 @@ class ModelSettings(_Strict):
 
 class ConversionSettings(_Strict):
     """Arguments of :func:`ilmconvert.convert` (see its docstring for their meaning); ``method``
-    picks ILM Norm (``ilm``) or Proxy Norm (``proxy``)."""
+    picks ILM Norm (``ilm``), Proxy Norm (``proxy``) or no conversion (``none``: the network as
+    built, the baseline a comparison needs)."""
 
     norms: str = "gn,in,ln"
     init: Literal["preserve", "paper"] = "paper"
@@ -70,7 +71,7 @@ class ConversionSettings(_Strict):
     include: Optional[list[str]] = None
     exclude: Optional[list[str]] = None
     batchnorm: Optional[Literal["gn"]] = None
-    method: Literal["ilm", "proxy"] = "ilm"
+    method: Literal["ilm", "proxy", "none"] = "ilm"
 
 
 class TrainSettings(_Strict):
@@ -153,16 +154,28 @@ class Recipe(_Strict):
     data: DataSettings = Field(default_factory=DataSettings)
 
     def with_overrides(
-        self, *, epochs: int | None = None, batch_size: int | None = None, lr: float | None = None
+        self,
+        *,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        method: str | None = None,
     ) -> Recipe:
-        """A copy with the given training settings replaced (``None`` keeps the recipe's)."""
+        """A copy with the given training settings (and conversion method) replaced (``None`` keeps
+        the recipe's).
+
+        Raises:
+            RecipeError: an override is not a valid value.
+        """
+        origin = "with command-line overrides"
+        update: dict[str, Any] = {}
         changes = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-        if not changes:
-            return self
-        merged = self.train.model_dump() | changes
-        return self.model_copy(
-            update={"train": _validate(TrainSettings, merged, "with command-line overrides", "train.")}
-        )
+        if changes:
+            update["train"] = _validate(TrainSettings, self.train.model_dump() | changes, origin, "train.")
+        if method is not None:
+            merged = self.conversion.model_dump() | {"method": method}
+            update["conversion"] = _validate(ConversionSettings, merged, origin, "conversion.")
+        return self.model_copy(update=update) if update else self
 
     def to_yaml(self) -> str:
         """The recipe as YAML (what ``finetune`` writes to ``RUN/recipe.yaml``)."""

@@ -386,6 +386,7 @@ def prepare_finetune(
     epochs: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
+    method: str | None = None,
     device: str = "auto",
     data_root: str | Path | None = None,
     resume: bool = False,
@@ -407,6 +408,8 @@ def prepare_finetune(
             recipe's network; the recipe's conversion settings are then not used.
         recipe: a bundled recipe name or a YAML file (``default_recipe`` when ``None``).
         epochs, batch_size, lr: override the recipe's training settings.
+        method: override the recipe's conversion method (``ilm``, ``proxy``, ``none``: train the
+            network unconverted, the baseline).
         device: ``auto``, ``cpu`` or ``cuda``.
         data_root: download folder for ``cifar10`` / ``cifar100``.
         resume: continue ``run`` from ``run/last`` with the recipe saved in ``run/recipe.yaml``
@@ -422,18 +425,25 @@ def prepare_finetune(
     """
     run = Path(run).expanduser()
     torch_device = init_process_group(processes, select_device(device))
-    if resume and (recipe is not None or batch_size is not None or lr is not None or checkpoint is not None):
+    if resume and (recipe, batch_size, lr, checkpoint, method) != (None,) * 5:
         raise RunError("--resume continues RUN with its own recipe (RUN/recipe.yaml); only --epochs may change")
     lock = RunLock.acquire(run) if processes.is_main else None
     try:
         if resume:
             resolved, state = _resumed_recipe(run, epochs)
         else:
-            resolved = load_recipe(recipe or default_recipe).with_overrides(epochs=epochs, batch_size=batch_size, lr=lr)
+            resolved = load_recipe(recipe or default_recipe).with_overrides(
+                epochs=epochs, batch_size=batch_size, lr=lr, method=method
+            )
             state = None
             check_scheduler(resolved.train)
             check_new_run(run)
             if checkpoint is not None:
+                if method is not None:
+                    raise RunError(
+                        "--method applies to the recipe's network; a checkpoint keeps its own conversion "
+                        "(convert it first with `ilmconvert swap --method ...`)"
+                    )
                 check_checkpoint(checkpoint)
         with processes.main_first():  # one download of cifar10 / cifar100
             source, train, test = _open_data(resolved, data, data_root)
