@@ -194,9 +194,12 @@ def _finetune(processes: Distributed, **options: Any) -> None:
             epoch_done=epoch_done,
         )
         summary = run_finetune(plan, hooks)
+    from ..train.plots import plot_runs
+
+    plot_runs([out], out / "curves.png", labels=[r.name or out.name])
     console.print(
         f"best test top-1 [bold]{summary['best_top1']:.2f} %[/] (epoch {summary['best_epoch']}); "
-        f"wrote {out}/{METRICS_FILE}, "
+        f"wrote {out}/{METRICS_FILE}, {out}/curves.png, "
         f"{out}/last, {out}/best; evaluate with `ilmconvert eval {out} --data {data}`"
     )
 

@@ -144,7 +144,12 @@ class DataSettings(_Strict):
 
 
 class Recipe(_Strict):
-    """A complete fine-tuning recipe (see the module docstring for the YAML layout)."""
+    """A complete fine-tuning recipe (see the module docstring for the YAML layout).
+
+    ``variants`` is used by ``ilmconvert sweep`` only: more sweep variants, each a partial recipe
+    (``model`` / ``conversion`` / ``train`` / ``data`` keys) merged over this one
+    (:mod:`ilmconvert.train.sweep`).
+    """
 
     name: str = ""
     description: str = ""
@@ -152,6 +157,7 @@ class Recipe(_Strict):
     conversion: ConversionSettings = Field(default_factory=ConversionSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     def with_overrides(
         self,

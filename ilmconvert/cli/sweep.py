@@ -1,0 +1,131 @@
+"""The comparison commands ``sweep`` and ``plot``: thin wrappers over :mod:`ilmconvert.train.sweep`
+and :mod:`ilmconvert.train.plots`, rendered with rich."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+
+from .output import console, expected_errors
+from .train import DataOpt, DataRootOpt, DeviceOpt, _bars, _batches
+
+
+def _grid(sweep: Any, results: dict[tuple[str, int], list[float]], running: Any) -> Table:
+    """Variants × batch sizes: seeds finished and their mean final test error so far."""
+    table = Table(title=f"sweep {sweep.out}: final test error % (seeds done)", title_justify="left")
+    table.add_column("variant")
+    for size in sweep.batch_sizes:
+        table.add_column(f"batch {size}", justify="right")
+    for variant in sweep.variants:
+        row = []
+        for size in sweep.batch_sizes:
+            errors = results.get((variant, size), [])
+            text = f"{sum(errors) / len(errors):.2f} ({len(errors)}/{len(sweep.seeds)})" if errors else ""
+            if running is not None and (running.variant, running.batch_size) == (variant, size):
+                text = (text + " " if text else "") + f"[yellow]seed {running.seed}…[/]"
+            row.append(text)
+        table.add_row(variant, *row)
+    return table
+
+
+@expected_errors
+def sweep(
+    recipe: Annotated[
+        str, typer.Option("--recipe", help="Bundled recipe name or YAML file: the setting every cell shares.")
+    ],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder (run it again to resume).")],
+    variants: Annotated[
+        str,
+        typer.Option(
+            "--variants",
+            help="Comma-separated: bn, gn, ilm+gn, gn+pn (timm norm_layer + method) or the recipe's variants.",
+        ),
+    ] = "bn,gn,ilm+gn,gn+pn",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "64,16,4,2",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Override the recipe's epochs.")] = None,
+    lr_scaling: Annotated[
+        str, typer.Option("--lr-scaling", help="linear: lr x B / recipe batch size (GN paper); none: the recipe's lr.")
+    ] = "linear",
+    reference: Annotated[
+        Optional[str], typer.Option("--reference", help="Variant the others are compared with (default gn).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    data_root: DataRootOpt = None,
+) -> None:
+    """Train every variant x batch size x seed on DATA and compare final test errors with 95 % intervals.
+
+    Each cell is a finetune run folder under OUT/cells; OUT gets results.jsonl, summary.md / .json,
+    error_vs_batch.png and curves.png. Interrupted? Run the same command again.
+    """
+    from ..train.run import Progress as Hooks
+    from ..train.sweep import SweepHooks, plan_sweep, run_sweep
+
+    plan = plan_sweep(
+        recipe=recipe, data=data, out=out, variants=variants, batch_sizes=batch_sizes, seeds=seeds,
+        epochs=epochs, lr_scaling=lr_scaling, reference=reference, device=device, data_root=data_root,
+    )  # fmt: skip
+    console.print(
+        f"[bold]sweep[/] {plan.recipe.name}: {len(plan.variants)} variants x {len(plan.batch_sizes)} batch sizes x "
+        f"{len(plan.seeds)} seeds = {len(plan.cells)} cells of {plan.recipe.train.epochs} epochs; "
+        f"lr scaling {plan.lr_scaling}; reference {plan.reference}"
+    )
+    results: dict[tuple[str, int], list[float]] = {}
+    bars = _bars()
+    state: dict[str, Any] = {"running": None}
+
+    def refresh(live: Live) -> None:
+        live.update(Group(_grid(plan, results, state["running"]), bars))
+
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+
+        def start(cell: Any, index: int, total: int) -> Hooks:
+            state["running"] = cell
+            refresh(live)
+            return Hooks(
+                train=lambda e: _batches(bars, f"{cell.name} epoch {e} train"),
+                test=lambda e: _batches(bars, f"{cell.name} epoch {e} test"),
+            )
+
+        def done(cell: Any, row: dict[str, Any]) -> None:
+            results.setdefault((cell.variant, cell.batch_size), []).append(row["final_error"])
+            state["running"] = None
+            refresh(live)
+
+        def skipped(cell: Any) -> None:
+            from ..train.sweep import cell_result
+
+            row = cell_result(plan, cell)
+            if row is not None:
+                done(cell, row)
+
+        refresh(live)
+        summary = run_sweep(plan, SweepHooks(start=start, skipped=skipped, done=done))
+    console.print(
+        f"{summary['cells_finished']} / {summary['cells_planned']} cells; "
+        f"{summary['seconds_total'] / 60:.1f} min of training and testing; wrote {out}/summary.md, "
+        f"{out}/results.jsonl, {out}/error_vs_batch.png, {out}/curves.png"
+    )
+
+
+@expected_errors
+def plot(
+    runs: Annotated[
+        list[Path], typer.Argument(metavar="RUN...", help="Run folders written by finetune (or sweep cells).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Image file (.png, .pdf or .svg).")] = Path("curves.png"),
+    labels: Annotated[
+        Optional[str], typer.Option("--labels", help="Comma-separated labels, one per run (default: folder names).")
+    ] = None,
+) -> None:
+    """Plot train / test loss, test top-1 / error and learning rate per epoch of one or more runs."""
+    from ..train.plots import plot_runs
+
+    written = plot_runs(runs, out, labels=labels.split(",") if labels else None)
+    console.print(f"wrote {written}")
