@@ -53,7 +53,7 @@ SWEEP_FILE = "sweep.json"
 CELLS = "cells"
 RECIPES = "recipes"
 #: The settings that must not change when a sweep folder is resumed (the grid may grow).
-_FIXED = ("recipe", "data", "epochs", "lr_scaling")
+_FIXED = ("epochs", "lr_scaling", "data", "recipe")
 
 
 class SweepError(IlmconvertError):
