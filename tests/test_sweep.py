@@ -162,3 +162,24 @@ def test_cli_plot_and_sweep_errors(tmp_path):
     assert not (tmp_path / "d.png").exists()
     result = runner.invoke(app, [*args, "--variants", "gn,nope"])
     assert result.exit_code == 2 and "unknown variant 'nope'" in result.output
+
+
+def test_a_variant_can_fine_tune_a_checkpoint(tmp_path):
+    import torch
+
+    import ilmconvert
+    from helpers import tiny_converted_network
+
+    data = make_image_folder(tmp_path / "data", n_train=8, n_test=4)
+    torch.manual_seed(0)
+    ilmconvert.save(tiny_converted_network(num_classes=3), tmp_path / "ckpt")
+    text = SWEEP_RECIPE.replace("train_subset: 192, test_subset: 96, ", "") + (
+        f"  converted: {{checkpoint: {tmp_path / 'ckpt'}}}\n"
+    )
+    sweep = _plan(tmp_path, data, text=text, variants="converted", seeds="0")
+    S.run_sweep(sweep)
+    trained = ilmconvert.load(tmp_path / "sweep" / "cells" / "converted-b16-s0" / "last")
+    assert trained.ilm_conversion.settings["method"] == "ilm" and len(trained.ilm_conversion.converted) > 0
+    (tmp_path / "other").mkdir()
+    with pytest.raises(S.SweepError, match="is not a checkpoint folder"):
+        _plan(tmp_path / "other", data, text=text.replace(str(tmp_path / "ckpt"), str(tmp_path)), variants="converted")

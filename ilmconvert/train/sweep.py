@@ -8,6 +8,10 @@ under its ``variants:`` key, e.g.::
     variants:
       ilm+gn-preserve: {model: {kwargs: {norm_layer: groupnorm}}, conversion: {method: ilm, init: preserve}}
 
+A variant may also name a ``checkpoint:`` folder (from ``swap``, ``finetune`` or
+:func:`ilmconvert.save`) to fine-tune instead of building the recipe's network, as ``finetune CKPT``
+does; that is how a pretrained network is compared with its conversions (docs/study.md).
+
 Each *cell* (variant, batch size, seed) is an ordinary ``finetune`` run folder
 ``DIR/cells/VARIANT-bB-sS`` that ``eval`` and ``plot`` read. The sweep is resumable: finished cells
 are skipped, an interrupted cell resumes exactly (``finetune --resume``). After every cell the
@@ -112,7 +116,8 @@ class Sweep:
         Raises:
             RecipeError: the merged recipe is invalid (names the variant).
         """
-        data = _merge(self.recipe.model_dump(mode="json"), self.variants[cell.variant])
+        change = {k: v for k, v in self.variants[cell.variant].items() if k != "checkpoint"}
+        data = _merge(self.recipe.model_dump(mode="json"), change)
         data.pop("variants", None)
         train = data["train"]
         base_batch = self.recipe.train.batch_size
@@ -192,6 +197,9 @@ def plan_sweep(
             )
         if "/" in name or name.startswith("."):
             raise SweepError(f"variant name {name!r} cannot be a folder name; rename it in the recipe")
+        checkpoint = known[name].get("checkpoint")
+        if checkpoint is not None and not Path(str(checkpoint), "config.json").is_file():
+            raise SweepError(f"variant {name!r}: checkpoint {checkpoint} is not a checkpoint folder (no config.json)")
     sizes = _parse_list(batch_sizes, "batch-sizes", int)
     seed_list = _parse_list(seeds, "seeds", int)
     if min(sizes) < 1:
@@ -312,7 +320,12 @@ def run_sweep(sweep: Sweep, hooks: SweepHooks | None = None) -> dict[str, Any]:
             recipe_file = out / RECIPES / f"{cell.name}.yaml"
             _write_text_atomic(recipe_file, sweep.cell_recipe(cell).to_yaml())
             plan = prepare_finetune(
-                data=sweep.data, run=run, recipe=recipe_file, device=sweep.device, data_root=sweep.data_root
+                data=sweep.data,
+                run=run,
+                recipe=recipe_file,
+                checkpoint=sweep.variants[cell.variant].get("checkpoint"),
+                device=sweep.device,
+                data_root=sweep.data_root,
             )
         run_finetune(plan, progress)
         rows = write_summaries(sweep)
