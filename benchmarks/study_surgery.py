@@ -148,7 +148,10 @@ def main() -> None:
         print(f"{norm}: {summary['cells_finished']} cells; see {out / f'sweep-{norm}' / 'summary.md'}")
     (out / "arms.json").write_text(json.dumps(checks, indent=2) + "\n")
     print(json.dumps(checks, indent=2))
-    print(f"wall time of this invocation: {(time.perf_counter() - started) / 60:.1f} min")
+    print(
+        f"this invocation: wall {(time.perf_counter() - started) / 60:.1f} min, "
+        f"CPU {time.process_time() / 60:.1f} min (one torch thread: the wall time on an otherwise idle machine)"
+    )
 
 
 if __name__ == "__main__":
