@@ -74,11 +74,11 @@ def pretrain(norm: str, data: Path, out: Path) -> Path:
     import yaml
 
     from ilmconvert.train.run import prepare_finetune, run_finetune
-    from ilmconvert.train.sweep import _finished
+    from ilmconvert.train.sweep_results import finished
 
     run, recipe = out / f"pretrain-{norm}", out / f"pretrain-{norm}.yaml"
     recipe.write_text(yaml.safe_dump(pretrain_recipe(norm), sort_keys=False))
-    if not _finished(run, 4):
+    if not finished(run, 4):
         start = time.perf_counter()
         resume = (run / "last").is_dir()
         plan = prepare_finetune(data=str(data), run=run, recipe=None if resume else recipe, resume=resume, device="cpu")

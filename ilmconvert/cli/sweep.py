@@ -99,7 +99,7 @@ def sweep(
             refresh(live)
 
         def skipped(cell: Any) -> None:
-            from ..train.sweep import cell_result
+            from ..train.sweep_results import cell_result
 
             row = cell_result(plan, cell)
             if row is not None:

@@ -120,7 +120,7 @@ def plot_error_vs_batch(
 
     Args:
         table: rows with ``variant``, ``batch_size``, ``{key}_mean`` and ``{key}_ci95`` (half-width
-            of the 95 % interval, ``None`` for a single seed), as :func:`ilmconvert.train.sweep.summarize`
+            of the 95 % interval, ``None`` for a single seed), as :func:`ilmconvert.train.sweep_results.summarize`
             writes them.
         out: the image file.
         title: the figure title.
