@@ -59,7 +59,16 @@ def start(*args: object, log: Path) -> subprocess.Popen:
     if "--device" not in command:
         command += ["--device", "cpu"]
     with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        return subprocess.Popen(command, stdout=out, stderr=err, text=True, env=ENV, start_new_session=True)
+        return subprocess.Popen(
+            command, stdout=out, stderr=err, text=True, env=ENV, start_new_session=True, preexec_fn=_default_sigint
+        )
+
+
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT to its default, as in a terminal. A test suite started in the
+    background from a script (``pytest &``) ignores SIGINT, its children would inherit that, and
+    Python then installs no KeyboardInterrupt handler: the Ctrl-C case would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 180) -> tuple[int, str, str]:

@@ -152,8 +152,10 @@ def _write_metrics(run: Path, rows: list[dict[str, Any]]) -> None:
 @contextlib.contextmanager
 def _sigint_held_back() -> Iterator[None]:
     """Hold back SIGINT (Ctrl-C) while the body runs, then raise the KeyboardInterrupt it would
-    have raised. Only in the main thread (elsewhere Python delivers no signal); a no-op elsewhere."""
-    if threading.current_thread() is not threading.main_thread():
+    have raised. Only in the main thread (elsewhere Python delivers no signal), and only where
+    SIGINT is not ignored (a job started with ``&`` from a script, or under ``nohup``, inherits an
+    ignored SIGINT and must keep ignoring it); a no-op elsewhere."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
     caught: list[int] = []
