@@ -1,8 +1,8 @@
 """The ``ilmconvert`` command line: a thin Typer app over the library, rendered with rich.
 
-The commands live in :mod:`.convert` (``inspect``, ``swap``) and :mod:`.train` (``finetune``,
-``eval``, ``recipes``) as plain functions; this module builds the app and registers them, so no
-command module imports the app (no import cycle). Every expected mistake, click's usage errors
+The commands live in :mod:`.convert` (``inspect``, ``swap``), :mod:`.train` (``finetune``,
+``eval``, ``recipes``) and :mod:`.hub` (``push``) as plain functions; this module builds the app
+and registers them, so no command module imports the app (no import cycle). Every expected mistake, click's usage errors
 included, is one line ``error: ...`` on stderr with exit code 2 and no traceback
 (:mod:`.output`).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from . import convert, train
+from . import convert, hub, train
 from .output import EXIT_USAGE, err_console, one_line
 
 # click's exceptions, from the click typer runs on (recent typer vendors it as typer._click)
@@ -64,6 +64,7 @@ app.command()(convert.swap)
 app.command()(train.finetune)
 app.command("eval")(train.eval_)
 app.command()(train.recipes)
+app.command()(hub.push)
 
 
 def main() -> None:
