@@ -88,7 +88,7 @@ def download(spec: str) -> Path:
     except RevisionNotFoundError as err:
         raise HubError(f"{repo_id} has no revision {revision!r} on the Hub; check the branch, tag or commit") from err
     except LocalEntryNotFoundError as err:
-        if constants.is_offline_mode():
+        if constants.HF_HUB_OFFLINE:
             raise HubError(
                 f"HF_HUB_OFFLINE=1 is set and {name} is not in the Hub cache ({constants.HF_HUB_CACHE}): "
                 f"unset HF_HUB_OFFLINE, or download it where there is a network with {fetch} and copy the cache"
@@ -131,7 +131,7 @@ def upload(
     repo_id, rev = parse_hub_spec(repo_id)
     if rev is not None:
         raise HubError(f"pass the branch of {repo_id} as revision, not as @{rev}")
-    if constants.is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         raise HubError(f"HF_HUB_OFFLINE=1 is set, so nothing can be pushed to {repo_id}: unset it and retry")
     api = HfApi()
     try:
