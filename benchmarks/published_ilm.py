@@ -7,7 +7,8 @@ the layer benchmark compares against:
 1. key features: a mean pass and a separate variance pass over ``x`` viewed as key groups
    (unbiased variance, as published);
 2. the auto-encoder, then ``.repeat`` of the ``(B, N)`` outputs into materialized ``(B, C)``
-   tensors, plus B_omega / B_beta;
+   tensors, plus B_omega / B_beta (our ``weight - 1/2`` and ``bias``: the layers store
+   ``weight = B_omega + 1/2``, docs/design.md §1);
 3. norm statistics: another mean pass and another variance pass over ``x`` viewed as norm groups;
 4. standardization ``(x - mean) / sqrt(var + eps)`` as separate elementwise kernels;
 5. a separate rescale ``x_s * omega + beta`` (two more elementwise kernels).
@@ -22,6 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ilmconvert.nn.fast_torch import D_GAMMA_OFFSET
 
 
 class PublishedILM(nn.Module):
@@ -58,7 +61,7 @@ class PublishedILM(nn.Module):
             key_var = xk.var(-1, keepdim=True)  # pass 2 (unbiased, as published)
             d_mu, d_gamma = self._mlp(key_mean.view(b, n), key_var.view(b, n))
             omega = d_gamma.view(b, n, 1).repeat(1, 1, k).view(b, c, *([1] * len(rest)))
-            omega = omega + lay.weight.view(1, c, *([1] * len(rest)))
+            omega = omega + (lay.weight - D_GAMMA_OFFSET).view(1, c, *([1] * len(rest)))  # + B_omega
             beta = d_mu.view(b, n, 1).repeat(1, 1, k).view(b, c, *([1] * len(rest)))
             if lay.bias is not None:
                 beta = beta + lay.bias.view(1, c, *([1] * len(rest)))
@@ -73,7 +76,8 @@ class PublishedILM(nn.Module):
         key_mean = xk.mean(-1)
         key_var = xk.var(-1)
         d_mu, d_gamma = self._mlp(key_mean, key_var)
-        omega = d_gamma.unsqueeze(-1).repeat(*([1] * (len(lead) + 1)), k).view(*lead, c) + lay.weight
+        b_omega = lay.weight - D_GAMMA_OFFSET
+        omega = d_gamma.unsqueeze(-1).repeat(*([1] * (len(lead) + 1)), k).view(*lead, c) + b_omega
         beta = d_mu.unsqueeze(-1).repeat(*([1] * (len(lead) + 1)), k).view(*lead, c)
         if lay.bias is not None:
             beta = beta + lay.bias

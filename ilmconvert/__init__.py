@@ -7,6 +7,8 @@ Python API::
     report = ilmconvert.convert(model)              # in place, init="preserve", default_mapping()
     ilmconvert.save(model, "out/resnet50_gn-ilm")   # model.safetensors + config.json
     model = ilmconvert.load("out/resnet50_gn-ilm")  # rebuild, re-convert, strict load
+    ilmconvert.push("out/resnet50_gn-ilm", "ORG/NAME")  # to the Hugging Face Hub
+    model = ilmconvert.load("hf-hub:ORG/NAME")      # from the Hub (or its cache)
 """
 
 from .convert import (
@@ -19,7 +21,8 @@ from .convert import (
     register,
     swap_module,
 )
-from .io import CheckpointError, load, save
+from .hub import HubError
+from .io import CheckpointError, load, push, save
 from .models import ModelSource, ModelSourceError, create_model
 from .version import __version__
 
@@ -28,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "ConversionError",
     "ConversionReport",
+    "HubError",
     "ModelSource",
     "ModelSourceError",
     "NormAdapter",
@@ -36,6 +40,7 @@ __all__ = [
     "default_mapping",
     "load",
     "proxy_mapping",
+    "push",
     "register",
     "save",
     "swap_module",

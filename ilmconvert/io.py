@@ -1,9 +1,13 @@
-"""Converted checkpoints: ``model.safetensors`` + ``config.json`` in one directory.
+"""Converted checkpoints: ``model.safetensors`` + ``config.json`` + ``README.md`` in one directory.
 
 ``config.json`` says where the network came from (:class:`~ilmconvert.models.ModelSource`), how
 it was converted (the :class:`~ilmconvert.convert.ConversionReport` with its settings), the
-versions that wrote it and the sha256 of ``model.safetensors``. :func:`load` rebuilds the
-architecture, re-applies the conversion and loads the weights strictly. Writes are atomic: the
+versions that wrote it and the sha256 of ``model.safetensors``, next to timm's Hub fields
+(``architecture``, ``num_classes``, ``pretrained_cfg``, ``label_names``...,
+:mod:`ilmconvert.hub_config`); ``README.md`` is the model card (:mod:`ilmconvert.model_card`), so
+the folder can be pushed to the Hub as it is (:func:`push`). :func:`load` takes a folder or
+``hf-hub:ORG/NAME[@REV]``, rebuilds the architecture, re-applies the conversion and loads the
+weights strictly; it reads format version 1 too (docs/design.md §5). Writes are atomic: the
 files are written into a temporary sibling directory that then replaces the target, so an
 interrupted save leaves the previous checkpoint or none. Nothing is ever unpickled: weights are
 safetensors and the optional trainer state is read with ``torch.load(weights_only=True)``.
@@ -17,7 +21,7 @@ import pickle
 import shutil
 import stat
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import hub, model_card
 from .convert import ConversionError, ConversionReport, convert
 from .errors import IlmconvertError, first_line
+from .hub_config import base_model, hub_fields
 from .models import (
     ModelSource,
     ModelSourceError,
@@ -37,12 +43,17 @@ from .models import (
     sha256_of,
     source_of,
 )
+from .nn.core import ILMNorm
+from .nn.fast_torch import D_GAMMA_OFFSET
 from .version import __version__
 
 FORMAT = "ilmconvert-checkpoint"
-FORMAT_VERSION = 1
+#: 2: ILM layers store ``weight = B_omega + 1/2`` (the replaced norm's weight at preserve init);
+#: 1: they stored B_omega, which :func:`load` converts by adding 1/2 (docs/design.md §5).
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
@@ -123,8 +134,10 @@ def save(
     source: ModelSource | str | None = None,
     metadata: Mapping[str, Any] | None = None,
     trainer_state: Mapping[str, Any] | None = None,
+    label_names: Sequence[str] | None = None,
+    pretrained_cfg: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a converted network to ``directory`` (``model.safetensors`` + ``config.json``).
+    """Write a converted network to ``directory`` (``model.safetensors``, ``config.json``, ``README.md``).
 
     Args:
         model: a network converted with :func:`ilmconvert.convert` (its report is read from
@@ -137,13 +150,18 @@ def save(
         metadata: JSON-serializable extra information stored under ``"metadata"``.
         trainer_state: optimizer / scheduler / epoch state for resuming, written to
             ``trainer_state.pt`` (tensors, numbers, strings, lists and dicts only).
+        label_names: class names in classifier order, for ``config.json``'s ``label_names``
+            (otherwise those of the pretrained weights or of a fine-tune's data, when known).
+        pretrained_cfg: entries of timm's ``pretrained_cfg`` (``input_size`` ``[3, H, W]``,
+            ``crop_pct``, ``interpolation``, ``mean``, ``std``, ``license``...) overriding the
+            ones found (:func:`ilmconvert.hub_config.hub_fields`).
 
     Returns:
         The checkpoint directory.
 
     Raises:
-        CheckpointError: unconverted model, unknown source, non-checkpoint target directory, or
-            a target that cannot be written.
+        CheckpointError: unconverted model, unknown source, non-checkpoint target directory, a
+            target that cannot be written, or ``label_names`` of the wrong length.
     """
     from safetensors.torch import save_model
 
@@ -152,6 +170,12 @@ def save(
         raise CheckpointError("this model has not been converted; call ilmconvert.convert(model) before save()")
     resolved = _resolve_source(model, source)
     target = check_target(directory)
+    try:
+        fields = hub_fields(
+            model, resolved, metadata=metadata or {}, label_names=label_names, pretrained_cfg=pretrained_cfg
+        )
+    except ValueError as err:
+        raise CheckpointError(f"cannot save: {err}") from err
 
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -159,6 +183,8 @@ def save(
         weights = tmp / WEIGHTS_FILE
         save_model(model, str(weights), metadata={"format": FORMAT})
         config = {
+            **fields,
+            "base_model": base_model(model, resolved),
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "source": resolved.to_dict(),
@@ -169,6 +195,7 @@ def save(
             "metadata": dict(metadata or {}),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(model_card.render(config, base_model=config["base_model"]))
         # safetensors writes through a private (0600) temporary file: give the weights the
         # permissions the umask gives config.json
         os.chmod(weights, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
@@ -281,10 +308,14 @@ def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool 
 
     The architecture is rebuilt from ``config.json`` (or ``model``, an unconverted instance of
     it, when given), the recorded conversion is re-applied, and ``model.safetensors`` is loaded
-    strictly. On CPU, the result's outputs equal the saved network's bit for bit.
+    strictly. On CPU, the result's outputs equal the saved network's bit for bit. A format
+    version 1 checkpoint (ILM ``weight`` = B_omega) is converted on the way: 1/2 is added to the
+    ``weight`` of every ILM layer (docs/design.md §5).
 
     Args:
-        directory: the checkpoint directory.
+        directory: the checkpoint directory, or ``"hf-hub:ORG/NAME[@REV]"`` for one on the
+            Hugging Face Hub (downloaded into, or read from, the Hub cache with
+            ``huggingface_hub.snapshot_download``; ``HF_HUB_OFFLINE=1`` reads the cache only).
         model: optional unconverted network to load into, for architectures that cannot be
             rebuilt by name (e.g. built with a custom ``norm_layer`` callable).
         verify: check the sha256 of ``model.safetensors`` against ``config.json``.
@@ -295,11 +326,13 @@ def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool 
     Raises:
         CheckpointError: missing, corrupt, truncated or mismatching files (one line naming the
             file and the problem).
+        HubError: an ``hf-hub:`` name that cannot be downloaded (offline and not cached, not
+            found, private, unreachable), one line saying what to do.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = hub.download(directory) if hub.is_hub_spec(directory) else Path(directory)
     config = read_config(directory)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
@@ -325,11 +358,99 @@ def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool 
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{weights} cannot be read: {str(err).splitlines()[0]}") from err
+    if config.get("format_version", 0) < 2:
+        upgrade_v1_state(model, state)
     problems = load_state_dict_checked(model, state)
     if problems:
         raise CheckpointError(f"{weights} does not match {source.spec()}: {problems}")
     model.ilm_source = source
     return model.eval()
+
+
+def upgrade_v1_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Turn a format version 1 state dict of ``model`` into version 2, in place.
+
+    Version 1 stored B_omega as the ``weight`` of ILM layers; version 2 stores
+    ``weight = B_omega + 1/2``. Only the ``weight`` of :class:`~ilmconvert.nn.core.ILMNorm`
+    modules (under every name, shared modules included) changes; Proxy Norm and every other
+    module are untouched.
+
+    Args:
+        model: the converted network ``state`` belongs to (its ILM layers are looked up by name).
+        state: ``{key: tensor}`` as read from ``model.safetensors``; the affected entries are
+            replaced by new tensors of the same dtype.
+
+    Returns:
+        The keys that were changed.
+    """
+    changed = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        key = f"{name}.weight" if name else "weight"
+        if isinstance(module, ILMNorm) and key in state:
+            state[key] = state[key] + D_GAMMA_OFFSET
+            changed.append(key)
+    return changed
+
+
+def push(
+    directory: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a checkpoint folder to the Hugging Face Hub model repository ``repo_id``.
+
+    The folder is checked first (``config.json`` and the sha256 of ``model.safetensors``), its
+    ``README.md`` model card is written again with ``repo_id`` in the load snippet (atomically;
+    the weights and ``config.json`` are not touched), then every file is uploaded in one commit
+    (``HfApi.upload_folder``; the repository is created if needed). ``trainer_state.pt`` stays local.
+
+    Args:
+        directory: a checkpoint written by :func:`save` (format version 2; load and save a
+            version 1 checkpoint first).
+        repo_id: ``ORG/NAME``.
+        private: make a *new* repository private (an existing one keeps its visibility).
+        revision: the branch to commit to (created from the default branch if missing);
+            ``None``: the default branch.
+        commit_message: defaults to ``"Upload NAME with ilmconvert"``.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        CheckpointError: not a checkpoint, corrupt weights, or an old format version.
+        HubError: offline, not logged in, no write access, the Hub unreachable (one line).
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    if config.get("format_version", 0) < FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE} has format version {config.get('format_version')}; "
+            "write it again with ilmconvert.save(ilmconvert.load(DIR), DIR) before pushing"
+        )
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file() or sha256_of(weights) != config["weights_sha256"]:
+        raise CheckpointError(f"{weights} is missing, corrupt or truncated; write the checkpoint again")
+    repo, _ = hub.parse_hub_spec(repo_id)
+    card = model_card.render(config, base_model=config.get("base_model"), repo_id=repo)
+    tmp = directory / f".{CARD_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(card)
+        os.replace(tmp, directory / CARD_FILE)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {directory / CARD_FILE}: {err.strerror or err}") from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    return hub.upload(
+        directory,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        allow_patterns=[WEIGHTS_FILE, CONFIG_FILE, CARD_FILE],  # not trainer_state.pt
+    )
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any] | None:

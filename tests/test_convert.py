@@ -254,10 +254,11 @@ def test_paper_init_and_preserve_init_values():
         gn.weight.uniform_(0.5, 2)
         gn.bias.uniform_(-1, 1)
     paper = ILMGroupNorm.from_norm(gn, init="paper")
-    assert torch.equal(paper.weight, torch.ones(64)) and torch.equal(paper.bias, torch.zeros(64))
+    # B_omega = 1, stored as weight = B_omega + 1/2
+    assert torch.equal(paper.weight, torch.full((64,), 1.5)) and torch.equal(paper.bias, torch.zeros(64))
     assert paper.decoder_mu.weight.abs().sum() > 0 and paper.decoder_gamma.weight.abs().sum() > 0
     preserve = ILMGroupNorm.from_norm(gn)
-    torch.testing.assert_close(preserve.weight + 0.5, gn.weight, rtol=0, atol=1e-7)
+    assert torch.equal(preserve.weight, gn.weight)  # the norm's own weight, bit for bit
     assert torch.equal(preserve.bias, gn.bias)
     assert not preserve.decoder_mu.weight.any() and not preserve.decoder_gamma.weight.any()
     assert preserve.encoder.weight.abs().sum() > 0  # W1 random: the association can be learned

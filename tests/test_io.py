@@ -51,7 +51,7 @@ def test_round_trip_is_bit_exact(saved):
 
 def test_config_records_source_conversion_and_versions(saved):
     directory = saved[0]
-    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((directory / "config.json").read_text())
     assert config["source"]["library"] == "timm" and config["source"]["architecture"] == "convnext_atto"
     assert config["conversion"]["settings"]["key_group_size"] == 16

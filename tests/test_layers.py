@@ -52,7 +52,7 @@ def _params(layer) -> dict:
         w1=layer.encoder.weight.detach().numpy(),
         w2=layer.decoder_mu.weight.detach().numpy(),
         w3=layer.decoder_gamma.weight.detach().numpy(),
-        b_omega=layer.weight.detach().numpy(),
+        b_omega=layer.weight.detach().numpy() - 0.5,  # the layers store weight = B_omega + 1/2
         b_beta=layer.bias.detach().numpy(),
         key_groups=layer.num_key_groups,
         eps=layer.eps,

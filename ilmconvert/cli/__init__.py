@@ -1,10 +1,10 @@
 """The ``ilmconvert`` command line: a thin Typer app over the library, rendered with rich.
 
 The commands live in :mod:`.convert` (``inspect``, ``swap``), :mod:`.train` (``finetune``,
-``eval``, ``recipes``) and :mod:`.sweep` (``sweep``, ``plot``) as plain functions; this module
-builds the app and registers them, so no command module imports the app (no import cycle). Every
-expected mistake, click's usage errors included, is one line ``error: ...`` on stderr with exit
-code 2 and no traceback (:mod:`.output`).
+``eval``, ``recipes``), :mod:`.sweep` (``sweep``, ``plot``) and :mod:`.hub` (``push``) as plain
+functions; this module builds the app and registers them, so no command module imports the app
+(no import cycle). Every expected mistake, click's usage errors included, is one line
+``error: ...`` on stderr with exit code 2 and no traceback (:mod:`.output`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from . import convert, sweep, train
+from . import convert, hub, sweep, train
 from .output import EXIT_USAGE, err_console, one_line
 
 # click's exceptions, from the click typer runs on (recent typer vendors it as typer._click)
@@ -66,6 +66,7 @@ app.command("eval")(train.eval_)
 app.command()(train.recipes)
 app.command()(sweep.sweep)
 app.command()(sweep.plot)
+app.command()(hub.push)
 
 
 def main() -> None:

@@ -162,6 +162,8 @@ def swap(
     ] = False,
 ) -> None:
     """Convert MODEL's norms to ILM (or Proxy Norm), verify the function is preserved on a random batch, save it."""
+    import dataclasses
+
     import torch
 
     from ..check import check_conversion
@@ -199,5 +201,7 @@ def swap(
     else:
         why = "init=paper" if init == "paper" else "BatchNorm was converted"
         console.print(f"[yellow]function changed ({why}, expected; fine-tune it):[/] {check}")
-    save(network, out)
-    console.print(f"wrote [bold]{out}[/] (model.safetensors, config.json); reload with ilmconvert.load({str(out)!r})")
+    save(network, out, metadata={"preservation_check": dataclasses.asdict(diff)})  # shown in the model card
+    console.print(
+        f"wrote [bold]{out}[/] (model.safetensors, config.json, README.md); reload with ilmconvert.load({str(out)!r})"
+    )

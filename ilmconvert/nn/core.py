@@ -10,8 +10,12 @@ with per-instance parameters predicted from the input's own statistics:
 3. decoders (eq. 5): ``D_mu = tanh(W2 E_mu)``, ``D_gamma = sigmoid(W3 E_gamma)``;
 4. alignment (eq. 6): ``omega = up(D_gamma) + B_omega``, ``beta = up(D_mu) + B_beta``.
 
-``B_omega`` / ``B_beta`` are stored as ``weight`` / ``bias`` so that the state-dict keys of the
-replaced norm keep their meaning.
+Parametrization (docs/design.md §1): ``weight = B_omega + 1/2`` and ``bias = B_beta``, i.e.
+``omega = up(D_gamma - 1/2) + weight``, the same family of functions as eq. 6. ``D_gamma`` is
+``sigmoid(0) = 1/2`` at preserve init (``W3 = 0``), so there ``weight`` holds the replaced norm's
+own ``w`` and the state-dict keys of the replaced norm keep their meaning *and* their values: a
+converted checkpoint loaded into the original architecture with ``strict=False`` computes the
+original function.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast as _fast
-from .fast_torch import statistics_dtype
+from .fast_torch import D_GAMMA_OFFSET, statistics_dtype
 
 Init = Literal["preserve", "paper"]
 INITS: tuple[str, ...] = ("preserve", "paper")
@@ -88,7 +92,8 @@ class ILMNorm(nn.Module):
         device, dtype: where and how to create the parameters.
 
     Parameters:
-        weight: B_omega, shape ``(C,)``.
+        weight: ``B_omega + 1/2``, shape ``(C,)``: ``omega = up(D_gamma - 1/2) + weight``, so that
+            at preserve init it equals the replaced norm's weight (docs/design.md §1).
         bias: B_beta, shape ``(C,)``, or ``None``.
         encoder.weight: W1, shape ``(M, N)``; decoder_mu.weight: W2, shape ``(N, M)``;
         decoder_gamma.weight: W3, shape ``(N, M)``. No FC biases.
@@ -148,7 +153,8 @@ class ILMNorm(nn.Module):
         self.encoder = nn.Linear(n, m, bias=False, **factory)  # W1 (M x N), eq. 4
         self.decoder_mu = nn.Linear(m, n, bias=False, **factory)  # W2 (N x M), eq. 5
         self.decoder_gamma = nn.Linear(m, n, bias=False, **factory)  # W3 (N x M), eq. 5
-        self.weight = nn.Parameter(torch.ones(self.num_channels, **factory))  # B_omega
+        # weight = B_omega + 1/2 (docs/design.md §1); the paper's from-scratch B_omega = 1
+        self.weight = nn.Parameter(torch.full((self.num_channels,), 1.0 + D_GAMMA_OFFSET, **factory))
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.num_channels, **factory))  # B_beta
         else:
@@ -156,11 +162,14 @@ class ILMNorm(nn.Module):
 
     # ------------------------------------------------------------------ initialization
     def reset_parameters(self) -> None:
-        """The paper's from-scratch initialization: B_omega = 1, B_beta = 0, W1..W3 as nn.Linear."""
+        """The paper's from-scratch initialization: B_omega = 1, B_beta = 0, W1..W3 as nn.Linear.
+
+        B_omega = 1 is stored as ``weight = 1.5`` (``weight = B_omega + 1/2``, docs/design.md §1).
+        """
         for fc in (self.encoder, self.decoder_mu, self.decoder_gamma):
             fc.reset_parameters()
         with torch.no_grad():
-            self.weight.fill_(1.0)
+            self.weight.fill_(1.0 + D_GAMMA_OFFSET)
             if self.bias is not None:
                 self.bias.zero_()
 
@@ -168,17 +177,18 @@ class ILMNorm(nn.Module):
         """Take over a norm's affine so that the layer computes that norm's function.
 
         With ``W2 = W3 = 0`` the decoders give ``D_mu = 0`` and ``D_gamma = sigmoid(0) = 1/2``, so
-        ``B_omega = w - 1/2`` and ``B_beta = b`` give ``omega = w`` and ``beta = b`` exactly
-        (docs/design.md §2). ``weight`` / ``bias`` of ``None`` stand for 1 and 0 (``affine=False``).
+        ``omega = up(D_gamma - 1/2) + weight = weight``: the layer's ``weight`` / ``bias`` are the
+        norm's ``w`` / ``b`` themselves, copied bit for bit (B_omega = w - 1/2, docs/design.md §2).
+        ``weight`` / ``bias`` of ``None`` stand for 1 and 0 (``affine=False``).
         """
         self.encoder.reset_parameters()
         with torch.no_grad():
             self.decoder_mu.weight.zero_()
             self.decoder_gamma.weight.zero_()
             if weight is None:
-                self.weight.fill_(0.5)
+                self.weight.fill_(1.0)
             else:
-                self.weight.copy_(weight.detach().to(self.weight.dtype) - 0.5)
+                self.weight.copy_(weight.detach().to(self.weight.dtype))
             if self.bias is not None:
                 if bias is None:
                     self.bias.zero_()
@@ -208,6 +218,8 @@ class ILMNorm(nn.Module):
     def rescaling(self, mu: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eqs. 4-6: encoder, decoders and alignment, from key features to ``(omega, beta)``.
 
+        ``omega = up(D_gamma - 1/2) + weight`` (``weight = B_omega + 1/2``), ``beta = up(D_mu) + bias``.
+
         Args:
             mu, gamma: key features ``(..., N)`` in float32 or float64.
 
@@ -221,7 +233,8 @@ class ILMNorm(nn.Module):
             e_gamma = F.relu(F.linear(gamma, w1))
             d_mu = torch.tanh(F.linear(e_mu, self.decoder_mu.weight.to(dt)))  # eq. 5
             d_gamma = torch.sigmoid(F.linear(e_gamma, self.decoder_gamma.weight.to(dt)))
-            omega = self._upsample(d_gamma) + self.weight.to(dt)  # eq. 6
+            # eq. 6 with weight = B_omega + 1/2: D_gamma - 1/2 is exactly 0 at preserve init
+            omega = self._upsample(d_gamma - D_GAMMA_OFFSET) + self.weight.to(dt)
             beta = self._upsample(d_mu)
             if self.bias is not None:
                 beta = beta + self.bias.to(dt)

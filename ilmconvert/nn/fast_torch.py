@@ -19,8 +19,11 @@ computes the same function at the floor (docs/design.md §4):
 
 - **Per-position instances** (LayerNorm over the last dim; timm's ``LayerNorm2d`` arrives here as a
   permuted view): the key features are the ``(..., N)`` group moments of one pass over
-  ``x.unflatten(-1, (N, K))``; ``torch.native_layer_norm`` gives ``B_omega * x_hat + B_beta`` and
-  the token's mean and rstd, and two in-place passes add ``x_hat * up(D_gamma) + up(D_mu)``.
+  ``x.unflatten(-1, (N, K))``; ``torch.native_layer_norm`` gives ``weight * x_hat + bias`` and
+  the token's mean and rstd, and two in-place passes add ``x_hat * up(D_gamma - 1/2) + up(D_mu)``.
+
+Everywhere ``omega = up(D_gamma - 1/2) + weight``: the layers' ``weight`` is ``B_omega + 1/2``
+(:data:`D_GAMMA_OFFSET`, docs/design.md §1), so d omega / d weight = 1 as for B_omega.
 
 Backward (written by hand in :class:`PooledILM` / :class:`TokenILM`): one reduction pass over
 ``(dy, x)`` gives ``S0 = sum dy`` and ``S1 = sum dy * (x - M)`` per (instance, channel); the
@@ -42,6 +45,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+#: ``sigmoid(0)``: the value of D_gamma when ``W3 = 0`` (preserve init). The layers store
+#: ``weight = B_omega + D_GAMMA_OFFSET`` and compute ``omega = up(D_gamma - D_GAMMA_OFFSET) + weight``
+#: (eq. 6 reparametrized, docs/design.md §1), so that ``weight`` is the replaced norm's own weight.
+D_GAMMA_OFFSET = 0.5
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -201,7 +209,7 @@ def pooled_coefficients(m_c, v_c, weight, bias, w1, w2, w3, groups, k, eps):
     mg, vg = _group_moments(m_c, v_c, groups)  # eq. 1 statistics, (B, G)
     mu, gamma = _group_moments(m_c, v_c, n)  # eq. 3 key features, (B, N)
     d_mu, d_g, saved = _mlp_forward(mu, gamma, w1, w2, w3)
-    omega = up(d_g, c) + weight  # eq. 6
+    omega = up(d_g - D_GAMMA_OFFSET, c) + weight  # eq. 6, weight = B_omega + 1/2
     beta = up(d_mu, c)
     if bias is not None:
         beta = beta + bias
@@ -368,7 +376,7 @@ def pooled_small_backward(ctx: Any, s0: torch.Tensor, g_a: torch.Tensor) -> tupl
 class TokenILM(torch.autograd.Function):
     """ILM+LN over the last dim, every position an instance, as one autograd node.
 
-    The output is ``y = LN(x; B_omega, B_beta) + x_hat * up(D_gamma) + up(D_mu)``: the affine
+    The output is ``y = LN(x; weight, bias) + x_hat * up(D_gamma - 1/2) + up(D_mu)``: the affine
     LayerNorm is ``torch.native_layer_norm`` (which also gives the token's mean and rstd), the
     per-(token, key group) part two in-place passes.
     """
@@ -390,15 +398,16 @@ class TokenILM(torch.autograd.Function):
         wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
         d_mu, d_g, saved = _mlp_forward(mu2, gamma2, w1f, w2f, w3f)
         bf = bias.to(st).view(n, k) if bias is not None else None
-        # B_omega * x_hat + B_beta over the (N, K) view: a fresh (..., N, K) tensor, not a view
+        # weight * x_hat + bias over the (N, K) view: a fresh (..., N, K) tensor, not a view
         y, mean, rstd = torch.native_layer_norm(x3, [n, k], wf.view(n, k), bf, eps)
         mean, rstd = mean.reshape(rows, 1), rstd.reshape(rows, 1)
-        p = d_g * rstd  # (R, N): x_hat * D_gamma + D_mu = x * p + (D_mu - mean * p)
+        d_c = d_g - D_GAMMA_OFFSET  # (R, N), exactly 0 at preserve init: y is native_layer_norm's
+        p = d_c * rstd  # (R, N): x_hat * d_c + D_mu = x * p + (D_mu - mean * p)
         y3 = y.view(rows, n, k)
         y3.addcmul_(x3.reshape(rows, n, k), p.unsqueeze(-1))
         y3.add_(torch.addcmul(d_mu, mean, p, value=-1.0).unsqueeze(-1))
         ctx.spec = spec
-        ctx.save_for_backward(x, weight, bias, w1, w2, w3, mu2, gamma2, mean, rstd, d_g, *saved)
+        ctx.save_for_backward(x, weight, bias, w1, w2, w3, mu2, gamma2, mean, rstd, d_c, *saved)
         return y.to(out_dtype)  # (..., N, K): the caller flattens it
 
     @staticmethod
@@ -406,7 +415,7 @@ class TokenILM(torch.autograd.Function):
     @autocast_off
     def backward(ctx: Any, dy):
         k, eps, _ = ctx.spec
-        x, weight, bias, w1, w2, w3, mu, gamma, mean, rstd, d_g, *saved = ctx.saved_tensors
+        x, weight, bias, w1, w2, w3, mu, gamma, mean, rstd, d_c, *saved = ctx.saved_tensors
         st = mu.dtype
         c = x.shape[-1]
         n = c // k
@@ -419,10 +428,10 @@ class TokenILM(torch.autograd.Function):
         s_dyxc = _group_sum(dyxc, n)
         g_dg = s_dyxc * rstd  # sum_k dy * x_hat
         g_dmu = s_dy
-        # with omega = up(D_gamma) + B_omega: sum_c dy * omega * (x - mean) and sum_c dy * omega
+        # with omega = up(d_c) + weight, d_c = D_gamma - 1/2: sum_c dy * omega * (x - mean), sum_c dy * omega
         r = rstd.squeeze(-1)
-        g_rstd = (d_g * s_dyxc).sum(-1) + dyxc @ wf  # (R,)
-        g_mean = -((d_g * s_dy).sum(-1) + dy2 @ wf) * r
+        g_rstd = (d_c * s_dyxc).sum(-1) + dyxc @ wf  # (R,)
+        g_mean = -((d_c * s_dy).sum(-1) + dy2 @ wf) * r
         g_var = -0.5 * g_rstd * r**3
         g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
         need = ctx.needs_input_grad
@@ -432,10 +441,10 @@ class TokenILM(torch.autograd.Function):
             #    = dy*a + (x-mean)*E + Fc  with E, Fc per (row, key group)
             e = (g_var * (2.0 / c)).view(rows, 1) + g_gamma * (2.0 / k)
             fc = (g_mean / c).view(rows, 1) + g_mu / k - g_gamma * (2.0 / k) * (mu - mean)
-            # dy*a = rstd * dy * B_omega + dy * up(D_gamma * rstd): in-place passes, no (R, C) `a`
+            # dy*a = rstd * dy * weight + dy * up(d_c * rstd): in-place passes, no (R, C) `a`
             dx = torch.mul(dy2, wf).mul_(rstd)
             dx3 = dx.view(rows, n, k)
-            dx3.addcmul_(dy2.view(rows, n, k), (d_g * rstd).unsqueeze(-1))
+            dx3.addcmul_(dy2.view(rows, n, k), (d_c * rstd).unsqueeze(-1))
             dx3.addcmul_(xc.view(rows, n, k), e.unsqueeze(-1))
             dx3.add_(fc.unsqueeze(-1))
             dx = dx.reshape(x.shape).to(x.dtype)

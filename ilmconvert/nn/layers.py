@@ -67,8 +67,9 @@ class _FromNorm:
 
         Args:
             norm: the module to replace.
-            init: ``"preserve"`` (B_omega = w - 1/2, B_beta = b, W2 = W3 = 0: same function as
-                ``norm``) or ``"paper"`` (B_omega = 1, B_beta = 0, nn.Linear defaults).
+            init: ``"preserve"`` (``weight = w``, i.e. B_omega = w - 1/2, ``bias = b``, W2 = W3 = 0:
+                same function as ``norm``) or ``"paper"`` (B_omega = 1, stored as ``weight = 1.5``,
+                B_beta = 0, nn.Linear defaults); docs/design.md §1-2.
             key_group_size, reduction: K and r of :class:`~ilmconvert.nn.core.ILMNorm`.
             layout: front-end specific options (``channels_first`` for LayerNorm).
 
@@ -101,7 +102,7 @@ class ILMGroupNorm(_FromNorm, ILMNorm):
     """ILM Norm on GroupNorm standardization (the paper's ILM+GN; GN with one group is its "LN").
 
     ``from_norm`` also takes a BatchNorm (opt-in, function-changing): G = 32, or the largest
-    divisor of C not above 32, and the BN affine becomes B_omega / B_beta.
+    divisor of C not above 32, and the BN affine becomes ``weight`` / ``bias`` (as preserve init does).
 
     Input ``(B, C, *spatial)``; an instance is one sample. Standardization is
     ``F.group_norm(x, num_groups, eps=eps)`` exactly as ``nn.GroupNorm``; key features use groups

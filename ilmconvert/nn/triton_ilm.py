@@ -17,7 +17,9 @@ float16 (statistics and coefficients always float32). Four kernels, each one pas
 - ``_bwd_apply``: ``dx = dy * a + (x - M) * e + f``.
 
 Everything between the passes (group moments, auto-encoder, its hand-written backward) runs on
-``(B, C)`` tensors in PyTorch, shared with the pure-PyTorch path.
+``(B, C)`` tensors in PyTorch, shared with the pure-PyTorch path: in particular eq. 6 as the layers
+parametrize it, ``omega = up(D_gamma - 1/2) + weight`` (:func:`fast_torch.pooled_coefficients`), so
+the kernels only ever see the per-(b, c) coefficients ``M``, ``a``, ``beta``, ``e``, ``f``.
 """
 
 from __future__ import annotations
