@@ -31,7 +31,7 @@ DataRootOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[
-    Literal["auto", "cpu", "cuda"], typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")
+    str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (CUDA when available), cpu or cuda.")
 ]
 #: every 50 batches a plain progress line when stdout is not a terminal (batch jobs, CI logs)
 PLAIN_EVERY = 50
