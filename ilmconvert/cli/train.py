@@ -417,9 +417,10 @@ def recipes(
     table = Table(title="bundled recipes (ilmconvert finetune --recipe NAME)", title_justify="left")
     for col in ("name", "network", "epochs", "batch", "lr", "description"):
         table.add_column(
-            col, justify="right" if col in ("epochs", "batch", "lr") else "left", no_wrap=col in ("name", "network")
+            col, justify="right" if col in ("epochs", "batch", "lr") else "left", no_wrap=col == "name"
         )
     for r in list_recipes():
-        network = r.model.name + (f" + {', '.join(r.model.adaptations)}" if r.model.adaptations else "")
+        name = r.model.name.split(".", 1)[0]  # without the pretrained tag (`recipes show NAME` has it)
+        network = name + (f" + {', '.join(r.model.adaptations)}" if r.model.adaptations else "")
         table.add_row(r.name, network, str(r.train.epochs), str(r.train.batch_size), f"{r.train.lr:g}", r.description)
     console.print(table)
