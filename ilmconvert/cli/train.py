@@ -417,7 +417,11 @@ def recipes(
     table = Table(title="bundled recipes (ilmconvert finetune --recipe NAME)", title_justify="left")
     for col in ("name", "network", "epochs", "batch", "lr", "description"):
         table.add_column(
-            col, justify="right" if col in ("epochs", "batch", "lr") else "left", no_wrap=col == "name"
+            col,
+            justify="right" if col in ("epochs", "batch", "lr") else "left",
+            no_wrap=col == "name",
+            overflow="fold",
+            min_width=16 if col == "network" else None,
         )
     for r in list_recipes():
         name = r.model.name.split(".", 1)[0]  # without the pretrained tag (`recipes show NAME` has it)
