@@ -55,10 +55,27 @@ app = typer.Typer(
         "fine-tune and evaluate them."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+def _version(value: bool) -> None:
+    if value:
+        from ..version import __version__
+
+        print(f"ilmconvert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Convert timm / torchvision networks to ILM Norm (or Proxy Norm), fine-tune and evaluate them."""
+
+
 app.command()(convert.inspect)
 app.command()(convert.swap)
 app.command()(train.finetune)

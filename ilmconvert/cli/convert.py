@@ -35,6 +35,7 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
+        metavar="ilm|proxy|none",
         help=(
             "ilm: ILM Norm; proxy: Proxy Norm, timm's norm + activation modules become GN / LN + PN-Act; "
             "none: leave the network as it is (a baseline checkpoint)."
@@ -105,7 +106,9 @@ def render_report(report: Any, title: str) -> None:
 # ------------------------------------------------------------------------------------- inspect
 @expected_errors
 def inspect(
-    model: Annotated[str, typer.Argument(help="timm:NAME[.TAG], torchvision:NAME or a bare timm name.")],
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="timm:NAME[.TAG], torchvision:NAME or a bare timm name.")
+    ],
     norms: NormsOpt = "gn,in,ln",
     key_group_size: KeyGroupOpt = 16,
     reduction: ReductionOpt = 16,
@@ -132,21 +135,31 @@ def inspect(
 # ------------------------------------------------------------------------------------- swap
 @expected_errors
 def swap(
-    model: Annotated[str, typer.Argument(help="timm:NAME[.TAG], torchvision:NAME[.WEIGHTS] or a bare timm name.")],
+    model: Annotated[
+        str,
+        typer.Argument(metavar="MODEL", help="timm:NAME[.TAG], torchvision:NAME[.WEIGHTS] or a bare timm name."),
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Checkpoint directory to write (new, empty, or an earlier checkpoint).")
     ],
     norms: NormsOpt = "gn,in,ln",
     init: Annotated[
-        str, typer.Option("--init", help="preserve: same function as the original; paper: B_omega=1, B_beta=0.")
+        str,
+        typer.Option(
+            "--init", metavar="preserve|paper",
+            help="preserve: same function as the original; paper: B_omega=1, B_beta=0.",
+        ),
     ] = "preserve",
     weights: Annotated[
         Optional[Path],
         typer.Option("--weights", help="Local weights (safetensors, or a state dict read with weights_only=True)."),
     ] = None,
-    no_pretrained: Annotated[
-        bool, typer.Option("--no-pretrained", help="Start from random weights (no download).")
-    ] = False,
+    pretrained: Annotated[
+        bool,
+        typer.Option(
+            "--pretrained/--no-pretrained", help="Start from the library's pretrained weights, or from random ones."
+        ),
+    ] = True,
     num_classes: Annotated[
         Optional[int], typer.Option("--num-classes", min=1, help="Resize the classifier to N classes.")
     ] = None,
@@ -178,7 +191,7 @@ def swap(
     check_target(out)
     torch.manual_seed(seed)
     with console.status(f"building {model}"):
-        network = create_model(model, pretrained=not no_pretrained, weights=weights, num_classes=num_classes)
+        network = create_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
     settings = _conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm, method, init)
     report, diff = check_conversion(network, lambda m: convert(m, **settings))
     if not quiet:

@@ -10,6 +10,10 @@ Images travel as uint8 ``(3, H, W)`` tensors: they are decoded once (into memory
 ``cache`` is on: 3 KiB per 32x32 image, 180 MiB for all of CIFAR-10), augmented with torchvision
 ``transforms.v2`` (RandomCrop with padding + horizontal flip), batched, and only converted to
 float and normalized on the training device (:func:`to_input`).
+
+With ``data.pipeline: timm`` the images are read at their own size and go through timm's
+``create_transform`` (:func:`timm_transform`), configured from the network's
+``timm.data.resolve_data_config`` (:func:`resolve_pipeline`), which also ends in uint8 tensors.
 """
 
 from __future__ import annotations
@@ -126,6 +130,9 @@ class ImageSet(Dataset):
         image_size: square size in pixels that images are brought to.
         transform: applied to each uint8 ``(3, H, W)`` tensor (e.g. torchvision v2 RandomCrop).
         cache: decode all files now (with a thread pool) and keep them as one uint8 tensor.
+        raw: give ``transform`` the RGB PIL image at its own size (timm's transforms, which end
+            in a uint8 tensor) instead of a uint8 tensor at ``image_size``; nothing is cached,
+            and a seeded ``transform`` also sees Python's and NumPy's generators seeded.
 
     ``ds[i]`` returns ``(image uint8 (3, H, W), label int)``. ``ds[(i, seed)]`` (what
     :class:`EpochSampler` yields) runs ``transform`` with torch's CPU generator seeded with
@@ -144,7 +151,10 @@ class ImageSet(Dataset):
         image_size: int,
         transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         cache: bool = True,
+        raw: bool = False,
     ) -> None:
+        self.raw = raw
+        cache = cache and not raw
         self.items = list(items)
         self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
         self.classes = list(classes)
@@ -190,6 +200,8 @@ class ImageSet(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = index if isinstance(index, tuple) else (index, None)
+        if self.raw:
+            return self._raw_item(index, seed)
         if self.images is not None:
             image = self.images[index]
         else:
@@ -197,6 +209,47 @@ class ImageSet(Dataset):
         if self.transform is not None:
             image = self.transform(image) if seed is None else _seeded(self.transform, image, seed)
         return image, int(self.labels[index])
+
+
+    def _raw_item(self, index: int, seed: int | None) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        item = self.items[index]
+        if isinstance(item, np.ndarray):
+            image = Image.fromarray(item)
+        else:
+            try:
+                with Image.open(item) as opened:
+                    image = opened.convert("RGB")
+            except Exception as err:
+                raise DataError(_undecodable(item, err)) from err
+        transform = self.transform or _pil_to_tensor
+        if seed is None:
+            out = transform(image)
+        else:
+            out = seeded_globals(lambda: _seeded(transform, image, seed), seed)
+        return out, int(self.labels[index])
+
+
+def _pil_to_tensor(image: Any) -> torch.Tensor:
+    from torchvision.transforms.v2 import functional as F
+
+    return F.pil_to_tensor(image)
+
+
+def seeded_globals(fn: Callable[[], Any], seed: int) -> Any:
+    """``fn()`` with Python's ``random`` and NumPy's global generator seeded from ``seed`` (timm's
+    augmentations and ``Mixup`` draw from them); both states are restored afterwards."""
+    import random
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        return fn()
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _seeded(transform: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, seed: int) -> torch.Tensor:
@@ -235,15 +288,68 @@ def _unusable_folder(folder: Path, err: Exception) -> str:
     return f"data folder {folder}: {first_line(err)}; expected {folder}/<class>/<image>"
 
 
-def train_transform(settings: DataSettings) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def train_transform(settings: DataSettings) -> Callable[[Any], torch.Tensor] | None:
     """The training augmentation on uint8 tensors: ``cifar`` = RandomCrop(size, padding=size // 8)
-    (4 px at 32 px) + RandomHorizontalFlip, as in the paper and in most CIFAR work; ``none``."""
+    (4 px at 32 px) + RandomHorizontalFlip, as in the paper and in most CIFAR work; ``none``.
+    With ``pipeline: timm``, timm's (:func:`timm_transform`)."""
+    if settings.pipeline == "timm":
+        return timm_transform(settings, train=True)
     if settings.augment == "none":
         return None
     from torchvision.transforms import v2
 
     size = settings.image_size
     return v2.Compose([v2.RandomCrop(size, padding=max(1, size // 8)), v2.RandomHorizontalFlip()])
+
+
+def resolve_pipeline(settings: DataSettings, network: Any) -> DataSettings:
+    """``settings`` with what the ``timm`` pipeline leaves open taken from the network's
+    ``timm.data.resolve_data_config`` (its ``pretrained_cfg``; ImageNet defaults for others):
+    ``image_size``, ``mean``, ``std`` when the recipe did not set them, ``crop_pct`` and
+    ``interpolation`` when ``None``. ``cifar`` settings are returned as they are."""
+    if settings.pipeline != "timm":
+        return settings
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=network)
+    given = settings.model_fields_set
+    update: dict[str, Any] = {}
+    for key, value in (
+        ("image_size", int(config["input_size"][-1])),
+        ("mean", tuple(config["mean"])),
+        ("std", tuple(config["std"])),
+    ):
+        if key not in given:
+            update[key] = value
+    if settings.crop_pct is None:
+        update["crop_pct"] = float(config["crop_pct"])
+    if settings.interpolation is None:
+        update["interpolation"] = str(config["interpolation"])
+    return DataSettings.model_validate(settings.model_dump() | update)
+
+
+def timm_transform(settings: DataSettings, train: bool) -> Callable[[Any], torch.Tensor]:
+    """timm's ``create_transform`` for a PIL image, ending in a uint8 ``(3, H, W)`` tensor
+    (``normalize=False``: :func:`to_input` normalizes on the device). Training: RandomResizedCrop
+    (``scale``, ``ratio``), horizontal flip (``hflip``), ``aa`` (else timm's colour jitter); test:
+    resize to ``image_size / crop_pct`` with ``interpolation``, center crop.
+
+    Raises:
+        DataError: an ``aa`` policy or interpolation timm does not know.
+    """
+    from timm.data import create_transform
+
+    common = {"input_size": settings.image_size, "interpolation": settings.interpolation or "bilinear",
+              "mean": settings.mean, "std": settings.std, "normalize": False}
+    try:
+        if train:
+            return create_transform(
+                is_training=True, scale=settings.scale, ratio=settings.ratio, hflip=settings.hflip,
+                auto_augment=settings.aa, **common,
+            )
+        return create_transform(is_training=False, crop_pct=settings.crop_pct, **common)
+    except (AssertionError, ValueError, KeyError) as err:
+        raise DataError(f"timm cannot build the data pipeline (data.aa {settings.aa!r}): {first_line(err)}") from None
 
 
 def subset_indices(total: int, size: int | None, seed: int) -> list[int]:
@@ -329,7 +435,31 @@ def open_split(
         items = [dataset.data[i] for i in indices]  # (32, 32, 3) uint8 arrays, already in memory
         labels = [int(dataset.targets[i]) for i in indices]
         classes = dataset.classes
-    return ImageSet(items, labels, classes, settings.image_size, transform=transform, cache=settings.cache)
+    raw = settings.pipeline == "timm"
+    return ImageSet(items, labels, classes, settings.image_size, transform=transform, cache=settings.cache, raw=raw)
+
+
+def test_transform(settings: DataSettings) -> Callable[[Any], torch.Tensor] | None:
+    """The test-time transform: none for the ``cifar`` pipeline (images are decoded at
+    ``image_size``), timm's resize + center crop for ``timm`` (:func:`timm_transform`)."""
+    return timm_transform(settings, train=False) if settings.pipeline == "timm" else None
+
+
+def list_classes(source: DataSource) -> list[str]:
+    """The class names of ``source``'s training split, without reading an image.
+
+    Raises:
+        DataError: as :func:`open_split`.
+    """
+    if source.kind == "imagefolder":
+        from torchvision.datasets.folder import find_classes
+
+        folder = source.splits["train"]
+        try:
+            return list(find_classes(str(folder))[0])
+        except (FileNotFoundError, OSError) as err:
+            raise DataError(_unusable_folder(Path(folder), err)) from None
+    return list(_torchvision_split(source, "train").classes)
 
 
 def check_same_classes(train: ImageSet, test: ImageSet, source: DataSource) -> None:

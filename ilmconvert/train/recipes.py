@@ -17,12 +17,21 @@ Example (``recipes/cifar10-smoke.yaml``)::
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from ..errors import IlmconvertError
 
@@ -75,18 +84,39 @@ class ConversionSettings(_Strict):
 
 
 class TrainSettings(_Strict):
-    """Optimization settings: SGD with momentum (timm ``opt='momentum'``) and a timm scheduler.
+    """Optimization settings: a timm optimizer (default SGD with momentum, timm ``opt='momentum'``)
+    and a timm scheduler, with timm's training options under timm's names (``timm/train.py``).
 
     Attributes:
         epochs: number of passes over the (sub-sampled) training set.
-        batch_size: images per step.
+        batch_size: images per step (per process under torchrun).
         lr: peak learning rate (after warm-up).
-        momentum, weight_decay: SGD settings; the paper uses 0.9 and 5e-4. As in timm, biases
-            and norm parameters get no weight decay.
+        opt: any ``timm.optim.create_optimizer_v2`` name (``momentum``, ``sgd``, ``adamw``,
+            ``lamb``, ``lookahead_adamw`` ...; ``timm.optim.list_optimizers()``).
+        opt_eps, opt_betas: the optimizer's eps and betas where it has them (``None``: its default).
+        momentum, weight_decay: the paper uses 0.9 and 5e-4. As in timm, biases and norm
+            parameters get no weight decay.
+        layer_decay: timm's layer-wise learning-rate decay (``param_groups_layer_decay``): the
+            deepest layer gets ``lr``, each earlier one ``layer_decay`` times its successor's.
+        clip_grad, clip_mode: clip the gradients before each update (timm ``dispatch_clip_grad``):
+            ``norm`` (total L2 norm), ``value`` (each entry), ``agc`` (adaptive, per unit; the
+            classifier is left out, as in timm).
+        grad_accum_steps: batches whose gradients are summed (as a mean) into one update.
+        model_ema, model_ema_decay: keep an exponential moving average of the weights (timm
+            ``ModelEmaV3``), tested every epoch and saved as ``RUN/best_ema/`` when its top-1 improves.
         sched: a timm scheduler name (``cosine``, ``step``, ``multistep``, ``none`` ...).
         warmup_epochs, warmup_lr, min_lr: scheduler settings, learning rates in absolute units.
         decay_milestones, decay_rate: for ``multistep`` / ``step``.
-        label_smoothing: cross-entropy label smoothing.
+        smoothing: label smoothing (timm's name; ``label_smoothing`` is accepted as well).
+        amp_dtype: autocast dtype: ``auto`` (bf16 on CUDA, none on CPU), ``bf16``, ``fp16`` (with a
+            gradient scaler) or ``none`` (float32).
+        channels_last: channels-last memory format (``None``: on CUDA only).
+        compile: ``torch.compile`` the trained network (``true``: inductor; a string names the
+            backend). Checkpoints are saved from the uncompiled module, so their keys stay clean.
+        trainable: ``all``; ``norms``: only the ILM / Proxy Norm (or, unconverted, the norm)
+            parameters; ``norms+head``: those and the classifier (timm ``get_classifier()``).
+        checkpoint_hist: keep the checkpoints of the N best epochs as ``RUN/checkpoint-EPOCH/``
+            (timm's ``--checkpoint-hist``; 0: none besides last/ and best/).
         seed: seeds the network initialization, the data order and augmentation.
         cpu_threads: torch intra-op threads when training on CPU (``None``: torch's default, one
             per core). Small networks train faster on one thread: OpenMP synchronization then
@@ -97,15 +127,29 @@ class TrainSettings(_Strict):
     epochs: PositiveInt = 100
     batch_size: PositiveInt = 128
     lr: float = Field(0.1, gt=0)
+    opt: str = "momentum"
+    opt_eps: Optional[float] = Field(None, gt=0)
+    opt_betas: Optional[tuple[float, float]] = None
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    layer_decay: Optional[float] = Field(None, gt=0, le=1)
+    clip_grad: Optional[float] = Field(None, gt=0)
+    clip_mode: Literal["norm", "value", "agc"] = "norm"
+    grad_accum_steps: PositiveInt = 1
+    model_ema: bool = False
+    model_ema_decay: float = Field(0.9998, gt=0, lt=1)
     sched: str = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     warmup_lr: float = Field(1e-5, ge=0)
     min_lr: float = Field(0.0, ge=0)
     decay_milestones: list[int] = Field(default_factory=lambda: [60, 120, 160])
     decay_rate: float = Field(0.2, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    smoothing: float = Field(0.0, ge=0, lt=1, validation_alias=AliasChoices("smoothing", "label_smoothing"))
+    amp_dtype: Literal["auto", "bf16", "fp16", "none"] = "auto"
+    channels_last: Optional[bool] = None
+    compile: Union[bool, str] = False
+    trainable: Literal["all", "norms", "norms+head"] = "all"
+    checkpoint_hist: int = Field(0, ge=0)
     seed: int = 0
     cpu_threads: Optional[PositiveInt] = None
 
@@ -123,6 +167,20 @@ class DataSettings(_Strict):
         train_subset, test_subset: use a fixed random subset (seeded) of this many images.
         num_workers: DataLoader worker processes (0: load in the main process).
         eval_batch_size: images per evaluation step.
+        pipeline: ``cifar``: images decoded once to ``image_size`` (cached uint8) and augmented as
+            ``augment`` says; ``timm``: timm's pipeline from the network's
+            ``timm.data.resolve_data_config`` (``create_transform``: RandomResizedCrop with
+            ``scale`` / ``ratio``, flips with ``hflip``, ``aa`` for training; resize by
+            ``crop_pct`` with the model's ``interpolation`` and center crop for testing). Fields
+            left unset (``image_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``) are
+            taken from the network's data config and written into ``RUN/recipe.yaml``.
+        aa: timm's auto-augment policy (``rand-m9-mstd0.5-inc1``, ``augmix-...``, ``v0`` ...);
+            ``timm`` pipeline only.
+        scale, ratio, hflip: RandomResizedCrop's area and aspect ranges, the flip probability.
+        crop_pct, interpolation: test-time resize (``image_size / crop_pct``) and interpolation.
+        mixup, cutmix: Beta alphas of timm's ``Mixup`` (0: off). With either, the targets are
+            mixed, smoothed by ``train.smoothing``, and the loss is ``SoftTargetCrossEntropy``.
+        mixup_prob, mixup_switch_prob, mixup_mode: timm's ``Mixup`` settings of the same names.
     """
 
     image_size: PositiveInt = 32
@@ -134,6 +192,23 @@ class DataSettings(_Strict):
     test_subset: Optional[PositiveInt] = None
     num_workers: int = Field(0, ge=0)
     eval_batch_size: PositiveInt = 256
+    pipeline: Literal["cifar", "timm"] = "cifar"
+    aa: Optional[str] = None
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = Field(0.5, ge=0, le=1)
+    crop_pct: Optional[float] = Field(None, gt=0, le=1)
+    interpolation: Optional[str] = None
+    mixup: float = Field(0.0, ge=0)
+    cutmix: float = Field(0.0, ge=0)
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    mixup_mode: Literal["batch", "pair", "elem"] = "batch"
+
+    @property
+    def mixing(self) -> bool:
+        """Whether timm's ``Mixup`` runs (a ``mixup`` or ``cutmix`` alpha above 0)."""
+        return self.mixup > 0 or self.cutmix > 0
 
     @field_validator("std")
     @classmethod
@@ -166,26 +241,72 @@ class Recipe(_Strict):
         batch_size: int | None = None,
         lr: float | None = None,
         method: str | None = None,
+        values: Mapping[str, Any] | None = None,
+        settings: Sequence[str] = (),
     ) -> Recipe:
-        """A copy with the given training settings (and conversion method) replaced (``None`` keeps
-        the recipe's).
+        """A copy with settings replaced (``None`` keeps the recipe's), validated by the same schema.
+
+        Args:
+            epochs, batch_size, lr, method: ``train.epochs``, ``train.batch_size``, ``train.lr``,
+                ``conversion.method``.
+            values: dotted keys mapped to values (``{"train.opt": "adamw"}``); ``None`` values are skipped.
+            settings: ``KEY=VALUE`` strings (the CLI's ``--set``): a dotted key (``data.mixup``) and
+                a YAML value (``0.2``, ``[0.9, 0.999]``, ``null``), applied after ``values``.
 
         Raises:
-            RecipeError: an override is not a valid value.
+            RecipeError: a malformed ``--set``, an unknown key (with a did-you-mean) or a bad value.
         """
         origin = "with command-line overrides"
-        update: dict[str, Any] = {}
-        changes = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-        if changes:
-            update["train"] = _validate(TrainSettings, self.train.model_dump() | changes, origin, "train.")
-        if method is not None:
-            merged = self.conversion.model_dump() | {"method": method}
-            update["conversion"] = _validate(ConversionSettings, merged, origin, "conversion.")
-        return self.model_copy(update=update) if update else self
+        named = {"train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "conversion.method": method}
+        changes = {k: v for k, v in {**named, **(values or {})}.items() if v is not None}
+        changes.update(parse_settings(settings))
+        if not changes:
+            return self
+        data = self.model_dump()
+        for key, value in changes.items():
+            _set_dotted(data, ALIASES.get(key, key), value)
+        return _validate(Recipe, data, origin)
 
     def to_yaml(self) -> str:
         """The recipe as YAML (what ``finetune`` writes to ``RUN/recipe.yaml``)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+#: Old names of recipe keys that ``--set`` also accepts.
+ALIASES = {"train.label_smoothing": "train.smoothing"}
+
+
+def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=0.01", "data.mixup=0.2"]`` -> ``{"train.lr": 0.01, "data.mixup": 0.2}`` (values YAML-parsed).
+
+    Raises:
+        RecipeError: an item without ``=``, an empty key or a value that is not YAML.
+    """
+    parsed: dict[str, Any] = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set train.lr=0.01")
+        try:
+            parsed[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise RecipeError(f"--set {item!r}: the value is not valid YAML; quote it") from None
+    return parsed
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``key = "a.b.c"``, creating missing sections (which the
+    schema then refuses as unknown keys, with a did-you-mean)."""
+    *sections, last = key.split(".")
+    node = data
+    for depth, section in enumerate(sections):
+        child = node.setdefault(section, {})
+        if not isinstance(child, dict):
+            where = ".".join(sections[: depth + 1])
+            raise RecipeError(f"--set {key}: {where} is a value, not a section; use --set {where}=VALUE")
+        node = child
+    node[last] = value
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -6,6 +6,9 @@ A run directory ``RUN`` holds::
     RUN/metrics.jsonl   one JSON object per epoch (see :data:`METRIC_KEYS`)
     RUN/last/           checkpoint after the latest epoch, with trainer_state.pt for --resume
     RUN/best/           checkpoint with the best test top-1 so far
+    RUN/best_ema/       with train.model_ema: the EMA weights with the best EMA test top-1 so far
+    RUN/checkpoint-N/   with train.checkpoint_hist: the checkpoints of the best epochs (timm's)
+    RUN/summary.csv     timm-style per-epoch table; RUN/tensorboard/ with --log tensorboard
     RUN/.finetune.lock  held by the finetune process that writes RUN (see :class:`RunLock`)
 
 Checkpoints are written with :func:`ilmconvert.save` (atomic replace), so :func:`ilmconvert.load`
@@ -29,7 +32,7 @@ import os
 import shlex
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
@@ -42,31 +45,41 @@ from .data import (
     DataSource,
     ImageSet,
     check_same_classes,
+    list_classes,
     make_loader,
     open_split,
     resolve_data,
+    resolve_pipeline,
+    test_transform,
     train_transform,
 )
 from .distributed import SINGLE, Distributed, init_process_group
+from .logs import RunLog, check_log
 from .loop import (
     Batches,
     Precision,
     build_network,
+    check_optimizer,
     check_scheduler,
     cpu_threads,
+    create_extras,
     create_optimizer,
     create_scheduler,
     evaluate,
     fit_classifier,
     seed_epoch,
     select_device,
+    set_trainable,
     train_one_epoch,
+    updates_per_epoch,
 )
 from .recipes import DataSettings, Recipe, load_recipe, parse_recipe
 
 METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
-LAST, BEST = "last", "best"
+LAST, BEST, BEST_EMA = "last", "best", "best_ema"
+#: Recipe keys that ``--resume`` may change: they do not change any number the run computes.
+RESUMABLE = ("train.epochs", "data.num_workers", "train.checkpoint_hist")
 LOCK_FILE = ".finetune.lock"
 #: Keys of each line of ``RUN/metrics.jsonl``: epoch (1-based), mean train loss, train top-1 (%,
 #: on augmented images, while the weights change), test loss, test top-1 / top-5 (%), learning
@@ -336,6 +349,7 @@ class FinetunePlan:
         processes: this process's rank among torchrun's processes (``SINGLE`` without torchrun).
         lock: the run folder's lock while this plan holds it (rank 0; ``None`` where none was taken).
         resume_command: the command line that continues this run with ``--resume``.
+        log: extra loggers (``("tensorboard",)``); ``RUN/summary.csv`` is always written.
     """
 
     recipe: Recipe
@@ -351,6 +365,7 @@ class FinetunePlan:
     processes: Distributed = SINGLE
     lock: Optional[RunLock] = None
     resume_command: str = ""
+    log: tuple[str, ...] = ()
 
     def release(self) -> None:
         """Give up the run folder's lock (:func:`run_finetune` does when it returns or raises)."""
@@ -358,14 +373,15 @@ class FinetunePlan:
             self.lock.release()
 
 
-def _open_data(recipe: Recipe, data: str, data_root: str | Path | None) -> tuple[DataSource, ImageSet, ImageSet]:
+def _open_splits(recipe: Recipe, source: DataSource) -> tuple[ImageSet, ImageSet]:
     settings, seed = recipe.data, recipe.train.seed
-    source = resolve_data(data, data_root)
-    test = open_split(source, "test", settings, subset=settings.test_subset, seed=seed + 1)
+    test = open_split(
+        source, "test", settings, subset=settings.test_subset, seed=seed + 1, transform=test_transform(settings)
+    )
     transform = train_transform(settings)
     train = open_split(source, "train", settings, subset=settings.train_subset, seed=seed, transform=transform)
     check_same_classes(train, test, source)
-    return source, train, test
+    return train, test
 
 
 def _resume_command(run: Path, data: str, data_root: str | Path | None, device: str, processes: Distributed) -> str:
@@ -394,6 +410,10 @@ def prepare_finetune(
     resume: bool = False,
     default_recipe: str = "cifar10",
     processes: Distributed = SINGLE,
+    overrides: Mapping[str, Any] | None = None,
+    settings: Sequence[str] = (),
+    weights: str | Path | None = None,
+    log: Sequence[str] = (),
 ) -> FinetunePlan:
     """Check the arguments, read the data and build (or load) the network; writes nothing but the lock.
 
@@ -414,8 +434,12 @@ def prepare_finetune(
             network unconverted, the baseline).
         device: ``auto``, ``cpu`` or ``cuda``.
         data_root: download folder for ``cifar10`` / ``cifar100``.
-        resume: continue ``run`` from ``run/last`` with the recipe saved in ``run/recipe.yaml``
-            (only ``epochs`` may change).
+        resume: continue ``run`` from ``run/last`` with the recipe saved in ``run/recipe.yaml``;
+            only the keys in :data:`RESUMABLE` may change (any other change is refused, naming it).
+        overrides: dotted recipe keys mapped to values (``None`` skipped), e.g. ``{"train.opt": "adamw"}``.
+        settings: ``KEY=VALUE`` strings (``--set``), see :meth:`Recipe.with_overrides`.
+        weights: a local weights file for the recipe's network (instead of its pretrained weights).
+        log: extra loggers: ``tensorboard`` (needs the ``tensorboard`` package).
         processes: under torchrun, this process's rank (see :mod:`.distributed`): joins the
             process group and takes the device ``cuda:LOCAL_RANK``; rank 0 downloads data first.
 
@@ -427,18 +451,24 @@ def prepare_finetune(
     """
     run = Path(run).expanduser()
     torch_device = init_process_group(processes, select_device(device))
-    if resume and (recipe, batch_size, lr, checkpoint, method) != (None,) * 5:
-        raise RunError("--resume continues RUN with its own recipe (RUN/recipe.yaml); only --epochs may change")
+    if resume and (recipe, checkpoint, weights) != (None,) * 3:
+        raise RunError(
+            "--resume continues RUN with its own recipe (RUN/recipe.yaml) and network; only --epochs may change, "
+            f"and the settings that change no number ({', '.join(RESUMABLE[1:])})"
+        )
+    check_log(log)
+    changes = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "method": method}
     lock = RunLock.acquire(run) if processes.is_main else None
     try:
         if resume:
-            resolved, state = _resumed_recipe(run, epochs)
+            resolved, state = _resumed_recipe(run, changes, overrides, settings)
         else:
             resolved = load_recipe(recipe or default_recipe).with_overrides(
-                epochs=epochs, batch_size=batch_size, lr=lr, method=method
+                **changes, values=overrides, settings=settings
             )
             state = None
             check_scheduler(resolved.train)
+            check_optimizer(resolved.train)
             check_new_run(run)
             if checkpoint is not None:
                 if method is not None:
@@ -446,10 +476,20 @@ def prepare_finetune(
                         "--method applies to the recipe's network; a checkpoint keeps its own conversion "
                         "(convert it first with `ilmconvert swap --method ...`)"
                     )
+                if weights is not None:
+                    raise RunError(
+                        "--weights applies to the recipe's network; a checkpoint keeps its own weights "
+                        "(convert the weights first with `ilmconvert swap --weights ...`)"
+                    )
                 check_checkpoint(checkpoint)
         with processes.main_first():  # one download of cifar10 / cifar100
-            source, train, test = _open_data(resolved, data, data_root)
-        network, notes = _network(resolved, run if resume else None, checkpoint, data, len(train.classes), len(train))
+            source = resolve_data(data, data_root)
+            classes = list_classes(source)
+            network, notes = _network(resolved, run if resume else None, checkpoint, data, len(classes), weights)
+            resolved = resolved.model_copy(update={"data": resolve_pipeline(resolved.data, network)})
+            train, test = _open_splits(resolved, source)
+        if checkpoint is not None and resolved.train.batch_size > len(train):
+            notes.append(f"batch size {resolved.train.batch_size} is larger than the {len(train)} training images")
     except BaseException as err:
         if lock is not None:
             lock.discard()
@@ -464,15 +504,35 @@ def prepare_finetune(
     start = int(state["epoch"]) if state else 0
     command = _resume_command(run, data, data_root, device, processes)
     return FinetunePlan(
-        resolved, run, source, train, test, network, torch_device, start, state, notes, processes, lock, command
+        resolved, run, source, train, test, network, torch_device, start, state, notes, processes, lock, command,
+        log=tuple(log),
     )
 
 
-def _resumed_recipe(run: Path, epochs: int | None) -> tuple[Recipe, dict[str, Any]]:
-    """The recipe and trainer state of the run folder ``run`` for ``--resume``.
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_keys(before: Recipe, after: Recipe) -> list[str]:
+    """The dotted recipe keys whose values differ between ``before`` and ``after``."""
+    a, b = _flat(before.model_dump(mode="json")), _flat(after.model_dump(mode="json"))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _resumed_recipe(
+    run: Path, changes: Mapping[str, Any], overrides: Mapping[str, Any] | None, settings: Sequence[str]
+) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe (with the allowed changes) and trainer state of the run folder ``run`` for ``--resume``.
 
     Raises:
-        RunError: ``run`` is not a resumable run folder, or it is finished (``epochs`` not larger).
+        RunError: ``run`` is not a resumable run folder; a change of a key outside :data:`RESUMABLE`
+            (the message names it); or the run is finished (``epochs`` not larger).
         RecipeError, CheckpointError: its recipe or trainer state cannot be read.
     """
     from ..io import CONFIG_FILE, is_checkpoint, load_trainer_state, read_config, recover_checkpoint
@@ -484,7 +544,14 @@ def _resumed_recipe(run: Path, epochs: int | None) -> tuple[Recipe, dict[str, An
         raise RunError(
             f"--resume: {run} is not a run folder with last/ and {RECIPE_FILE}; start a new run without --resume"
         )
-    resolved = parse_recipe((run / RECIPE_FILE).read_text(), str(run / RECIPE_FILE)).with_overrides(epochs=epochs)
+    saved = parse_recipe((run / RECIPE_FILE).read_text(), str(run / RECIPE_FILE))
+    resolved = saved.with_overrides(**changes, values=overrides, settings=settings)
+    refused = [k for k in changed_keys(saved, resolved) if k not in RESUMABLE]
+    if refused:
+        raise RunError(
+            f"--resume cannot change {', '.join(refused)}: the run would no longer continue exactly; "
+            f"only {', '.join(RESUMABLE)} may change (start a new run for the others)"
+        )
     state = load_trainer_state(run / LAST)
     if not state or "epoch" not in state or "optimizer" not in state:
         raise RunError(f"--resume: {run / LAST} has no trainer state; start a new run without --resume")
@@ -499,7 +566,12 @@ def _resumed_recipe(run: Path, epochs: int | None) -> tuple[Recipe, dict[str, An
 
 
 def _network(
-    recipe: Recipe, resumed: Path | None, checkpoint: str | Path | None, data: str, num_classes: int, images: int
+    recipe: Recipe,
+    resumed: Path | None,
+    checkpoint: str | Path | None,
+    data: str,
+    num_classes: int,
+    weights: str | Path | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """The network to train: ``resumed/last``, the ``checkpoint``, or the recipe's (seeded); and notes.
 
@@ -523,10 +595,8 @@ def _network(
         )
         if fit_classifier(network, num_classes):
             notes.append(f"classifier resized to {num_classes} classes (freshly initialized)")
-        if recipe.train.batch_size > images:
-            notes.append(f"batch size {recipe.train.batch_size} is larger than the {images} training images")
     else:
-        network = build_network(recipe.model, recipe.conversion, num_classes, seed=recipe.train.seed)
+        network = build_network(recipe.model, recipe.conversion, num_classes, seed=recipe.train.seed, weights=weights)
     return network, notes
 
 
@@ -595,18 +665,129 @@ def _interrupted(plan: FinetunePlan) -> RunInterrupted:
     return RunInterrupted("interrupted before the run folder was written; nothing was written")
 
 
+@dataclass
+class _Best:
+    """The best test top-1 so far and its epoch, of the network and of its EMA (-1: none yet)."""
+
+    top1: float = -1.0
+    epoch: int = 0
+    ema_top1: float = -1.0
+
+    @classmethod
+    def of(cls, state: Mapping[str, Any]) -> _Best:
+        return cls(float(state.get("best_top1", -1.0)), int(state.get("best_epoch", 0)),
+                   float(state.get("best_ema_top1", -1.0)))
+
+    def update(self, metrics: Mapping[str, Any]) -> tuple[bool, bool]:
+        """Take an epoch's metrics; returns whether the network's and the EMA's top-1 improved."""
+        improved = metrics["top1"] > self.top1
+        if improved:
+            self.top1, self.epoch = metrics["top1"], metrics["epoch"]
+        ema_improved = "ema_top1" in metrics and metrics["ema_top1"] > self.ema_top1
+        if ema_improved:
+            self.ema_top1 = metrics["ema_top1"]
+        return improved, ema_improved
+
+
 def _trainer_state(
-    epoch: int, epochs: int, num_updates: int, best: tuple[float, int], optimizer: Any, scheduler: Any
+    epoch: int, epochs: int, num_updates: int, best: _Best, optimizer: Any, scheduler: Any, extras: Any
 ) -> dict[str, Any]:
-    return {
+    state = {
         "epoch": epoch,
         "epochs": epochs,
         "num_updates": num_updates,
-        "best_top1": best[0],
-        "best_epoch": best[1],
+        "best_top1": best.top1,
+        "best_epoch": best.epoch,
+        "best_ema_top1": best.ema_top1,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else {},
     }
+    if extras.ema is not None:
+        state["model_ema"] = extras.ema.module.state_dict()
+    if extras.scaler is not None:
+        state["amp_scaler"] = extras.scaler.state_dict()
+    return state
+
+
+def _restore(state: Mapping[str, Any], optimizer: Any, scheduler: Any, extras: Any, epochs: int) -> None:
+    """Load the optimizer, scheduler, EMA and grad scaler of a resumed run's trainer state."""
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") and state.get("epochs") == epochs:
+        scheduler.load_state_dict(state["scheduler"])
+    if extras.ema is not None and "model_ema" in state:
+        extras.ema.module.load_state_dict(state["model_ema"])
+    if extras.scaler is not None and "amp_scaler" in state:
+        extras.scaler.load_state_dict(state["amp_scaler"])
+
+
+def _training_network(plan: FinetunePlan, network: nn.Module) -> nn.Module:
+    """``network`` as it is trained: wrapped in DDP under torchrun, compiled with ``train.compile``.
+    Checkpoints are saved from ``network`` itself, so their keys carry no ``module.`` / ``_orig_mod.``."""
+    trained = network
+    if plan.processes.enabled:
+        # static_graph: a norm that the forward never reaches is no error for DDP's reduction
+        device_ids = [plan.device.index] if plan.device.type == "cuda" else None
+        trained = nn.parallel.DistributedDataParallel(network, device_ids=device_ids, static_graph=True)
+    option = plan.recipe.train.compile
+    if option:
+        trained = torch.compile(trained, backend=option if isinstance(option, str) else "inductor")
+    return trained
+
+
+def _keep_history(run: Path, rows: list[dict[str, Any]], keep: int, upto: int) -> None:
+    """Keep ``RUN/checkpoint-EPOCH`` of the ``keep`` best epochs up to ``upto`` (by top-1, then the
+    later epoch), as timm's ``CheckpointSaver`` does; remove the others (and any after ``upto``)."""
+    import shutil
+
+    if not keep and not any(run.glob("checkpoint-*")):
+        return
+    ranked = sorted((r for r in rows if r["epoch"] <= upto), key=lambda r: (r["top1"], r["epoch"]), reverse=True)
+    wanted = {f"checkpoint-{r['epoch']}" for r in ranked[:keep]}
+    for folder in run.glob("checkpoint-*"):
+        if folder.is_dir() and folder.name not in wanted:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _epoch_metrics(epoch: int, trained: dict[str, Any], tested: dict[str, Any], lr: float,
+                   ema: dict[str, Any] | None) -> dict[str, Any]:
+    metrics = {
+        "epoch": epoch,
+        "train_loss": trained["train_loss"],
+        "train_top1": trained["train_top1"],
+        "test_loss": tested["loss"],
+        "top1": tested["top1"],
+        "top5": tested["top5"],
+        "lr": lr,
+        "images_per_s": trained["images_per_s"],
+        "epoch_s": trained["seconds"] + tested["seconds"] + (ema["seconds"] if ema else 0.0),
+    }
+    if ema is not None:
+        metrics.update({"ema_test_loss": ema["loss"], "ema_top1": ema["top1"], "ema_top5": ema["top5"]})
+    return metrics
+
+
+def _write_epoch(
+    plan: FinetunePlan, network: nn.Module, ema: Any, rows: list[dict[str, Any]], improved: tuple[bool, bool],
+    best_top1: float, trainer_state: dict[str, Any], log: RunLog,
+) -> None:
+    """After an epoch (the last of ``rows``): metrics.jsonl and summary.csv, best/ and best_ema/
+    when ``improved`` (network, EMA), checkpoint-EPOCH/ with checkpoint_hist, then last/ with
+    ``trainer_state``; Ctrl-C held back meanwhile."""
+    from ..io import save
+
+    run, metrics = plan.run, rows[-1]
+    metadata = _metadata(plan, metrics["epoch"], best_top1, metrics)
+    with _sigint_held_back():
+        _write_metrics(run, rows)
+        log.rows(rows)
+        if improved[0]:
+            save(network, run / BEST, metadata=metadata)
+        if improved[1]:
+            save(ema.module, run / BEST_EMA, metadata={**metadata, "ema": True})
+        if plan.recipe.train.checkpoint_hist:
+            save(network, run / f"checkpoint-{metrics['epoch']}", metadata=metadata)
+        _keep_history(run, rows, plan.recipe.train.checkpoint_hist, metrics["epoch"])
+        save(network, run / LAST, metadata=metadata, trainer_state=trainer_state)
 
 
 def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]:
@@ -614,11 +795,12 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
 
     A new run first writes ``RUN/last`` (epoch 0: the initial weights), ``RUN/metrics.jsonl``
     (empty) and ``RUN/recipe.yaml``, so that it can be resumed from its first epoch on. After each
-    epoch: ``RUN/metrics.jsonl`` rewritten with the epoch's line, ``RUN/best`` when the test top-1
-    improved, then ``RUN/last`` with the trainer state; a run killed between these writes resumes
-    from the previous ``last`` and drops the metric lines after it. Ctrl-C is held back during the
-    writes. Under torchrun every process trains a ``DistributedDataParallel`` copy on its shard and
-    only rank 0 writes.
+    epoch: ``RUN/metrics.jsonl`` (and ``summary.csv``) rewritten with the epoch's line, ``RUN/best``
+    when the test top-1 improved (``RUN/best_ema`` when the EMA's did), ``RUN/checkpoint-EPOCH``
+    with ``checkpoint_hist``, then ``RUN/last`` with the trainer state (optimizer, scheduler, EMA
+    weights, grad scaler); a run killed between these writes resumes from the previous ``last``
+    and drops the metric lines after it. Ctrl-C is held back during the writes. Under torchrun
+    every process trains a ``DistributedDataParallel`` copy on its shard and only rank 0 writes.
 
     Raises:
         KeyboardInterrupt: Ctrl-C (after the writes in progress); ``run_finetune`` turns it into
@@ -631,80 +813,72 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
     recipe, run, processes = plan.recipe, plan.run, plan.processes
     main = processes.is_main
     train_cfg, data_cfg = recipe.train, recipe.data
-    precision = Precision(plan.device)
+    precision = Precision.of(plan.device, train_cfg)
     network = precision.prepare(plan.network)
-    trained_network = network
+    set_trainable(network, train_cfg.trainable)
+    trained_network = _training_network(plan, network)
     if processes.enabled:
-        # static_graph: a norm that the forward never reaches is no error for DDP's reduction
-        device_ids = [plan.device.index] if plan.device.type == "cuda" else None
-        trained_network = nn.parallel.DistributedDataParallel(network, device_ids=device_ids, static_graph=True)
         processes.barrier()  # every process has checked the run folder before rank 0 writes it
     pin = plan.device.type == "cuda"
     loaders = {"num_workers": data_cfg.num_workers, "pin_memory": pin, "processes": processes}
     train_loader = make_loader(plan.train, train_cfg.batch_size, train=True, seed=train_cfg.seed, **loaders)
     test_loader = make_loader(plan.test, data_cfg.eval_batch_size, train=False, **loaders)
     optimizer = create_optimizer(network, train_cfg)
-    scheduler = create_scheduler(optimizer, train_cfg, len(train_loader))
+    scheduler = create_scheduler(
+        optimizer, train_cfg, updates_per_epoch(len(train_loader), train_cfg.grad_accum_steps)
+    )
+    extras = create_extras(network, train_cfg, data_cfg, precision, len(plan.train.classes))
     state = plan.trainer_state or {}
     num_updates = int(state.get("num_updates", 0))
-    best_top1, best_epoch = float(state.get("best_top1", -1.0)), int(state.get("best_epoch", 0))
+    best = _Best.of(state)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") and state.get("epochs") == train_cfg.epochs:
-            scheduler.load_state_dict(state["scheduler"])
+        _restore(state, optimizer, scheduler, extras, train_cfg.epochs)
     if scheduler is not None:  # the same learning rate whether the run starts here or resumes here
         scheduler.step_update(num_updates=num_updates)
     rows = [r for r in read_metrics(run) if r.get("epoch", 0) <= plan.start_epoch] if state and main else []
+    log = RunLog(run, plan.log, plan.start_epoch) if main else None
     if main:
         with _sigint_held_back():
             if state:
                 _write_metrics(run, rows)  # drop the lines of epochs after last/ (a run killed before saving it)
             else:
                 run.mkdir(parents=True, exist_ok=True)
-                initial = _trainer_state(0, train_cfg.epochs, 0, (best_top1, best_epoch), optimizer, scheduler)
-                save(network, run / LAST, metadata=_metadata(plan, 0, best_top1, None), trainer_state=initial)
+                initial = _trainer_state(0, train_cfg.epochs, 0, best, optimizer, scheduler, extras)
+                save(network, run / LAST, metadata=_metadata(plan, 0, best.top1, None), trainer_state=initial)
                 _write_metrics(run, rows)
                 _write_atomic(run / RECIPE_FILE, recipe.to_yaml())
+            log.rows(rows)
+            _keep_history(run, rows, train_cfg.checkpoint_hist, plan.start_epoch)
 
     metrics: dict[str, Any] = {}
-    for epoch in range(plan.start_epoch, train_cfg.epochs):
-        seed_epoch(train_loader, train_cfg.seed, epoch, processes.rank)
-        trained, num_updates = train_one_epoch(
-            trained_network, train_loader, optimizer, scheduler, train_cfg, data_cfg, precision, num_updates,
-            progress.train(epoch + 1), processes,
-        )
-        tested = evaluate(network, test_loader, data_cfg, precision, progress.test(epoch + 1), processes)
-        lr = float(optimizer.param_groups[0]["lr"])
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": trained["train_loss"],
-            "train_top1": trained["train_top1"],
-            "test_loss": tested["loss"],
-            "top1": tested["top1"],
-            "top5": tested["top5"],
-            "lr": lr,
-            "images_per_s": trained["images_per_s"],
-            "epoch_s": trained["seconds"] + tested["seconds"],
-        }
-        improved = metrics["top1"] > best_top1
-        if improved:
-            best_top1, best_epoch = metrics["top1"], epoch + 1
-        if main:
-            rows.append(metrics)
-            metadata = _metadata(plan, epoch + 1, best_top1, metrics)
-            trainer_state = _trainer_state(
-                epoch + 1, train_cfg.epochs, num_updates, (best_top1, best_epoch), optimizer, scheduler
+    try:
+        for epoch in range(plan.start_epoch, train_cfg.epochs):
+            seed_epoch(train_loader, train_cfg.seed, epoch, processes.rank)
+            trained, num_updates = train_one_epoch(
+                trained_network, train_loader, optimizer, scheduler, train_cfg, data_cfg, precision, num_updates,
+                progress.train(epoch + 1), processes, extras,
             )
-            with _sigint_held_back():
-                _write_metrics(run, rows)
-                if improved:
-                    save(network, run / BEST, metadata=metadata)
-                save(network, run / LAST, metadata=metadata, trainer_state=trainer_state)
-            progress.epoch_done(metrics, improved)
+            tested = evaluate(network, test_loader, data_cfg, precision, progress.test(epoch + 1), processes)
+            ema_tested = None
+            if extras.ema is not None:
+                ema_tested = evaluate(extras.ema.module, test_loader, data_cfg, precision, None, processes)
+            lr = float(optimizer.param_groups[0]["lr"])
+            if scheduler is not None:
+                scheduler.step(epoch + 1)
+            metrics = _epoch_metrics(epoch + 1, trained, tested, lr, ema_tested)
+            improved, ema_improved = best.update(metrics)
+            if main:
+                rows.append(metrics)
+                trainer_state = _trainer_state(
+                    epoch + 1, train_cfg.epochs, num_updates, best, optimizer, scheduler, extras
+                )
+                _write_epoch(plan, network, extras.ema, rows, (improved, ema_improved), best.top1, trainer_state, log)
+                progress.epoch_done(metrics, improved)
+    finally:
+        if log is not None:
+            log.close()
     processes.barrier()  # RUN is complete when any process returns
-    return {"epochs": train_cfg.epochs, "best_top1": best_top1, "best_epoch": best_epoch, "last": metrics}
+    return {"epochs": train_cfg.epochs, "best_top1": best.top1, "best_epoch": best.epoch, "last": metrics}
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -739,8 +913,11 @@ def evaluate_checkpoint(
     meta = read_config(checkpoint).get("metadata", {}) or {}
     network = load(checkpoint)
     recorded = meta.get("data", {}).get("settings")
-    if recorded is None:
-        recorded = {"augment": "none", **(preprocessing(network) or {})}
+    if recorded is None:  # written by swap: the pretrained weights' preprocessing (timm's protocol for timm)
+        expected = preprocessing(network)
+        timm_source = expected is not None and getattr(network, "ilm_source", None) is not None
+        pipeline = "timm" if timm_source and network.ilm_source.library == "timm" else "cifar"
+        recorded = {"augment": "none", **(expected or {}), "pipeline": pipeline}
     from pydantic import ValidationError
 
     from ..errors import first_line
@@ -749,8 +926,9 @@ def evaluate_checkpoint(
         settings = DataSettings.model_validate(recorded)
     except ValidationError as err:  # written by another version, or edited
         raise RunError(f"{checkpoint}/config.json: metadata.data.settings are invalid ({first_line(err)})") from None
+    settings = resolve_pipeline(settings, network)
     source = resolve_data(data, data_root, needed=("test",))
-    test = open_split(source, "test", settings, subset=subset, seed=1)
+    test = open_split(source, "test", settings, subset=subset, seed=1, transform=test_transform(settings))
     classes = classifier_size(network)
     if classes != len(test.classes):
         raise RunError(
