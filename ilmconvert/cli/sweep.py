@@ -3,12 +3,14 @@ and :mod:`ilmconvert.train.plots`, rendered with rich."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Group
 from rich.live import Live
+from rich.progress import Progress
 from rich.table import Table
 
 from .output import console, expected_errors
@@ -78,35 +80,43 @@ def sweep(
     )
     results: dict[tuple[str, int], list[float]] = {}
     bars = _bars()
+    bars = bars if isinstance(bars, Progress) else None  # None: not a terminal, plain lines instead
     state: dict[str, Any] = {"running": None}
+    live = Live(console=console, refresh_per_second=4) if bars is not None else contextlib.nullcontext()
 
-    def refresh(live: Live) -> None:
-        live.update(Group(_grid(plan, results, state["running"]), bars))
+    def refresh() -> None:
+        if bars is not None:
+            live.update(Group(_grid(plan, results, state["running"]), bars))
 
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
+    def start(cell: Any, index: int, total: int) -> Hooks:
+        state["running"] = cell
+        refresh()
+        if bars is None:
+            console.print(f"cell {index + 1}/{total}: {cell.name}", highlight=False)
+        return Hooks(
+            train=lambda e: _batches(bars, f"{cell.name} epoch {e} train"),
+            test=lambda e: _batches(bars, f"{cell.name} epoch {e} test"),
+        )
 
-        def start(cell: Any, index: int, total: int) -> Hooks:
-            state["running"] = cell
-            refresh(live)
-            return Hooks(
-                train=lambda e: _batches(bars, f"{cell.name} epoch {e} train"),
-                test=lambda e: _batches(bars, f"{cell.name} epoch {e} test"),
-            )
+    def done(cell: Any, row: dict[str, Any]) -> None:
+        results.setdefault((cell.variant, cell.batch_size), []).append(row["final_error"])
+        state["running"] = None
+        refresh()
+        if bars is None:
+            console.print(f"{cell.name}: final test error {row['final_error']:.2f} %", highlight=False)
 
-        def done(cell: Any, row: dict[str, Any]) -> None:
+    def skipped(cell: Any) -> None:
+        from ..train.sweep_results import cell_result
+
+        row = cell_result(plan, cell)
+        if row is not None:
             results.setdefault((cell.variant, cell.batch_size), []).append(row["final_error"])
-            state["running"] = None
-            refresh(live)
 
-        def skipped(cell: Any) -> None:
-            from ..train.sweep_results import cell_result
-
-            row = cell_result(plan, cell)
-            if row is not None:
-                done(cell, row)
-
-        refresh(live)
+    with live:
+        refresh()
         summary = run_sweep(plan, SweepHooks(start=start, skipped=skipped, done=done))
+    if bars is None:
+        console.print(_grid(plan, results, None))
     console.print(
         f"{summary['cells_finished']} / {summary['cells_planned']} cells; "
         f"{summary['seconds_total'] / 60:.1f} min of training and testing; wrote {out}/summary.md, "
