@@ -19,6 +19,7 @@ from .convert import (
     register,
     swap_module,
 )
+from .export import ExportError, ParityError, export
 from .io import CheckpointError, load, save
 from .models import ModelSource, ModelSourceError, create_model
 from .version import __version__
@@ -33,6 +34,9 @@ __all__ = [
     "NormAdapter",
     "convert",
     "create_model",
+    "export",
+    "ExportError",
+    "ParityError",
     "default_mapping",
     "load",
     "proxy_mapping",

@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import convert, train
+from .export import export as export_command
 from .output import EXIT_USAGE, err_console, one_line
 
 # click's exceptions, from the click typer runs on (recent typer vendors it as typer._click)
@@ -64,6 +65,7 @@ app.command()(convert.swap)
 app.command()(train.finetune)
 app.command("eval")(train.eval_)
 app.command()(train.recipes)
+app.command("export")(export_command)
 
 
 def main() -> None:
