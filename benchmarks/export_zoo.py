@@ -151,8 +151,9 @@ def main() -> None:
     if args.out.exists():
         done = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     if args.summarize:
-        rows = [r for r in done if "spec" in r]
-        print(summarize(rows))
+        rows = {(r["spec"], r["method"]): r for r in reversed(done) if "spec" in r}  # first record wins
+        order = {key: i for i, (spec, method, _) in enumerate(SUBSET) for key in [(spec, method)]}
+        print(summarize(sorted(rows.values(), key=lambda r: order.get((r["spec"], r["method"]), 99))))
         return
     seen = {(r["spec"], r["method"]) for r in done if "spec" in r}
     args.out.parent.mkdir(parents=True, exist_ok=True)
