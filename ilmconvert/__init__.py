@@ -21,6 +21,7 @@ from .convert import (
     register,
     swap_module,
 )
+from .export import ExportError, ParityError, export
 from .hub import HubError
 from .io import CheckpointError, load, push, save
 from .models import ModelSource, ModelSourceError, create_model
@@ -37,6 +38,9 @@ __all__ = [
     "NormAdapter",
     "convert",
     "create_model",
+    "export",
+    "ExportError",
+    "ParityError",
     "default_mapping",
     "load",
     "proxy_mapping",

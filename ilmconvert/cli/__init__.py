@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import convert, hub, sweep, train
+from .export import export as export_command
 from .output import EXIT_USAGE, err_console, one_line
 
 # click's exceptions, from the click typer runs on (recent typer vendors it as typer._click)
@@ -84,6 +85,7 @@ app.command()(train.recipes)
 app.command()(sweep.sweep)
 app.command()(sweep.plot)
 app.command()(hub.push)
+app.command("export")(export_command)
 
 
 def main() -> None:

@@ -227,7 +227,7 @@ class ILMNorm(nn.Module):
             ``(omega, beta)``, each ``(..., C)`` in the dtype of ``mu``, never under autocast.
         """
         dt = mu.dtype
-        with torch.autocast(device_type=mu.device.type, enabled=False):
+        with _fast.autocast_disabled(mu.device.type):
             w1 = self.encoder.weight.to(dt)
             e_mu = F.relu(F.linear(mu, w1))  # eq. 4
             e_gamma = F.relu(F.linear(gamma, w1))

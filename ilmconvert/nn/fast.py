@@ -19,6 +19,7 @@ automatic).
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from types import ModuleType
 
 import torch
@@ -34,6 +35,29 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def reference_forced() -> bool:
     """True when the environment variable ``ILMCONVERT_REFERENCE`` is set to ``1``/``true``/``yes``."""
     return os.environ.get(REFERENCE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def exporting() -> bool:
+    """True while the network is being traced or exported, when the layers take their traceable path.
+
+    That is ``torch.jit.trace`` (and with it the TorchScript-based ONNX exporter,
+    ``torch.onnx.export(..., dynamo=False)``), ``torch.onnx.is_in_onnx_export()``, and
+    ``torch.export`` (``torch.compiler.is_exporting()``, which also covers
+    ``torch.onnx.export(..., dynamo=True)``). There the ILM layers take the reference path and
+    the Proxy Norm layers their general path (docs/design.md §4, §8).
+    """
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+
+
+def autocast_disabled(device_type: str) -> AbstractContextManager:
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on, else a no-op context.
+
+    The same computation either way; entering no context where there is nothing to disable keeps
+    ``torch.export`` from wrapping every layer in an autocast higher-order op.
+    """
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 def _kind_of(layer: nn.Module) -> tuple[str, str] | None:
@@ -77,7 +101,13 @@ def use_fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
     False, under autocast on another device type, or for input the reference would reject in
     the standardization (InstanceNorm with a single position), and for ``(B, C)`` input to a pooled
     layer (no positions: nothing to gain).
+
+    While tracing or exporting (:func:`exporting`) it is always False: the reference path is
+    plain differentiable PyTorch (no autograd Function, no CPU-only kernel, no branch on a value
+    read back from a tensor), so it traces into a graph that does not freeze the batch size.
     """
+    if exporting():
+        return False
     choice = getattr(layer, "fast", None)
     if choice is False or reference_forced():
         return False

@@ -20,7 +20,6 @@ it and build themselves from timm's ``GroupNormAct`` / ``LayerNormAct(2d)`` (and
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -29,16 +28,32 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import INITS, resolve_key_group_size
+from .fast import autocast_disabled, exporting
 from .layers import BATCHNORM_GROUPS, UnsupportedNormError, factory_kwargs
 
 
 def proxy_points(num_proxy: int, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
     """The ``(num_proxy,)`` Gaussian quantiles ``q_i = sqrt(2) erfinv(2 (i + 1/2) / n - 1)``.
 
-    Computed in float64 and rounded once to ``dtype``.
+    Computed in float64 and rounded once to ``dtype``. While tracing or exporting
+    (:func:`~ilmconvert.nn.fast.exporting`) the same values enter the graph as a constant: ONNX has
+    no ``erfinv``, and the points depend on ``num_proxy`` only.
     """
+    if exporting():
+        return torch.tensor(_proxy_points_float64(num_proxy), dtype=dtype, device=device)
     i = torch.arange(num_proxy, dtype=torch.float64, device=device)
     return (math.sqrt(2.0) * torch.erfinv((2.0 * i + 1.0) / num_proxy - 1.0)).to(dtype)
+
+
+_POINTS: dict[int, tuple[float, ...]] = {}
+
+
+def _proxy_points_float64(num_proxy: int) -> tuple[float, ...]:
+    """:func:`proxy_points` in float64 as Python floats, cached (filled eagerly by every layer's ``__init__``)."""
+    if num_proxy not in _POINTS:
+        i = torch.arange(num_proxy, dtype=torch.float64, device="cpu")
+        _POINTS[num_proxy] = tuple((math.sqrt(2.0) * torch.erfinv((2.0 * i + 1.0) / num_proxy - 1.0)).tolist())
+    return _POINTS[num_proxy]
 
 
 @torch.fx.wrap
@@ -106,6 +121,7 @@ class ProxyNormAct(nn.Module):
         self.eps = float(eps)
         self.channels_first = bool(channels_first)
         self.act = _activation(act_layer)
+        _proxy_points_float64(self.num_proxy)  # now, eagerly: under torch.export tensors are fake
         self.weight = nn.Parameter(torch.ones(self.num_channels, **factory))
         self.bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
         self.proxy_weight = nn.Parameter(torch.zeros(self.num_channels, **factory))
@@ -124,8 +140,7 @@ class ProxyNormAct(nn.Module):
             dtype: the computation dtype (default: float64 for float64 parameters, else float32).
         """
         st = dtype or (torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
-        device = self.weight.device.type
-        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+        with autocast_disabled(self.weight.device.type):
             q = proxy_points(self.num_proxy, st, self.weight.device)
             proxy = torch.addcmul(self.proxy_bias.to(st)[:, None], (1.0 + self.proxy_weight.to(st))[:, None], q)
             z = self.act(torch.addcmul(self.bias.to(st)[:, None], self.weight.to(st)[:, None], proxy))
@@ -337,9 +352,11 @@ class ProxyGroupNormAct(_ProxyFromNorm, ProxyNormAct):
 
         Two elementwise passes fewer in the backward (no ``dy * z`` reduction, no ``dy * s``): used
         for ReLU when every ``s > 0``, on the CPU in eager mode (the check reads a value back;
-        on CUDA and under ``torch.compile`` the general path is fused by the compiler instead).
+        on CUDA and under ``torch.compile`` the general path is fused by the compiler instead, and
+        under tracing and export, :func:`~ilmconvert.nn.fast.exporting`, the check would freeze
+        one input's answer into the graph).
         """
-        if type(self.act) is not nn.ReLU or x.device.type != "cpu" or torch.compiler.is_compiling():
+        if type(self.act) is not nn.ReLU or x.device.type != "cpu" or torch.compiler.is_compiling() or exporting():
             return None
         scale, shift = self.output_coefficients(torch.float64 if x.dtype == torch.float64 else None)
         if not bool((scale > 0).all()):
