@@ -21,7 +21,7 @@ from .convert import (
     register,
     swap_module,
 )
-from .export import ExportError, ParityError, export
+from .exporting import ExportError, ParityError, export
 from .hub import HubError
 from .io import CheckpointError, load, push, save
 from .models import ModelSource, ModelSourceError, create_model

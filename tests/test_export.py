@@ -21,8 +21,8 @@ from ilmconvert.nn import ILMNorm
 from ilmconvert.nn.proxy import ProxyNormAct
 
 runner = CliRunner()
-#: the module (the package attribute ``ilmconvert.export`` is the function)
-export_module = importlib.import_module("ilmconvert.export")
+#: the module behind ``ilmconvert.export``
+export_module = importlib.import_module("ilmconvert.exporting")
 
 
 class _Tiny(nn.Module):

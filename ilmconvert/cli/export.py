@@ -34,7 +34,7 @@ def export(
     config.json (timm's pretrained_cfg names) and go into the file's metadata. A failed check
     removes the file and exits 1.
     """
-    from ..export import FORMATS, ExportError, export, require_onnx
+    from ..exporting import FORMATS, ExportError, export, require_onnx
     from ..io import load, read_config
 
     if format not in FORMATS:
