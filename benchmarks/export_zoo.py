@@ -50,6 +50,8 @@ SUBSET = [
     ("torchvision:convnext_tiny", "ilm", {}),
     ("torchvision:swin_t", "ilm", {}),
     ("torchvision:vit_b_16", "ilm", {}),
+    ("timm:mixer_s16_224", "ilm", {}),
+    ("timm:cait_xxs24_224", "ilm", {}),
     ("timm:resnet50_gn", "proxy", {}),
     ("timm:resnetv2_50x1_bit", "proxy", {}),
     ("timm:test_efficientnet_gn", "proxy", {}),
@@ -72,6 +74,10 @@ def run_one(spec: str, method: str, kwargs: dict) -> dict:
 
     torch.manual_seed(0)
     model = ilmconvert.create_model(spec, pretrained=False, **kwargs)
+    with torch.no_grad():  # zero-initialized heads (torchvision's ViT) would make every parity 0
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                m.weight.normal_(0, 0.02)
     report = ilmconvert.convert(model, method=method)
     record: dict = {"spec": spec, "method": method, "converted": len(report.converted)}
     record["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
