@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hub, model_card
+from . import atomic, hub, model_card
 from .convert import ConversionError, ConversionReport, convert
 from .errors import IlmconvertError, first_line
 from .hub_config import base_model, hub_fields
@@ -435,14 +435,10 @@ def push(
         raise CheckpointError(f"{weights} is missing, corrupt or truncated; write the checkpoint again")
     repo, _ = hub.parse_hub_spec(repo_id)
     card = model_card.render(config, base_model=config.get("base_model"), repo_id=repo)
-    tmp = directory / f".{CARD_FILE}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        tmp.write_text(card)
-        os.replace(tmp, directory / CARD_FILE)
+        atomic.write_text(directory / CARD_FILE, card)
     except OSError as err:
         raise CheckpointError(f"cannot write {directory / CARD_FILE}: {err.strerror or err}") from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return hub.upload(
         directory,
         repo_id,

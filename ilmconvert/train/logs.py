@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from ..errors import IlmconvertError
 
 SUMMARY_FILE = "summary.csv"
@@ -88,9 +88,7 @@ class RunLog:
             out.writerow([COLUMNS[c] for c in columns])
             for row in rows:
                 out.writerow([row.get(c, "") for c in columns])
-            tmp = self.run / f".{SUMMARY_FILE}.tmp"
-            tmp.write_text(text.getvalue())
-            os.replace(tmp, self.run / SUMMARY_FILE)
+            atomic.write_text(self.run / SUMMARY_FILE, text.getvalue())
         for row in rows:
             if row["epoch"] <= self.logged:
                 continue

@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from .. import atomic
 from ..errors import IlmconvertError
 from .data import (
     DataSource,
@@ -150,10 +151,8 @@ def _write_atomic(path: Path, text: str) -> None:
     Raises:
         RunError: the file cannot be written.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic.write_text(path, text)
     except OSError as err:
         raise RunError(f"cannot write {path}: {err.strerror or err}") from err
 

@@ -292,6 +292,7 @@ def run_sweep(sweep: Sweep, hooks: SweepHooks | None = None) -> dict[str, Any]:
     recorded["variants"] = recorded.get("variants", {}) | sweep.variants
     write_json_atomic(out / SWEEP_FILE, sweep.settings | {"variants": recorded["variants"]})
     started = time.perf_counter()
+    summary = None
     cells = sweep.cells
     for index, cell in enumerate(cells):
         run = out / CELLS / cell.name
@@ -315,9 +316,10 @@ def run_sweep(sweep: Sweep, hooks: SweepHooks | None = None) -> dict[str, Any]:
                 data_root=sweep.data_root,
             )
         run_finetune(plan, progress)
-        rows = write_summaries(sweep)
-        hooks.done(cell, next(r for r in rows["cells"] if r["cell"] == cell.name))
-    summary = write_summaries(sweep)
+        summary = write_summaries(sweep)
+        hooks.done(cell, next(r for r in summary["cells"] if r["cell"] == cell.name))
+    if summary is None:  # nothing ran: the summaries of the finished cells, written once
+        summary = write_summaries(sweep)
     summary["wall_s_this_invocation"] = round(time.perf_counter() - started, 1)
     return summary
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from ..errors import IlmconvertError
 from .recipes import parse_recipe
 
@@ -31,10 +31,8 @@ def write_json_atomic(path: Path, value: Any) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic.write_text(path, text)
     except OSError as err:
         raise SweepError(f"cannot write {path}: {err.strerror or err}") from err
 
