@@ -198,3 +198,33 @@ def test_a_second_finetune_on_a_run_in_use_is_refused_and_changes_nothing(setup,
     assert code == 0, out + err
     assert numbers(run) == setup["reference"].numbers()
     assert not (run / LOCK_FILE).exists()
+
+
+# The loader worker's side of a Ctrl-C that lands while the main process receives a batch: the
+# worker's resource_sharer thread loses its peer mid-handshake and reports EOFError through
+# sys.excepthook (the CI failure of session 4). A child process plays the worker: it shares a file
+# descriptor (which starts the serving thread), and a client connects and hangs up at once.
+_HANG_UP = """
+import os, socket, sys, time
+from multiprocessing import resource_sharer
+from ilmconvert.train import data
+if sys.argv[1] == "worker":
+    data._init_worker(0)
+address, _ = resource_sharer.DupFd(0)._id
+client = socket.socket(socket.AF_UNIX)
+client.connect(address)
+client.recv(1024)  # the challenge; then hang up instead of answering it
+client.close()
+time.sleep(0.5)
+print("done")
+"""
+
+
+@pytest.mark.parametrize("process", ["worker", "plain"])
+def test_a_worker_prints_no_traceback_when_the_main_process_hangs_up(process):
+    result = subprocess.run([sys.executable, "-c", _HANG_UP, process], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr
+    if process == "worker":
+        assert result.stderr == ""
+    else:  # the same hang-up without the worker's hook: the traceback the hook exists to drop
+        assert "EOFError" in result.stderr and "resource_sharer" in result.stderr

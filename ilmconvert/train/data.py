@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -523,10 +525,31 @@ class EpochSampler(Sampler):
             yield index, mix_seed(self.seed, epoch, index, 1)
 
 
-def _worker_ignores_sigint(worker_id: int) -> None:
+def _quiet_when_main_process_left(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``sys.excepthook`` for loader workers that drops the one error that is not one: the
+    handshake of ``multiprocessing.resource_sharer`` (which hands a batch's shared-memory file
+    descriptor to the main process) cut short because the main process stopped (Ctrl-C) while
+    receiving. Its serving thread reports that EOFError / ConnectionError through
+    ``sys.excepthook`` and carries on; anything else goes to ``previous``."""
+    import multiprocessing.resource_sharer
+
+    sharer = multiprocessing.resource_sharer.__file__
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        frames = traceback.extract_tb(tb)
+        if issubclass(exc_type, (EOFError, ConnectionError)) and any(f.filename == sharer for f in frames):
+            return
+        previous(exc_type, exc, tb)
+
+    return hook
+
+
+def _init_worker(worker_id: int) -> None:
     """DataLoader worker start-up: leave Ctrl-C to the main process, which shuts the workers down
-    (a terminal sends SIGINT to the whole process group)."""
+    (a terminal sends SIGINT to the whole process group), and print no traceback when the main
+    process went away in the middle of receiving a batch."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.excepthook = _quiet_when_main_process_left(sys.excepthook)
 
 
 def make_loader(
@@ -572,7 +595,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
-        worker_init_fn=_worker_ignores_sigint if num_workers > 0 else None,
+        worker_init_fn=_init_worker if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
 
