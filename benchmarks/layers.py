@@ -9,6 +9,9 @@ For every shape, dtype and layout, times the forward and the forward+backward of
 - ``compiled``:   ``torch.compile`` of our layer (fast path, inductor fuses each pass);
 - ``triton``:     our Triton kernels (CUDA only, pooled layers; ``layer.fast = "triton"``).
 
+With ``--proxy``, also GN + PN-Act (``ProxyGroupNormAct``) against timm's ``GroupNormAct`` at the
+same GN shapes, dtypes and layouts (issue 10; the measurement is benchmarks/proxy_layer.py's).
+
 Reports the median time, the achieved GB/s of the forward for the bytes it must move (read x
 once, write y once) against the measured device-copy bandwidth, and every time as a ratio to
 the native norm measured in the same run. ILM layers use the ``paper`` init with random W2/W3
@@ -20,11 +23,14 @@ Usage::
     python benchmarks/layers.py --device cuda --out $OUT/layers.json
     # CPU target: 16 x 256 x 28^2, fp32, 2 threads
     python benchmarks/layers.py --device cpu --out benchmarks/results/layers_cpu.json
+    # GN + PN-Act only, CPU
+    python benchmarks/layers.py --device cpu --variants '' --tokens '' --layouts channels_first --proxy
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -39,6 +45,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import proxy_layer  # noqa: E402
 from published_ilm import PublishedILM  # noqa: E402
 
 from ilmconvert.nn import ILMGroupNorm, ILMLayerNorm  # noqa: E402
@@ -325,6 +332,21 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def proxy_rows_of(args) -> list[dict]:
+    """GN + PN-Act against ``GroupNormAct`` (ReLU, 32 groups) at every GN shape, dtype and layout."""
+    rows = []
+    for (c, hw), dtype, layout in itertools.product(args.shapes, args.dtypes, args.layouts):
+        settings = argparse.Namespace(
+            device=args.device, dtype=dtype, batch=args.batch, channels=c, groups=32, size=hw,
+            channels_last=layout == "channels_last", warmup=max(5, args.repeats // 5), repeats=args.repeats,
+        )
+        row = proxy_layer.measure(settings)
+        print(f"GN + PN-Act {args.batch}x{c}x{hw}x{hw} {dtype} {layout}: fwd ratio {row['fwd']['ratio']:.2f}, "
+              f"fwd+bwd ratio {row['fwd_bwd']['ratio']:.2f}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -342,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stat", choices=("median", "min"), default=None,
                    help="statistic over the timed calls (CUDA: median; CPU: min, robust to preemption "
                         "on a shared machine)")
+    p.add_argument("--proxy", action="store_true",
+                   help="also GN + PN-Act against timm's GroupNormAct at the GN shapes (benchmarks/proxy_layer.py)")
     p.add_argument("--out", type=Path, default=None, help="JSON with environment and rows")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -354,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
         args.tokens = [(64, 197, 768)] if cuda else [(16, 197, 384)]
     args.dtypes = (args.dtypes or ("fp32,bf16" if cuda else "fp32")).split(",")
     args.layouts = args.layouts.split(",")
-    args.variants = args.variants.split(",")
+    args.variants = [v for v in args.variants.split(",") if v]
     args.repeats = args.repeats or (50 if cuda else 15)
     args.min_time = args.min_time if args.min_time is not None else (0.5 if cuda else 2.0)
 
@@ -373,13 +397,15 @@ def main(argv: list[str] | None = None) -> None:
     for case in cases(args):
         print(f"{case['kind']} {'x'.join(map(str, case['shape']))} {case['dtype']} {case['layout']}", flush=True)
         rows.extend(bench_case(case, args, device, copy_gbs))
+    proxy_rows = proxy_rows_of(args) if args.proxy else []
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
     table = summary_table(rows)
     print()
     print(table)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": command, "environment": env, "rows": rows}, indent=1))
+        result = {"command": command, "environment": env, "rows": rows, "proxy_rows": proxy_rows}
+        args.out.write_text(json.dumps(result, indent=1))
         args.out.with_suffix(".md").write_text(
             f"Command: `{command}`\n\nEnvironment: {json.dumps(env)}\n\n{table}"
         )

@@ -1,9 +1,11 @@
 """GN + PN-Act (``ilmconvert.nn.ProxyGroupNormAct``) against timm's ``GroupNormAct`` (issue 10).
 
-Times forward and forward+backward of both layers on the same input, interleaved, and reports the
-median of each and their ratio (target on CPU at 16x256x28x28 fp32: fwd+bwd <= 1.3x). On CUDA the
-timing uses CUDA events after a synchronize; on CPU ``time.perf_counter``. Results are checked
-first: the preserve-initialized PN layer must compute ``GroupNormAct``'s function.
+Times forward and forward+backward of both layers on the same input, interleaved in a shuffled
+order, and reports the median of each and their ratio (target on CPU at 16x256x28x28 fp32:
+fwd+bwd <= 1.3x). On CUDA the timing uses CUDA events after a synchronize; on CPU
+``time.perf_counter``, with glibc asked to keep freed memory (:func:`keep_freed_memory`;
+``--malloc-default`` to leave it). Results are checked first: the preserve-initialized PN layer
+must compute ``GroupNormAct``'s function.
 
 Usage::
 
@@ -14,8 +16,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
+import random
 import statistics
 import sys
 import time
@@ -86,8 +90,11 @@ def measure(args: argparse.Namespace) -> dict:
     rows = {}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         times = {"GroupNormAct": [], "ProxyGroupNormAct": []}
+        order = random.Random(0)
         for i in range(args.warmup + args.repeats):
-            for label, layer in (("GroupNormAct", native), ("ProxyGroupNormAct", proxy)):
+            pair = [("GroupNormAct", native), ("ProxyGroupNormAct", proxy)]
+            order.shuffle(pair)  # neither layer always runs on the other's cache
+            for label, layer in pair:
                 t = timer(lambda: fn(layer))
                 if i >= args.warmup:
                     times[label].append(t)
@@ -103,6 +110,7 @@ def measure(args: argparse.Namespace) -> dict:
         "layout": "channels_last" if args.channels_last else "contiguous",
         "preserve_relative_difference_fp32": relative,
         **rows,
+        "malloc_keeps_freed_memory": args.keep_freed_memory,
         "environment": {
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(),
@@ -115,6 +123,21 @@ def timm_group_norm_act(channels: int, groups: int) -> nn.Module:
     from timm.layers import GroupNormAct
 
     return GroupNormAct(channels, groups, act_layer=nn.ReLU)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc (``mallopt``) to keep freed blocks instead of returning them to the kernel.
+
+    Each layer allocates 12.8 MB outputs; by default glibc may hand such blocks back (``munmap`` or
+    a trim) and fault them in again on the next call, which on a VM adds milliseconds of noise to
+    either layer at random. Returns False where there is no glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 1 << 30))
 
 
 def main() -> None:
@@ -130,7 +153,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument(
+        "--malloc-default", action="store_true", help="leave glibc's malloc thresholds as they are (noisier)"
+    )
     args = parser.parse_args()
+    args.keep_freed_memory = False if args.malloc_default else keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure(args)

@@ -8,20 +8,12 @@ random parameters (so every term of eqs. 4-6 matters) and awkward shapes.
 from __future__ import annotations
 
 import copy
-import zlib
 
 import pytest
 import torch
 
 from helpers import ILM_PARAMS, compare_fast_path, randomize, relative_difference, run_layer
 from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm, fast
-
-
-@pytest.fixture(autouse=True)
-def _seeded(request):
-    """Fresh random inputs per test, reproducible: the global seed comes from the test's id."""
-    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
 
 # ------------------------------------------------------------------ shapes
 POOLED = [

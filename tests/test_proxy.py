@@ -64,7 +64,7 @@ def test_layer_matches_an_independent_transcription(act, channels_first):
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "mish"])  # mish: no aten kernel pair, autograd inside
 def test_gradients_flow_through_the_proxy_statistics(act):
     layer = ProxyNormAct(4, act, num_proxy=16, output_affine=True).double()
     randomize(layer, seed=5)
@@ -79,6 +79,43 @@ def test_gradients_flow_through_the_proxy_statistics(act):
         return torch.func.functional_call(layer, dict(zip(names, values)), (x.detach(),))
 
     assert torch.autograd.gradcheck(of_parameters, tuple(p.detach().requires_grad_() for p in layer.parameters()))
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "mish", "tanh"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_hand_written_backward_matches_autograd_of_the_composed_formula(act, affine):
+    """The eager path's one autograd node against the torch-op formula that compile / export use."""
+    layer = ProxyNormAct(6, act, num_proxy=40, output_affine=affine).double()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+        layer.weight.add_(1.0)
+        if affine:
+            layer.output_weight.add_(1.0)
+    weights = torch.randn(2, 6, dtype=torch.float64, generator=g)
+    answers = []
+    for coefficients in (layer.output_coefficients, layer._composed_output_coefficients):
+        layer.zero_grad()
+        scale, shift = coefficients(torch.float64)
+        (weights[0] @ scale + weights[1] @ shift.exp()).backward()
+        answers.append([scale.detach(), shift.detach()] + [p.grad.clone() for p in layer.parameters()])
+    assert len(answers[0]) == (8 if affine else 6)
+    for got, expected in zip(*answers):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_torch_func_transforms_take_the_composed_formula():
+    layer = ProxyNormAct(4, "gelu", output_affine=True).double()
+    randomize(layer, seed=2)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    params = dict(layer.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).square().sum())(params)
+    layer(x).square().sum().backward()
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-14)
+    per_sample = torch.func.vmap(lambda xi: layer(xi[None])[0])(x)
+    torch.testing.assert_close(per_sample, layer(x), rtol=1e-12, atol=1e-14)
 
 
 def test_autocast_and_channels_last():

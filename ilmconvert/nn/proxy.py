@@ -20,7 +20,7 @@ it and build themselves from timm's ``GroupNormAct`` / ``LayerNormAct(2d)`` (and
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,126 @@ def _proxy_points_float64(num_proxy: int) -> tuple[float, ...]:
         i = torch.arange(num_proxy, dtype=torch.float64, device="cpu")
         _POINTS[num_proxy] = tuple((math.sqrt(2.0) * torch.erfinv((2.0 * i + 1.0) / num_proxy - 1.0)).tolist())
     return _POINTS[num_proxy]
+
+
+_POINT_TENSORS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _functorch_active() -> bool:
+    """True inside ``torch.func`` transforms (vmap, grad, jacrev...), which need the composed formula."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
+def _cached_proxy_points(num_proxy: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`proxy_points`, kept per (n, dtype, device) for the eager path (not while tracing)."""
+    key = (num_proxy, dtype, device)
+    if key not in _POINT_TENSORS:
+        _POINT_TENSORS[key] = proxy_points(num_proxy, dtype, device)
+    return _POINT_TENSORS[key]
+
+
+def _proxy_preactivation(
+    weight: torch.Tensor, bias: torch.Tensor, proxy_weight: torch.Tensor, proxy_bias: torch.Tensor, q: torch.Tensor
+) -> torch.Tensor:
+    """``gamma y~ + beta`` on the proxy, ``(C, n)``, as ``B + A q`` with ``A = gamma (1 + gamma~)`` and
+    ``B = beta + gamma beta~`` (two ``(C,)`` products and one ``(C, n)`` pass)."""
+    slope = weight * (1.0 + proxy_weight)
+    intercept = torch.addcmul(bias, weight, proxy_bias)
+    return torch.addcmul(intercept[:, None], slope[:, None], q)
+
+
+def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean ``(C,)``, centred values ``(C, n)`` and biased variance ``(C,)`` of ``z`` over its last dim."""
+    m = z.mean(1)
+    centred = z - m[:, None]
+    return m, centred, (centred * centred).mean(1)
+
+
+class _ActivationKernels(NamedTuple):
+    """phi and its backward as aten kernels: ``forward(module, a)`` and
+    ``backward(grad, module, a, z) = grad * phi'(a)``."""
+
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+#: The common activations for :class:`_ProxyCoefficients`; any other takes autograd on the small graph.
+_ACTIVATION_KERNELS: dict[type[nn.Module], _ActivationKernels] = {
+    nn.ReLU: _ActivationKernels(
+        lambda act, a: torch.relu(a), lambda grad, act, a, z: torch.ops.aten.threshold_backward(grad, z, 0)
+    ),
+    nn.GELU: _ActivationKernels(
+        lambda act, a: F.gelu(a, approximate=act.approximate),
+        lambda grad, act, a, z: torch.ops.aten.gelu_backward(grad, a, approximate=act.approximate),
+    ),
+    nn.SiLU: _ActivationKernels(
+        lambda act, a: F.silu(a), lambda grad, act, a, z: torch.ops.aten.silu_backward(grad, a)
+    ),
+}
+
+
+class _ProxyCoefficients(torch.autograd.Function):
+    """PN-Act's per-channel output map ``(scale, shift)`` from its parameters, with a hand-written backward.
+
+    Forward (``(C,)`` parameters, ``(n,)`` points ``q``): ``a = B + A q`` (:func:`_proxy_preactivation`),
+    ``z = phi(a)``, ``m, v`` = mean and biased variance over the proxy, ``r = (v + eps)^(-1/2)``;
+    ``scale = r w_out``, ``shift = b_out - m r w_out`` (``w_out = 1``, ``b_out = 0`` without output affine).
+
+    Backward, with ``d = z - m``: ``dL/dm = -g_shift r w_out``, ``dL/dr = (g_scale - g_shift m) w_out``,
+    ``dL/dv = -dL/dr r^3 / 2``, ``dL/dz = (dL/dm + 2 dL/dv d) / n`` (``sum d = 0``); ``dL/da`` by phi's
+    aten backward kernel (ReLU, GELU, SiLU) or by autograd on the small ``(C, n)`` graph; then
+    ``A``, ``B`` back to gamma, beta, gamma~, beta~. Checked by ``gradcheck`` against finite
+    differences (tests/test_proxy.py). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, proxy_weight, proxy_bias, output_weight, output_bias, q, act, eps):
+        slope, intercept = weight * (1.0 + proxy_weight), torch.addcmul(bias, weight, proxy_bias)
+        ctx.act, ctx.kernels = act, _ACTIVATION_KERNELS.get(type(act))
+        if ctx.kernels is not None:
+            a = torch.addcmul(intercept[:, None], slope[:, None], q)
+            z = ctx.kernels.forward(act, a)
+            ctx.activation = (a, z)
+        else:
+            with torch.enable_grad():
+                leaves = (slope.detach().requires_grad_(), intercept.detach().requires_grad_())
+                z = act(torch.addcmul(leaves[1][:, None], leaves[0][:, None], q))
+            ctx.activation = (leaves, z)
+            z = z.detach()
+        m, centred, v = _moments(z)
+        r = torch.rsqrt(v + eps)
+        scale, shift = r, -m * r
+        if output_weight is not None:
+            scale, shift = r * output_weight, torch.addcmul(output_bias, shift, output_weight)
+        ctx.centred = centred
+        ctx.save_for_backward(weight, proxy_weight, proxy_bias, output_weight, q, m, r)
+        return scale, shift
+
+    @staticmethod
+    def backward(ctx, grad_scale, grad_shift):
+        weight, proxy_weight, proxy_bias, output_weight, q, m, r = ctx.saved_tensors
+        grad_output_weight = grad_output_bias = None
+        grad_r = torch.addcmul(grad_scale, grad_shift, m, value=-1.0)  # before the output affine
+        grad_m = -grad_shift * r
+        if output_weight is not None:
+            grad_output_weight, grad_output_bias = grad_r * r, grad_shift
+            grad_r, grad_m = grad_r * output_weight, grad_m * output_weight
+        grad_v = -0.5 * grad_r * r * r * r
+        n = q.shape[0]
+        grad_z = torch.addcmul((grad_m / n)[:, None], ctx.centred, (2.0 / n * grad_v)[:, None])
+        if ctx.kernels is not None:
+            a, z = ctx.activation
+            grad_a = ctx.kernels.backward(grad_z, ctx.act, a, z)
+            grad_slope, grad_intercept = grad_a @ q, grad_a.sum(1)
+        else:
+            leaves, z = ctx.activation
+            grad_slope, grad_intercept = torch.autograd.grad(z, leaves, grad_z, retain_graph=True)  # again if asked
+        grad_weight = torch.addcmul(grad_slope * (1.0 + proxy_weight), grad_intercept, proxy_bias)
+        return (
+            grad_weight, grad_intercept, grad_slope * weight, grad_intercept * weight,
+            grad_output_weight, grad_output_bias, None, None, None,
+        )
 
 
 @torch.fx.wrap
@@ -136,26 +256,51 @@ class ProxyNormAct(nn.Module):
     def proxy_statistics(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``m`` and biased variance ``v`` of ``phi(gamma y~ + beta)`` over the proxy, each ``(C,)``.
 
+        Composed of torch ops (autograd differentiates it); :meth:`output_coefficients` uses the
+        same forward with a hand-written backward in eager mode.
+
         Args:
             dtype: the computation dtype (default: float64 for float64 parameters, else float32).
         """
-        st = dtype or (torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
+        st = self._statistics_dtype(dtype)
         with autocast_disabled(self.weight.device.type):
             q = proxy_points(self.num_proxy, st, self.weight.device)
-            proxy = torch.addcmul(self.proxy_bias.to(st)[:, None], (1.0 + self.proxy_weight.to(st))[:, None], q)
-            z = self.act(torch.addcmul(self.bias.to(st)[:, None], self.weight.to(st)[:, None], proxy))
-            v, m = torch.var_mean(z, dim=1, correction=0)
+            params = (p.to(st) for p in (self.weight, self.bias, self.proxy_weight, self.proxy_bias))
+            m, _, v = _moments(self.act(_proxy_preactivation(*params, q)))
         return m, v
 
     def output_coefficients(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(scale, shift)``, each ``(C,)``: the output is ``phi(gamma x_hat + beta) * scale + shift``."""
+        """``(scale, shift)``, each ``(C,)``: the output is ``phi(gamma x_hat + beta) * scale + shift``.
+
+        In eager mode one autograd node (:class:`_ProxyCoefficients`, a hand-written backward: the
+        proxy's two dozen small ops cost more than the layer's elementwise passes otherwise); while
+        compiling, tracing or exporting the same formula in torch ops (:meth:`proxy_statistics`),
+        which the compiler fuses and the exporters record.
+        """
+        st = self._statistics_dtype(dtype)
+        if torch.compiler.is_compiling() or exporting() or _functorch_active():
+            return self._composed_output_coefficients(st)
+        with autocast_disabled(self.weight.device.type):
+            params = [
+                p.to(st) if p is not None else None
+                for p in (self.weight, self.bias, self.proxy_weight, self.proxy_bias)
+                + (self.output_weight, self.output_bias)
+            ]
+            q = _cached_proxy_points(self.num_proxy, st, self.weight.device)
+            return _ProxyCoefficients.apply(*params, q, self.act, self.eps)
+
+    def _composed_output_coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`output_coefficients` in torch ops (autograd differentiates it), in ``dtype``."""
         m, v = self.proxy_statistics(dtype)
         scale = torch.rsqrt(v + self.eps)
         shift = -m * scale
         if self.output_weight is not None:
-            w = self.output_weight.to(scale.dtype)
-            scale, shift = scale * w, torch.addcmul(self.output_bias.to(scale.dtype), shift, w)
+            w = self.output_weight.to(dtype)
+            scale, shift = scale * w, torch.addcmul(self.output_bias.to(dtype), shift, w)
         return scale, shift
+
+    def _statistics_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
+        return dtype or (torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
 
     @torch.no_grad()
     def init_preserve(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
