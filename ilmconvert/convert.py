@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -38,6 +38,9 @@ from .nn import (
 )
 from .nn.core import INITS
 from .nn.layers import factory_kwargs
+
+if TYPE_CHECKING:
+    from .pairing import Unshared
 
 #: Norm kinds a user can select (``norms=``), with their long names.
 NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "LayerNorm"}
@@ -514,6 +517,63 @@ def _plan(
     return planned
 
 
+def _build(
+    planned: list[_Planned],
+    report: ConversionReport,
+    init: str,
+    key_group_size: int,
+    reduction: int,
+    unshared: list[Unshared],
+) -> list[tuple[_Planned, nn.Module, ConvertedModule]]:
+    """Build every planned replacement (nothing is assigned); ``UnsupportedNormError`` skips one."""
+    built = []
+    for item in planned:
+        names = [s[0] for s in item.slots]
+        try:
+            new, row = swap_module(
+                item.module,
+                item.adapter,
+                init=init,
+                key_group_size=key_group_size,
+                reduction=reduction,
+                name=names[0],
+                activation=item.activation,
+            )
+        except UnsupportedNormError as err:
+            report.skipped.append(SkippedModule(names[0], _qualified_class(item.module), str(err)))
+            continue
+        row.aliases = names[1:]
+        row.absorbed = [s[0] for s in item.activation_slots]
+        retraced = [u.note() for u in unshared if any(parent is u.traced for _, parent, _ in item.activation_slots)]
+        row.note = "; ".join([n for n in (item.note, *retraced) if n])
+        built.append((item, new, row))
+    return built
+
+
+def _unshare(model: nn.Module, mapping: ConversionMapping) -> list[Unshared]:
+    """:func:`~ilmconvert.pairing.unshare_activations` for the mapping's norms that take an activation."""
+    needs = tuple(t for t, a in mapping.items() if a.needs_activation)
+    if not needs:
+        return []
+    from .pairing import unshare_activations
+
+    return unshare_activations(model, needs)
+
+
+def _restore_unused(unshared: list[Unshared], planned: list[_Planned]) -> list[Unshared]:
+    """Put back every re-traced module from which no planned replacement takes an activation (the
+    planned slots that pointed into it then point into the original); return the others."""
+    used = []
+    for item in unshared:
+        if any(parent is item.traced for plan in planned for _, parent, _ in plan.activation_slots):
+            used.append(item)
+            continue
+        item.restore()
+        for plan in planned:
+            plan.slots = [(n, item.original if p is item.traced else p, a) for n, p, a in plan.slots]
+    return used
+
+
 def convert(
     model: nn.Module,
     mapping: ConversionMapping | None = None,
@@ -585,30 +645,17 @@ def convert(
         return report
     if mapping is None:
         mapping = _default() if method == "ilm" else proxy_mapping()
-    planned = _plan(model, mapping, kinds, include, exclude, batchnorm, method, report)
-
-    built: list[tuple[_Planned, nn.Module, ConvertedModule]] = []
-    for item in planned:  # build everything first: an exception here leaves the model untouched
-        names = [s[0] for s in item.slots]
-        try:
-            new, row = swap_module(
-                item.module,
-                item.adapter,
-                init=init,
-                key_group_size=key_group_size,
-                reduction=reduction,
-                name=names[0],
-                activation=item.activation,
-            )
-        except UnsupportedNormError as err:
-            report.skipped.append(SkippedModule(names[0], _qualified_class(item.module), str(err)))
-            continue
-        row.aliases = names[1:]
-        row.absorbed = [s[0] for s in item.activation_slots]
-        row.note = item.note
-        built.append((item, new, row))
-    if not built:
-        raise ConversionError(_nothing_converted_message(model, report, kinds))
+    unshared = _unshare(model, mapping)
+    try:
+        planned = _plan(model, mapping, kinds, include, exclude, batchnorm, method, report)
+        built = _build(planned, report, init, key_group_size, reduction, unshared)
+        unshared = _restore_unused(unshared, [item for item, _, _ in built])
+        if not built:
+            raise ConversionError(_nothing_converted_message(model, report, kinds))
+    except BaseException:  # nothing assigned yet: put re-traced modules back, the model is as it was
+        for item in reversed(unshared):
+            item.restore()
+        raise
 
     for item, new, row in built:  # then assign
         for _, parent, child_name in item.slots:

@@ -4,12 +4,14 @@ Proxy Norm replaces a norm *and* the activation after it (docs/design.md §8). t
 activation modules carry their activation; a plain norm module is paired with a separate
 activation module only where the traced graph shows that the activation, reached through
 ``nn.Identity`` modules (or dropouts with ``p = 0``), is the norm output's only user, and that
-the activation module is called nowhere else (torchvision's ResNet calls one ``self.relu`` at
-three places: its pairs are reported, not guessed).
+the activation module is called nowhere else. Where one activation module is called at several
+places (torchvision's ResNet blocks call one ``self.relu`` three times), :func:`unshare_activations`
+first re-traces that module so that each call has its own copy.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -154,3 +156,136 @@ def _follow(
         if len(user.args) != 1 or user.kwargs:
             return None, f"the activation {user.target} takes more than the norm's output"
         return module, ""
+
+
+@dataclass
+class Unshared:
+    """A module that :func:`unshare_activations` replaced by a ``torch.fx`` trace of itself in which
+    each call of a shared activation module has its own module.
+
+    Attributes:
+        name: the module's qualified name (``"layer1.0"``).
+        parent, attribute: where it sits (``parent._modules[attribute]``).
+        original: the module as it was; traced: the ``torch.fx.GraphModule`` in its place, which
+            holds the same child objects (so the same parameters) plus the copies.
+        activations: the attribute names of the activation modules, one per call site, in call
+            order, for each shared activation (``{"relu": ["relu", "relu_1", "relu_2"]}``).
+    """
+
+    name: str
+    parent: nn.Module
+    attribute: str
+    original: nn.Module
+    traced: torch.fx.GraphModule
+    activations: dict[str, list[str]]
+
+    def restore(self) -> None:
+        """Put the original module back."""
+        self.parent._modules[self.attribute] = self.original
+
+    def note(self) -> str:
+        shared = ", ".join(f"{name} -> {', '.join(copies)}" for name, copies in self.activations.items())
+        return f"{self.name} re-traced with torch.fx so that each activation call has its own module: {shared}"
+
+
+class _ChildTracer(torch.fx.Tracer):
+    """Traces one module with every direct child as a leaf, so that the trace keeps the module's
+    own structure (the ``GraphModule`` holds the same children, under the same names)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._children = {id(m) for m in root.children()}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self._children
+
+
+def unshare_activations(model: nn.Module, norm_types: tuple[type[nn.Module], ...]) -> list[Unshared]:
+    """Give each call of a shared activation module its own module where a norm feeds one of the calls.
+
+    torchvision's ResNet blocks call one ``self.relu`` after ``bn1``, after ``bn2`` and after the
+    residual addition, so no BN -> ReLU pair can take the ReLU over. For every module below the
+    root whose forward ``torch.fx`` can trace (direct children as leaves), that is registered once,
+    has no hooks, and calls a parameter-free activation child (registered nowhere else) at several
+    places, at least one of them on the output of a direct child of a class in ``norm_types`` (through
+    ``nn.Identity`` / ``p = 0`` dropouts): the module is replaced, in its parent, by a
+    ``torch.fx.GraphModule`` of its trace (class name and ``training`` flag kept) whose first call
+    keeps the activation and whose other calls get copies named ``relu_1``, ``relu_2``, ...
+    Parameters and buffers are the same objects, so state-dict keys and values do not change.
+
+    Modifies ``model`` in place; :meth:`Unshared.restore` undoes one replacement.
+
+    Returns:
+        One :class:`Unshared` per replaced module, in ``named_modules`` order.
+    """
+    registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    activations = activation_types()
+    done = []
+    for name, module in list(model.named_modules()):
+        if (
+            not name or registrations[id(module)] > 1 or isinstance(module, torch.fx.GraphModule)
+            or module._forward_hooks or module._forward_pre_hooks
+        ):
+            continue
+        candidates = {
+            attribute for attribute, child in module._modules.items()
+            if isinstance(child, activations) and registrations[id(child)] == 1
+            and next(child.parameters(), None) is None and next(child.buffers(), None) is None
+        }
+        if not candidates:
+            continue
+        try:
+            graph = _ChildTracer(module).trace(module)
+        except Exception:  # torch.fx raises many types for untraceable code
+            continue
+        own = {n for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None}
+        if set(_attributes_used(graph)) != own:  # reads something else, or leaves a tensor unused
+            continue
+        calls: dict[str, list[torch.fx.Node]] = {a: [] for a in candidates}
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target in calls:
+                calls[node.target].append(node)
+        shared = {a: nodes for a, nodes in calls.items() if len(nodes) > 1 and any(
+            _fed_by_norm(n, module, norm_types) for n in nodes)}
+        if not shared:
+            continue
+        children: dict[str, nn.Module] = dict(module.named_children())
+        copies: dict[str, list[str]] = {}
+        for attribute, nodes in shared.items():
+            copies[attribute] = [attribute]
+            for node in nodes[1:]:
+                index, fresh = 1, f"{attribute}_1"
+                while fresh in children or hasattr(module, fresh):
+                    index += 1
+                    fresh = f"{attribute}_{index}"
+                children[fresh] = copy.deepcopy(module._modules[attribute])
+                node.target = fresh
+                copies[attribute].append(fresh)
+        graph.lint()
+        traced = torch.fx.GraphModule({**children, **{n: getattr(module, n) for n in own}}, graph,
+                                      class_name=type(module).__name__)
+        traced._modules = dict(children)  # every child, in the original order, copies last
+        traced.train(module.training)
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        parent._modules[attribute] = traced
+        done.append(Unshared(name, parent, attribute, module, traced, copies))
+    return done
+
+
+def _attributes_used(graph: torch.fx.Graph) -> list[str]:
+    """The ``get_attr`` targets of ``graph`` (parameters / buffers the traced module reads itself)."""
+    return [str(n.target) for n in graph.nodes if n.op == "get_attr"]
+
+
+def _fed_by_norm(node: torch.fx.Node, module: nn.Module, norm_types: tuple[type[nn.Module], ...]) -> bool:
+    """Whether ``node`` (an activation call) takes the output of a norm child, through pass-throughs."""
+    current = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    while isinstance(current, torch.fx.Node) and current.op == "call_module" and len(current.users) == 1:
+        child = module.get_submodule(str(current.target))
+        if type(child) in norm_types:
+            return True
+        if not _passes_through(child):
+            return False
+        current = current.args[0] if len(current.args) == 1 else None
+    return False

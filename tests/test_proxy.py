@@ -256,16 +256,86 @@ def test_a_shared_activation_is_not_moved_and_the_pair_is_reported():
 
 
 def test_torchvision_resnet_batchnorm_opt_in_is_batch_independent():
-    """torchvision's resnet50: the stem's BN -> ReLU becomes GN + PN; the blocks' BNs, whose ReLU is
-    shared, become plain GroupNorm with a note; in training mode no output depends on the batch."""
+    """torchvision's resnet50: each block is re-traced so that its three ReLU calls have a module
+    each; the stem and every bn1 / bn2 -> ReLU become GN + PN, the norms before the residual
+    addition plain GroupNorm with a note; in training mode no output depends on the batch."""
     model = ilmconvert.create_model("torchvision:resnet50", pretrained=False, num_classes=4).train()
     report = ilmconvert.convert(model, method="proxy", batchnorm="gn")
-    assert report.converted[0].name == "bn1" and report.converted[0].target == "ProxyGroupNormAct"
-    plain = [c for c in report.converted[1:]]
-    assert len(plain) == 52 and all(c.target == "GroupNorm" and "is shared" in c.note for c in plain[:2])
+    proxy = [c for c in report.converted if c.target == "ProxyGroupNormAct"]
+    plain = [c for c in report.converted if c.target == "GroupNorm"]
+    assert len(proxy) == 1 + 2 * 16 and len(plain) == 16 + 4
+    assert [c.name for c in proxy[:3]] == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
+    assert [c.absorbed for c in proxy[:3]] == [["relu"], ["layer1.0.relu"], ["layer1.0.relu_1"]]
+    assert "layer1.0 re-traced with torch.fx" in proxy[1].note and "relu -> relu, relu_1, relu_2" in proxy[1].note
+    assert all("no activation module follows (its output goes to add" in c.note for c in plain if "bn3" in c.name)
+    block = model.layer1[0]
+    assert isinstance(block, torch.fx.GraphModule) and type(block).__name__ == "Bottleneck"
+    assert isinstance(block.relu, nn.Identity) and isinstance(block.relu_1, nn.Identity)
+    assert isinstance(block.relu_2, nn.ReLU)  # after the residual addition
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert relative_difference(model(x[:1]), model(x)[:1]) < 1e-5
+
+
+class Blocks(nn.Sequential):
+    """Two blocks whose ReLU is shared (as in torchvision's ResNet), below the root."""
+
+    def __init__(self) -> None:
+        super().__init__(SharedActivation(), nn.Conv2d(16, 16, 1), SharedActivation())
+
+    @staticmethod
+    def make() -> Blocks:
+        blocks = Blocks()
+        blocks[2].conv = nn.Conv2d(16, 16, 3, padding=1)
+        return blocks
+
+
+def test_a_shared_activation_below_the_root_is_unshared_and_the_function_kept():
+    model = Blocks.make().double()
+    randomize(model, seed=9)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = model(x)
+    keys = sorted(model.state_dict())
+    report = ilmconvert.convert(model, method="proxy")
+    assert [c.name for c in report.converted] == ["0.gn1", "0.gn2", "0.gn3", "2.gn1", "2.gn2", "2.gn3"]
+    assert [c.absorbed for c in report.converted[:2]] == [["0.relu"], ["0.relu_1"]]
+    assert report.skipped == []
+    assert relative_difference(model(x), before) <= 1e-10
+    assert isinstance(model[0], torch.fx.GraphModule) and type(model[1]) is nn.Conv2d
+    new_keys = sorted(model.state_dict())
+    assert [k for k in keys if k not in new_keys] == []  # the original tensors keep their names
+
+
+def test_a_re_traced_torchvision_network_reloads_bit_exactly(tmp_path):
+    model = ilmconvert.create_model("torchvision:resnet18", pretrained=False, num_classes=4).eval()
+    report = ilmconvert.convert(model, method="proxy", batchnorm="gn")
+    assert sum(c.target == "ProxyGroupNormAct" for c in report.converted) == 1 + 8  # stem + bn1 of each block
+    randomize(model, seed=4)
+    ilmconvert.save(model, tmp_path / "ck")
+    reloaded = ilmconvert.load(tmp_path / "ck")
+    assert isinstance(reloaded.layer1[0], torch.fx.GraphModule)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+
+def test_unsharing_is_undone_where_nothing_takes_the_activation_or_the_conversion_fails():
+    model = Blocks.make()
+    ilmconvert.convert(model, method="proxy", include=["2.*"])
+    assert type(model[0]) is SharedActivation and isinstance(model[2], torch.fx.GraphModule)
+
+    model = Blocks.make()
+    blocks = list(model)
+
+    class Boom(ProxyGroupNormAct):
+        @classmethod
+        def from_norm(cls, norm, **kwargs):
+            raise RuntimeError("boom")
+
+    mapping = {nn.GroupNorm: ilmconvert.NormAdapter("gn", Boom, needs_activation=True)}
+    with pytest.raises(RuntimeError, match="boom"):
+        ilmconvert.convert(model, mapping, method="proxy")
+    assert list(model) == blocks and type(model[0]) is SharedActivation
 
 
 def test_unknown_method_and_nothing_to_pair():
