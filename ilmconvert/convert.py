@@ -31,6 +31,7 @@ from .nn import (
     ILMLayerNormActFp32,
     ILMLayerNormFp32,
     ILMNorm,
+    ILMProxyGroupNormAct,
     ProxyGroupNormAct,
     ProxyLayerNormAct,
     ProxyNormAct,
@@ -50,7 +51,7 @@ BATCHNORM_MODES: tuple[str, ...] = ("gn",)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: Conversion methods: ILM Norm (the default), Proxy Norm (GN / LN + PN-Act, docs/design.md §8) and
 #: ``none``, the unconverted baseline (nothing is replaced; only the report is attached).
-METHODS: tuple[str, ...] = ("ilm", "proxy", "none")
+METHODS: tuple[str, ...] = ("ilm", "proxy", "ilm+proxy", "none")
 
 
 class ConversionError(IlmconvertError):
@@ -194,6 +195,18 @@ def proxy_mapping() -> dict[type[nn.Module], NormAdapter]:
     }
 
 
+def ilm_proxy_mapping() -> dict[type[nn.Module], NormAdapter]:
+    """A fresh copy of the ILM + Proxy Norm mapping (``convert(method="ilm+proxy")``): the GroupNorm
+    (and opt-in BatchNorm) entries of :func:`proxy_mapping`, each becoming
+    :class:`~ilmconvert.nn.ILMProxyGroupNormAct` (ILM's per-instance omega, beta feed PN-Act;
+    docs/design.md §8). LayerNorms are left alone: their instance is a token."""
+    return {
+        source: NormAdapter(adapter.kind, ILMProxyGroupNormAct, dict(adapter.layout), adapter.needs_activation)
+        for source, adapter in proxy_mapping().items()
+        if adapter.target is ProxyGroupNormAct
+    }
+
+
 def register(source: type[nn.Module], kind: str, target: type[nn.Module], **layout: Any) -> None:
     """Add ``source`` (matched by exact type) to the process-wide default mapping.
 
@@ -314,12 +327,19 @@ def _is_norm_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, _BatchNorm))
 
 
+#: What the Proxy Norm methods take over, for the skip reason of the other norms.
+_COUNTERPARTS = {
+    "proxy": "Proxy Norm counterpart (GroupNorm / LayerNorm / BatchNorm + activation)",
+    "ilm+proxy": "ILM + Proxy Norm counterpart (GroupNorm / BatchNorm + activation; a LayerNorm instance is one token)",
+}
+
+
 def _skip_reason(
     adapter: NormAdapter | None, module: nn.Module, norms: tuple[str, ...], batchnorm: str | None, method: str
 ) -> str | None:
     """Why a norm-like module is not converted, or None when it is selected."""
-    if adapter is None and method == "proxy" and type(module) in _default():
-        return f"{type(module).__name__} has no Proxy Norm counterpart (GroupNorm / LayerNorm / BatchNorm + activation)"
+    if adapter is None and method in _COUNTERPARTS and type(module) in _default():
+        return f"{type(module).__name__} has no {_COUNTERPARTS[method]}"
     if adapter is None:
         return (
             f"{type(module).__name__} is not in the mapping (a subclass may override forward with other "
@@ -420,7 +440,7 @@ def swap_module(
         params_added=sum(p.numel() for p in new.parameters()) - old_params,
         function_changing=adapter.function_changing,
         key_group_size_adjusted=isinstance(new, ILMNorm) and new.key_group_size != key_group_size,
-        activation=type(new.act).__name__ if isinstance(new, ProxyNormAct) else "",
+        activation=type(new.act).__name__ if isinstance(new, (ProxyNormAct, ILMProxyGroupNormAct)) else "",
     )
     return new, row
 
@@ -613,8 +633,10 @@ def convert(
             divisor of C not above 32). This changes the function: fine-tune afterwards.
         method: ``"ilm"`` (ILM Norm) or ``"proxy"``: Proxy Norm, timm's norm + activation modules
             become standardization + PN-Act (``init="preserve"`` adds the output affine that keeps
-            the function; ``"paper"`` is the authors' layer). Selects the built-in mapping when
-            ``mapping`` is None. ``"none"``: the unconverted baseline; nothing is replaced, the
+            the function; ``"paper"`` is the authors' layer). ``"ilm+proxy"``: GroupNorm (and
+            opt-in BatchNorm) + activation pairs become ILM on GN whose per-instance omega, beta
+            drive PN-Act (:class:`~ilmconvert.nn.ILMProxyGroupNormAct`). Selects the built-in
+            mapping when ``mapping`` is None. ``"none"``: the unconverted baseline; nothing is replaced, the
             (empty) report is attached all the same, so that the network as built saves, loads and
             fine-tunes through the same code as a converted one (``finetune --method none``).
 
@@ -644,7 +666,7 @@ def convert(
         model.ilm_conversion = report
         return report
     if mapping is None:
-        mapping = _default() if method == "ilm" else proxy_mapping()
+        mapping = {"ilm": _default, "proxy": proxy_mapping, "ilm+proxy": ilm_proxy_mapping}[method]()
     unshared = _unshare(model, mapping)
     try:
         planned = _plan(model, mapping, kinds, include, exclude, batchnorm, method, report)

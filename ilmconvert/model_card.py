@@ -15,10 +15,11 @@ from typing import Any
 
 #: What ``ORG/NAME`` in a card stands for until :func:`ilmconvert.io.push` names the repository.
 PLACEHOLDER_REPO = "ORG/NAME"
-_METHOD_TAGS = {"ilm": "ilm-norm", "proxy": "proxy-norm"}
+_METHOD_TAGS = {"ilm": ("ilm-norm",), "proxy": ("proxy-norm",), "ilm+proxy": ("ilm-norm", "proxy-norm")}
 _METHOD_NAMES = {
     "ilm": "ILM Norm (Instance-Level Meta Normalization; Jia, Chen & Chen, CVPR 2019)",
     "proxy": "Proxy Norm (Labatie et al., NeurIPS 2021)",
+    "ilm+proxy": "ILM Norm whose per-instance rescaling drives Proxy Norm (an ilmconvert combination, not published)",
     "none": "no norm conversion (the unconverted baseline)",
 }
 
@@ -28,7 +29,7 @@ def _front_matter(config: Mapping[str, Any], base_model: str | None) -> str:
 
     method = config["conversion"]["settings"].get("method", "ilm")
     library = config["source"]["library"]
-    tags = ["image-classification", *([_METHOD_TAGS[method]] if method in _METHOD_TAGS else []), library]
+    tags = ["image-classification", *_METHOD_TAGS.get(method, ()), library]
     license_ = (config.get("pretrained_cfg") or {}).get("license")
     data = ModelCardData(
         library_name="ilmconvert",
@@ -131,7 +132,8 @@ def render(config: Mapping[str, Any], *, base_model: str | None = None, repo_id:
     if source.get("pretrained_tag"):
         origin += f" (weights `{source['pretrained_tag']}`" + (f", from `{base_model}`)" if base_model else ")")
     version = (config.get("versions") or {}).get("ilmconvert", "")
-    title = source["architecture"] + {"ilm": " with ILM Norm", "proxy": " with Proxy Norm"}.get(method, "")
+    titles = {"ilm": " with ILM Norm", "proxy": " with Proxy Norm", "ilm+proxy": " with ILM + Proxy Norm"}
+    title = source["architecture"] + titles.get(method, "")
     body = [
         f"# {title}",
         "",

@@ -6,7 +6,9 @@ Test modules import from here, never from each other.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -19,6 +21,30 @@ from ilmconvert.nn import ILMNorm
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, _BatchNorm, ILMNorm)
 #: the parameters of an ILM layer, in the order gradients are compared
 ILM_PARAMS = ("weight", "bias", "encoder.weight", "decoder_mu.weight", "decoder_gamma.weight")
+
+
+# ------------------------------------------------------------------------------------------ Proxy Norm
+#: float64 NumPy activations for :func:`reference_pn`.
+ACTIVATIONS = {
+    "relu": lambda v: np.maximum(v, 0.0),
+    "gelu": lambda v: 0.5 * v * (1.0 + np.vectorize(math.erf)(v / math.sqrt(2.0))),
+    "silu": lambda v: v / (1.0 + np.exp(-v)),
+}
+
+
+def reference_pn(x: np.ndarray, gamma, beta, proxy_gamma, proxy_beta, act: str, n: int, eps: float) -> np.ndarray:
+    """Proxy Norm's PN-Act in float64 NumPy, channels last: ``x`` is ``(..., C)``.
+
+    z = phi(gamma x + beta); proxy y~_i = (1 + gamma~) q_i + beta~ with q_i the (i + 1/2) / n quantile
+    of N(0, 1) (``statistics.NormalDist``, independent of erfinv); m, v = mean and biased variance of
+    phi(gamma y~ + beta) over i; output (z - m) / sqrt(v + eps).
+    """
+    phi = ACTIVATIONS[act]
+    q = np.array([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)])
+    proxy = (1.0 + proxy_gamma)[:, None] * q[None, :] + proxy_beta[:, None]  # (C, n)
+    p = phi(gamma[:, None] * proxy + beta[:, None])
+    m, v = p.mean(axis=1), p.var(axis=1)
+    return (phi(gamma * x + beta) - m) / np.sqrt(v + eps)
 
 
 def randomize(module: nn.Module, seed: int, scale: float = 0.5) -> None:

@@ -35,9 +35,10 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
-        metavar="ilm|proxy|none",
+        metavar="ilm|proxy|ilm+proxy|none",
         help=(
             "ilm: ILM Norm; proxy: Proxy Norm, timm's norm + activation modules become GN / LN + PN-Act; "
+            "ilm+proxy: GN + activation pairs become ILM whose per-instance rescaling drives PN-Act; "
             "none: leave the network as it is (a baseline checkpoint)."
         ),
     ),
@@ -68,9 +69,10 @@ def _conversion_kwargs(
 
 def render_report(report: Any, title: str) -> None:
     """Print a :class:`~ilmconvert.convert.ConversionReport` as rich tables."""
-    proxy = report.settings.get("method") == "proxy"
+    method = report.settings.get("method")
+    ilm, proxy = method in ("ilm", "ilm+proxy"), method in ("proxy", "ilm+proxy")
     table = Table(title=title, title_justify="left", show_lines=False)
-    numbers = ("C", "groups", *(("activation",) if proxy else ("K", "N", "M")), "+params")
+    numbers = ("C", "groups", *(("K", "N", "M") if ilm else ()), *(("activation",) if proxy else ()), "+params")
     for col in ("module", "source", "becomes", *numbers):
         table.add_column(col, justify="right" if col in numbers and col != "activation" else "left")
     for c in report.converted:
@@ -79,7 +81,7 @@ def render_report(report: Any, title: str) -> None:
         target = c.target + (" [yellow](changes function)[/]" if c.function_changing else "")
         absorbed = f" ({', '.join(c.absorbed)} -> Identity)" if c.absorbed else ""
         activation = c.activation + absorbed if c.activation else f"none: {c.note}"
-        sizes = (activation,) if proxy else (k, str(c.num_key_groups), str(c.embedding_size))
+        sizes = (*((k, str(c.num_key_groups), str(c.embedding_size)) if ilm else ()), *((activation,) if proxy else ()))
         source = c.source.rsplit(".", 1)[-1]
         table.add_row(name, source, target, str(c.channels), str(c.norm_groups), *sizes, f"{c.params_added:,}")
     console.print(table)

@@ -168,11 +168,11 @@ def finetune(
         Optional[float], typer.Option("--lr", min=0.0, help="Override the recipe's peak learning rate.")
     ] = None,
     method: Annotated[
-        Optional[Literal["ilm", "proxy", "none"]],
+        Optional[Literal["ilm", "proxy", "ilm+proxy", "none"]],
         typer.Option(
             "--method",
             help=(
-                "Override the recipe's conversion: ilm (ILM Norm), proxy (Proxy Norm) or none "
+                "Override the recipe's conversion: ilm (ILM Norm), proxy (Proxy Norm), ilm+proxy (both) or none "
                 "(train the network unconverted: the baseline)."
             ),
         ),

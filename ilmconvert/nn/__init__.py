@@ -1,7 +1,9 @@
-"""ILM Norm layers (one core, :class:`ILMNorm`, and thin GroupNorm / InstanceNorm / LayerNorm front-ends)
-and Proxy Norm layers (:class:`ProxyNormAct` and the GN / LN + PN norms)."""
+"""ILM Norm layers (one core, :class:`ILMNorm`, and thin GroupNorm / InstanceNorm / LayerNorm front-ends),
+Proxy Norm layers (:class:`ProxyNormAct` and the GN / LN + PN norms) and ILM + PN on GroupNorm
+(:class:`ILMProxyGroupNormAct`)."""
 
 from .core import ILMNorm, encoder_size, resolve_key_group_size
+from .ilm_proxy import ILMProxyGroupNormAct
 from .layers import (
     ILMGroupNorm,
     ILMGroupNormAct,
@@ -16,6 +18,7 @@ from .proxy import ProxyGroupNormAct, ProxyLayerNormAct, ProxyNormAct, proxy_poi
 
 __all__ = [
     "ILMNorm",
+    "ILMProxyGroupNormAct",
     "ILMGroupNorm",
     "ILMGroupNormAct",
     "ILMInstanceNorm",

@@ -84,10 +84,11 @@ def _proxy_preactivation(
 
 
 def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean ``(C,)``, centred values ``(C, n)`` and biased variance ``(C,)`` of ``z`` over its last dim."""
-    m = z.mean(1)
-    centred = z - m[:, None]
-    return m, centred, (centred * centred).mean(1)
+    """Mean ``(..., C)``, centred values ``(..., C, n)`` and biased variance ``(..., C)`` of ``z``
+    over its last dim."""
+    m = z.mean(-1)
+    centred = z - m[..., None]
+    return m, centred, (centred * centred).mean(-1)
 
 
 class _ActivationKernels(NamedTuple):

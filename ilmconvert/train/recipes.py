@@ -80,7 +80,7 @@ class ConversionSettings(_Strict):
     include: Optional[list[str]] = None
     exclude: Optional[list[str]] = None
     batchnorm: Optional[Literal["gn"]] = None
-    method: Literal["ilm", "proxy", "none"] = "ilm"
+    method: Literal["ilm", "proxy", "ilm+proxy", "none"] = "ilm"
 
 
 class TrainSettings(_Strict):
