@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import hashlib
 import pickle
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -317,8 +318,13 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
     Keys missing from ``state`` only because they alias a loaded tensor (tied weights, which
     safetensors stores once) are not a mismatch. On a mismatch ``model`` may be partly loaded.
+    The per-module versions that ``state_dict()`` records (``_metadata``, which safetensors does
+    not store and which e.g. torchvision's MNASNet requires) are those of ``model`` itself.
     """
     own = model.state_dict()
+    if getattr(state, "_metadata", None) is None and getattr(own, "_metadata", None) is not None:
+        state = OrderedDict(state)
+        state._metadata = own._metadata  # type: ignore[attr-defined]
     wrong = [k for k in state if k in own and own[k].shape != state[k].shape]
     if wrong:
         k = wrong[0]

@@ -75,6 +75,18 @@ def test_torchvision_model_and_adaptations_round_trip(tmp_path):
         assert torch.equal(loaded(x), y)
 
 
+def test_module_versions_are_restored_on_load(tmp_path):
+    """torchvision's MNASNet refuses a state dict without its module version (``_metadata``), which
+    safetensors does not store: load gives it the freshly built network's."""
+    model = ilmconvert.create_model("torchvision:mnasnet0_5", pretrained=False, num_classes=3).eval()
+    ilmconvert.convert(model, batchnorm="gn")
+    ilmconvert.save(model, tmp_path / "ck")
+    loaded = ilmconvert.load(tmp_path / "ck")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_model_converted_from_python_needs_a_source(tmp_path):
     model = torchvision.models.resnet18(norm_layer=lambda c: nn.GroupNorm(32, c))
     ilmconvert.convert(model)

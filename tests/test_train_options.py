@@ -259,4 +259,4 @@ def test_cli_polish():
     shown = runner.invoke(app, ["recipes", "show", "vit-finetune"])
     assert shown.exit_code == 0 and "mixup: 0.8" in shown.output
     helped = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"}).output
-    assert "auto|bf16|fp16|none" in helped and "ilm|proxy|none" in helped and "-b" in helped
+    assert "auto|bf16|fp16|none" in helped and "ilm|proxy|ilm+proxy|none" in helped and "-b" in helped
