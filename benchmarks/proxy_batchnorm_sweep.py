@@ -11,7 +11,7 @@ bit. One JSON line per (architecture, method).
 
 Usage::
 
-    HF_HUB_OFFLINE=1 python benchmarks/proxy_batchnorm_sweep.py --out benchmarks/results/proxy_batchnorm_torchvision.jsonl
+    HF_HUB_OFFLINE=1 python benchmarks/proxy_batchnorm_sweep.py
 """
 
 from __future__ import annotations
