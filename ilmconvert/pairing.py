@@ -232,8 +232,8 @@ def unshare_activations(model: nn.Module, norm_types: tuple[type[nn.Module], ...
             if isinstance(child, activations) and registrations[id(child)] == 1
             and next(child.parameters(), None) is None and next(child.buffers(), None) is None
         }
-        if not candidates:
-            continue
+        if not candidates or not any(type(child) in norm_types for child in module.children()):
+            continue  # trace only where a norm child may feed a shared activation
         try:
             graph = _ChildTracer(module).trace(module)
         except Exception:  # torch.fx raises many types for untraceable code
