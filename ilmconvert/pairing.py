@@ -225,6 +225,7 @@ def unshare_activations(model: nn.Module, norm_types: tuple[type[nn.Module], ...
         if (
             not name or registrations[id(module)] > 1 or isinstance(module, torch.fx.GraphModule)
             or module._forward_hooks or module._forward_pre_hooks
+            or any(name.startswith(f"{outer.name}.") for outer in done)  # one level: restoring stays simple
         ):
             continue
         candidates = {
