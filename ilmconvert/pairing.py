@@ -204,14 +204,15 @@ def unshare_activations(model: nn.Module, norm_types: tuple[type[nn.Module], ...
     """Give each call of a shared activation module its own module where a norm feeds one of the calls.
 
     torchvision's ResNet blocks call one ``self.relu`` after ``bn1``, after ``bn2`` and after the
-    residual addition, so no BN -> ReLU pair can take the ReLU over. For every module below the
-    root whose forward ``torch.fx`` can trace (direct children as leaves), that is registered once,
-    has no hooks, and calls a parameter-free activation child (registered nowhere else) at several
-    places, at least one of them on the output of a direct child of a class in ``norm_types`` (through
-    ``nn.Identity`` / ``p = 0`` dropouts): the module is replaced, in its parent, by a
-    ``torch.fx.GraphModule`` of its trace (class name and ``training`` flag kept) whose first call
-    keeps the activation and whose other calls get copies named ``relu_1``, ``relu_2``, ...
-    Parameters and buffers are the same objects, so state-dict keys and values do not change.
+    residual addition, so no BN -> ReLU pair can take the ReLU over. Every module below the root
+    (and not inside one already re-traced) that ``torch.fx`` can trace (direct children as leaves),
+    that is registered once, has no hooks, reads exactly its own parameters and buffers, and calls
+    a parameter-free activation child (registered nowhere else) at several places, one of them on
+    the output of a direct child of a class in ``norm_types`` (through ``nn.Identity`` / ``p = 0``
+    dropouts), is replaced in its parent by a ``torch.fx.GraphModule`` of its trace (class name and
+    ``training`` flag kept) whose first call keeps the activation and whose other calls get copies
+    named ``relu_1``, ``relu_2``, ... Parameters and buffers are the same objects, so state-dict
+    keys and values do not change.
 
     Modifies ``model`` in place; :meth:`Unshared.restore` undoes one replacement.
 
