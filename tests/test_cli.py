@@ -102,6 +102,19 @@ def test_swap_with_a_weights_file_and_paper_init(tmp_path):
     assert config["conversion"]["settings"]["init"] == "paper"
 
 
+def test_proxy_methods_through_the_cli(tmp_path):
+    shown = _run("inspect", "timm:resnet50_gn", "--method", "ilm+proxy")
+    assert shown.exit_code == 0, shown.output
+    assert "ILMProxyGroupNormAct" in shown.output and "ReLU (act1 -> Identity)" in shown.output
+    out = tmp_path / "r18"
+    swapped = _run("swap", "torchvision:resnet18", "--no-pretrained", "--include-batchnorm", "--method", "proxy",
+                   "-q", "--out", str(out))
+    assert swapped.exit_code == 0, swapped.output
+    report = ilmconvert.load(out).ilm_conversion
+    assert report.settings["method"] == "proxy"
+    assert sum(c.target == "ProxyGroupNormAct" for c in report.converted) == 9  # stem + bn1 of the 8 re-traced blocks
+
+
 def test_swap_refuses_a_foreign_output_directory(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     result = _run("swap", "convnext_atto", "--no-pretrained", "--out", str(tmp_path))
