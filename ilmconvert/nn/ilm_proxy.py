@@ -24,12 +24,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import INITS
 from .fast import autocast_disabled
-from .layers import ILMGroupNorm, UnsupportedNormError, _affine_of, _keeps_bias, factory_kwargs
-from .proxy import _activation, _group_norm_of_batchnorm, _moments, proxy_points
+from .layers import ILMGroupNorm, _affine_of, _keeps_bias, factory_kwargs
+from .proxy import (
+    _activation,
+    _activation_taken_over,
+    _add_proxy_parameters,
+    _cached_proxy_points,
+    _group_norm_of_batchnorm,
+    _moments,
+    _normalizing_map,
+)
 
 
 class ILMProxyGroupNormAct(ILMGroupNorm):
@@ -71,14 +78,7 @@ class ILMProxyGroupNormAct(ILMGroupNorm):
         factory = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.act = _activation(act_layer)
         self.num_proxy, self.proxy_eps = int(num_proxy), float(proxy_eps)
-        self.proxy_weight = nn.Parameter(torch.zeros(self.num_channels, **factory))
-        self.proxy_bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
-        if output_affine:
-            self.output_weight = nn.Parameter(torch.ones(self.num_channels, **factory))
-            self.output_bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
-        else:
-            self.register_parameter("output_weight", None)
-            self.register_parameter("output_bias", None)
+        _add_proxy_parameters(self, output_affine, factory)
 
     @classmethod
     def from_norm(
@@ -105,15 +105,10 @@ class ILMProxyGroupNormAct(ILMGroupNorm):
         """
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        drop = getattr(norm, "drop", None)
-        if drop is not None and not isinstance(drop, nn.Identity):
-            raise UnsupportedNormError("a dropout between the norm and its activation cannot be kept with Proxy Norm")
-        act = act_layer if act_layer is not None else getattr(norm, "act", None)
         factory = factory_kwargs(norm)
-        if not isinstance(act, nn.Module) or isinstance(act, nn.Identity):
-            if isinstance(norm, _BatchNorm):
-                return _group_norm_of_batchnorm(norm, factory)
-            raise UnsupportedNormError("no activation follows this norm: Proxy Norm normalizes a post-activation")
+        act = _activation_taken_over(norm, act_layer)
+        if act is None:  # opt-in BatchNorm without activation: plain GN, batch-independent
+            return _group_norm_of_batchnorm(norm, factory)
         layer = cls(
             **cls._settings_of(norm, **layout),
             key_group_size=key_group_size,
@@ -171,7 +166,7 @@ class ILMProxyGroupNormAct(ILMGroupNorm):
         """
         dt = omega.dtype
         with autocast_disabled(omega.device.type):
-            q = proxy_points(self.num_proxy, dt, omega.device)
+            q = _cached_proxy_points(self.num_proxy, dt, omega.device)
             proxy = torch.addcmul(self.proxy_bias.to(dt)[:, None], (1.0 + self.proxy_weight.to(dt))[:, None], q)
             m, _, v = _moments(self.act(torch.addcmul(beta[..., None], omega[..., None], proxy)))
         return m, v
@@ -185,11 +180,7 @@ class ILMProxyGroupNormAct(ILMGroupNorm):
         omega, beta = self.rescaling(*self.key_features(x))
         z = self.act(self._rescale(self._standardize(x), omega, beta))
         m, v = self.proxy_statistics(omega, beta)
-        scale = torch.rsqrt(v + self.proxy_eps)
-        shift = -m * scale
-        if self.output_weight is not None:
-            w = self.output_weight.to(scale.dtype)
-            scale, shift = scale * w, torch.addcmul(self.output_bias.to(scale.dtype), shift, w)
+        scale, shift = _normalizing_map(m, v, self.proxy_eps, self.output_weight, self.output_bias)
         shape = (*scale.shape, *([1] * (x.dim() - 2)))
         return torch.addcmul(shift.reshape(shape).to(z.dtype), z, scale.reshape(shape).to(z.dtype))
 

@@ -66,7 +66,10 @@ def _functorch_active() -> bool:
 
 
 def _cached_proxy_points(num_proxy: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """:func:`proxy_points`, kept per (n, dtype, device) for the eager path (not while tracing)."""
+    """:func:`proxy_points`, kept per (n, dtype, device) in eager mode; computed afresh while
+    compiling, tracing or exporting (a kept tensor would enter the graph as a stray constant)."""
+    if torch.compiler.is_compiling() or exporting():
+        return proxy_points(num_proxy, dtype, device)
     key = (num_proxy, dtype, device)
     if key not in _POINT_TENSORS:
         _POINT_TENSORS[key] = proxy_points(num_proxy, dtype, device)
@@ -177,6 +180,54 @@ class _ProxyCoefficients(torch.autograd.Function):
         )
 
 
+def _add_proxy_parameters(layer: nn.Module, output_affine: bool, factory: dict[str, Any]) -> None:
+    """PN-Act's own parameters on ``layer`` (which has ``num_channels``): ``proxy_weight`` (gamma~)
+    and ``proxy_bias`` (beta~), zeros ``(C,)``; ``output_weight`` / ``output_bias`` (ones / zeros)
+    with ``output_affine``, else registered as None."""
+    c = layer.num_channels
+    layer.proxy_weight = nn.Parameter(torch.zeros(c, **factory))
+    layer.proxy_bias = nn.Parameter(torch.zeros(c, **factory))
+    if output_affine:
+        layer.output_weight = nn.Parameter(torch.ones(c, **factory))
+        layer.output_bias = nn.Parameter(torch.zeros(c, **factory))
+    else:
+        layer.register_parameter("output_weight", None)
+        layer.register_parameter("output_bias", None)
+
+
+def _normalizing_map(
+    m: torch.Tensor, v: torch.Tensor, eps: float, output_weight: torch.Tensor | None, output_bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``z * scale + shift = (z - m) / sqrt(v + eps)``, then the output affine
+    if any, in the dtype of ``m`` (shapes as ``m``, ``v``; the affine ``(C,)`` broadcasts)."""
+    scale = torch.rsqrt(v + eps)
+    shift = -m * scale
+    if output_weight is not None:
+        w = output_weight.to(m.dtype)
+        scale, shift = scale * w, torch.addcmul(output_bias.to(m.dtype), shift, w)
+    return scale, shift
+
+
+def _activation_taken_over(norm: nn.Module, act_layer: nn.Module | None) -> nn.Module | None:
+    """The activation a Proxy Norm replacement takes over: ``act_layer`` (a separate module after a
+    plain norm) or the norm's own ``act`` (timm's norm + activation modules); None for an opted-in
+    BatchNorm without one (it becomes plain GroupNorm, :func:`_group_norm_of_batchnorm`).
+
+    Raises:
+        UnsupportedNormError: a dropout between norm and activation, or no activation after a
+            norm that is not a BatchNorm.
+    """
+    drop = getattr(norm, "drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        raise UnsupportedNormError("a dropout between the norm and its activation cannot be kept with Proxy Norm")
+    act = act_layer if act_layer is not None else getattr(norm, "act", None)
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
+        return act
+    if isinstance(norm, _BatchNorm):
+        return None
+    raise UnsupportedNormError("no activation follows this norm: Proxy Norm normalizes a post-activation")
+
+
 @torch.fx.wrap
 def proxy_forward(layer: ProxyNormAct, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` as one opaque call for ``torch.fx.symbolic_trace``: the layers check shapes and
@@ -245,14 +296,7 @@ class ProxyNormAct(nn.Module):
         _proxy_points_float64(self.num_proxy)  # now, eagerly: under torch.export tensors are fake
         self.weight = nn.Parameter(torch.ones(self.num_channels, **factory))
         self.bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
-        self.proxy_weight = nn.Parameter(torch.zeros(self.num_channels, **factory))
-        self.proxy_bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
-        if output_affine:
-            self.output_weight = nn.Parameter(torch.ones(self.num_channels, **factory))
-            self.output_bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
-        else:
-            self.register_parameter("output_weight", None)
-            self.register_parameter("output_bias", None)
+        _add_proxy_parameters(self, output_affine, factory)
 
     def proxy_statistics(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``m`` and biased variance ``v`` of ``phi(gamma y~ + beta)`` over the proxy, each ``(C,)``.
@@ -293,12 +337,7 @@ class ProxyNormAct(nn.Module):
     def _composed_output_coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`output_coefficients` in torch ops (autograd differentiates it), in ``dtype``."""
         m, v = self.proxy_statistics(dtype)
-        scale = torch.rsqrt(v + self.eps)
-        shift = -m * scale
-        if self.output_weight is not None:
-            w = self.output_weight.to(dtype)
-            scale, shift = scale * w, torch.addcmul(self.output_bias.to(dtype), shift, w)
-        return scale, shift
+        return _normalizing_map(m, v, self.eps, self.output_weight, self.output_bias)
 
     def _statistics_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return dtype or (torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
@@ -403,15 +442,10 @@ class _ProxyFromNorm:
         """
         if init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        drop = getattr(norm, "drop", None)
-        if drop is not None and not isinstance(drop, nn.Identity):
-            raise UnsupportedNormError("a dropout between the norm and its activation cannot be kept with Proxy Norm")
         factory = factory_kwargs(norm)
-        act = act_layer if act_layer is not None else getattr(norm, "act", None)
-        if not isinstance(act, nn.Module) or isinstance(act, nn.Identity):
-            if isinstance(norm, _BatchNorm):  # opt-in BatchNorm without activation: plain GN, batch-independent
-                return _group_norm_of_batchnorm(norm, factory)
-            raise UnsupportedNormError("no activation follows this norm: Proxy Norm normalizes a post-activation")
+        act = _activation_taken_over(norm, act_layer)
+        if act is None:  # opt-in BatchNorm without activation: plain GN, batch-independent
+            return _group_norm_of_batchnorm(norm, factory)
         layer = cls(**cls._settings_of(norm, **layout), act_layer=act, output_affine=init == "preserve", **factory)
         if init == "preserve":
             layer.init_preserve(getattr(norm, "weight", None), getattr(norm, "bias", None))
