@@ -113,11 +113,13 @@ def timm_networks(name: str, variants: tuple[str, ...]) -> dict[str, nn.Module]:
 
 
 def interleaved_step_times(networks: dict[str, nn.Module], batch: int, size: int, classes: int, steps: int,
-                           warmup: int, seed: int = 0) -> dict[str, list[float]]:
+                           warmup: int, seed: int = 0, clock=time.perf_counter) -> dict[str, list[float]]:
     """Seconds of each training step of every network, the networks stepped in turn (CPU).
 
     One step = forward, cross-entropy, backward, SGD step (momentum 0.9, weight decay 5e-4) on the
     same random batch for every network; each round runs every network once, in a shuffled order.
+    ``clock``: ``time.perf_counter`` (wall) or ``time.thread_time`` (CPU time of this thread, which
+    with one torch thread is all the work: time while the thread is descheduled does not count).
     """
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -131,12 +133,12 @@ def interleaved_step_times(networks: dict[str, nn.Module], batch: int, size: int
 
     def step(name: str) -> float:
         model, opt = runs[name]
-        t0 = time.perf_counter()
+        t0 = clock()
         loss = nn.functional.cross_entropy(model(x), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return clock() - t0
 
     times: dict[str, list[float]] = {name: [] for name in networks}
     order = list(networks)
@@ -155,7 +157,7 @@ def interleaved_main(args) -> None:
 
     env = {"torch": torch.__version__, "timm": timm.__version__, "python": sys.version.split()[0],
            "device": f"CPU, {torch.get_num_threads()} threads", "amp": "fp32", "steps": args.steps,
-           "warmup": args.warmup, "statistic": "median"}
+           "warmup": args.warmup, "statistic": "median", "clock": args.clock}
     print(f"# {env}", flush=True)
     rows = []
     for model in args.models.split(","):
@@ -166,7 +168,8 @@ def interleaved_main(args) -> None:
             variants = tuple(args.variants.split(",")) if args.variants else ("original", "ilm")
             networks, base, size, classes = timm_networks(model, variants), "original", args.size or 96, 1000
         for batch in args.batch_sizes:
-            times = interleaved_step_times(networks, batch, size, classes, args.steps, args.warmup)
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+            times = interleaved_step_times(networks, batch, size, classes, args.steps, args.warmup, clock=clock)
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"model": model, "batch": batch, "size": size, "base": base,
                    "ms": {k: v * 1e3 for k, v in med.items()},
@@ -215,8 +218,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="step the variants in turn (shuffled per round) and report ratios from one run (CPU)")
     p.add_argument("--variants", default=None,
                    help="figure1: sweep variants (default gn,ilm+gn,gn+pn); timm: original,ilm[,proxy]")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="interleaved mode: wall clock, or this thread's CPU time (a shared machine; needs --threads 1)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu measures the calling thread only: pass --threads 1")
     args.argv = argv if argv is not None else sys.argv[1:]
     if args.batch_sizes or args.interleave or "figure1" in args.models.split(","):
         if args.device != "cpu":
