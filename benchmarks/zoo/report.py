@@ -26,9 +26,7 @@ def summarize(
     section when the ``proxy`` sweep's file exists (without it the output is the ILM summary alone)."""
     rows = load_records(jsonl)
     with_norm = [r for r in rows if r["status"] not in ("no_instance_norm",)]
-    by_lib = defaultdict(list)
-    for r in rows:
-        by_lib[r["library"]].append(r)
+    by_lib = _grouped(rows, lambda r: r["library"])
     lines = _intro_lines()
     lines += _totals_lines(by_lib, total_timm, total_tv)
     lines += _coverage_lines()
@@ -44,6 +42,18 @@ def summarize(
     lines.append("")
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines) + "\n")
+
+
+def _grouped(rows: list[dict], key) -> dict:
+    """``{key(r): [records]}`` in the order of ``rows``."""
+    out = defaultdict(list)
+    for r in rows:
+        out[key(r)].append(r)
+    return out
+
+
+def _by_family(rows: list[dict]) -> dict:
+    return _grouped(rows, lambda r: (r["library"], r.get("family", "?")))
 
 
 def load_records(jsonl: Path) -> list[dict]:
@@ -91,14 +101,7 @@ def _totals_lines(by_lib: dict, total_timm: int | None, total_tv: int | None) ->
             f"| {c['error'] + c['timeout'] + c['crash']} |"
         )
     lines.append("")
-    for lib, rs in sorted(by_lib.items()):
-        wn = [r for r in rs if r["status"] != "no_instance_norm"]
-        if wn:
-            ok = sum(r["status"] == "ok" for r in wn)
-            lines.append(
-                f"- {lib}: **{ok} / {len(wn)} = {100 * ok / len(wn):.1f} %** of the swept architectures "
-                "with an instance-level norm convert, preserve, train and round-trip."
-            )
+    lines += _ok_share_lines(by_lib, "no_instance_norm", "swept architectures with an instance-level norm")
     if total_timm:
         lines.append(f"- timm registers {total_timm} architectures; {len(by_lib.get('timm', []))} were swept so far.")
     if total_tv:
@@ -106,6 +109,20 @@ def _totals_lines(by_lib: dict, total_timm: int | None, total_tv: int | None) ->
             f"- torchvision registers {total_tv} architectures; "
             f"{len(by_lib.get('torchvision', []))} were swept so far."
         )
+    return lines
+
+
+def _ok_share_lines(by_lib: dict, left_out: str, what: str) -> list[str]:
+    """Per library, the share of ``what`` (the records whose status is not ``left_out``) that is ok."""
+    lines = []
+    for lib, rs in sorted(by_lib.items()):
+        checked = [r for r in rs if r["status"] != left_out]
+        if checked:
+            ok = sum(r["status"] == "ok" for r in checked)
+            lines.append(
+                f"- {lib}: **{ok} / {len(checked)} = {100 * ok / len(checked):.1f} %** of the {what} convert, "
+                "preserve, train and round-trip."
+            )
     return lines
 
 
@@ -185,9 +202,7 @@ def _other_norm_lines(rows: list[dict]) -> list[str]:
 
 
 def _family_lines(with_norm: list[dict]) -> list[str]:
-    fam = defaultdict(list)
-    for r in with_norm:
-        fam[(r["library"], r.get("family", "?"))].append(r)
+    fam = _by_family(with_norm)
     lines = [
         "## By family",
         "",
@@ -373,9 +388,7 @@ def _proxy_totals_lines(rows: list[dict]) -> list[str]:
         "| PN-Act layers |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    by_lib = defaultdict(list)
-    for r in rows:
-        by_lib[r["library"]].append(r)
+    by_lib = _grouped(rows, lambda r: r["library"])
     for lib, rs in sorted(by_lib.items()):
         c = Counter(r["status"] for r in rs)
         layers = sum(r.get("converted", 0) for r in rs if r["status"] != "no_pair")
@@ -384,15 +397,7 @@ def _proxy_totals_lines(rows: list[dict]) -> list[str]:
             f"| {c['fail']} | {c['error'] + c['timeout'] + c['crash']} | {layers} |"
         )
     lines.append("")
-    for lib, rs in sorted(by_lib.items()):
-        paired = [r for r in rs if r["status"] != "no_pair"]
-        if paired:
-            ok = sum(r["status"] == "ok" for r in paired)
-            lines.append(
-                f"- {lib}: **{ok} / {len(paired)} = {100 * ok / len(paired):.1f} %** of the architectures with a "
-                "norm -> activation pair convert, preserve, train and round-trip."
-            )
-    return lines
+    return lines + _ok_share_lines(by_lib, "no_pair", "architectures with a norm -> activation pair")
 
 
 def _proxy_preservation_lines(paired: list[dict]) -> list[str]:
@@ -439,9 +444,7 @@ def _proxy_skip_lines(rows: list[dict]) -> list[str]:
 
 
 def _proxy_family_lines(rows: list[dict]) -> list[str]:
-    fam = defaultdict(list)
-    for r in rows:
-        fam[(r["library"], r.get("family", "?"))].append(r)
+    fam = _by_family(rows)
     lines = [
         "",
         "### Proxy Norm by family",
