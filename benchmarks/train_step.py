@@ -11,6 +11,20 @@ Usage::
 
     python benchmarks/train_step.py --device cuda --out $OUT/train_step.json           # batch 64 at 224^2
     python benchmarks/train_step.py --device cpu --out benchmarks/results/train_step_cpu.json  # small
+
+Small batches (issue 20), every variant of a network stepped in turn, in a shuffled order per
+round, so that the ratios come from one run under the same load::
+
+    python benchmarks/train_step.py --device cpu --threads 1 --models figure1 --batch-sizes 1,2,4,64 \
+        --steps 30 --warmup 5 --out benchmarks/results/train_step_figure1_cpu.json
+    python benchmarks/train_step.py --device cpu --threads 1 --models resnet50_gn --batch-sizes 2 \
+        --size 96 --steps 30 --warmup 5 --interleave
+
+``figure1`` is the network of ``docs/study/figure1.yaml`` (timm ``resnet18`` layout, half width,
+one block per stage, CIFAR-10 32 px input) in the sweep's variants ``gn``, ``ilm+gn`` and
+``gn+pn``, built by the sweep's own code (:meth:`ilmconvert.train.sweep.Sweep.cell_recipe`,
+:func:`ilmconvert.train.loop.build_network`); a timm model is compared as ``original`` and
+``ilm`` (``ilmconvert.convert``), in the interleaved mode also ``proxy`` when ``--variants`` asks.
 """
 
 from __future__ import annotations
@@ -18,8 +32,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,6 +79,126 @@ def step_time(model: nn.Module, args, device: torch.device, compiled: bool) -> f
     return statistics.median(times)
 
 
+FIGURE1 = Path(__file__).resolve().parents[1] / "docs" / "study" / "figure1.yaml"
+FIGURE1_VARIANTS = ("gn", "ilm+gn", "gn+pn")
+
+
+def figure1_networks(variants: tuple[str, ...] = FIGURE1_VARIANTS) -> dict[str, nn.Module]:
+    """The Figure-1 network of ``docs/study/figure1.yaml`` in each sweep variant, as the sweep builds it."""
+    from ilmconvert.train.loop import build_network
+    from ilmconvert.train.sweep import Cell, plan_sweep
+
+    with tempfile.TemporaryDirectory() as out:
+        sweep = plan_sweep(recipe=FIGURE1, data="cifar10", out=Path(out) / "sweep", variants=",".join(variants),
+                           batch_sizes="2", seeds="0")
+        networks = {}
+        for name in variants:
+            recipe = sweep.cell_recipe(Cell(name, 2, 0))
+            networks[name] = build_network(recipe.model, recipe.conversion, 10, seed=recipe.train.seed)
+    return networks
+
+
+def timm_networks(name: str, variants: tuple[str, ...]) -> dict[str, nn.Module]:
+    """timm ``name`` (random weights) as ``original`` and converted: ``ilm`` (default), ``proxy``."""
+    import timm
+
+    torch.manual_seed(0)
+    original = timm.create_model(name, pretrained=False)
+    networks = {"original": original}
+    for method in variants:
+        if method != "original":
+            networks[method] = copy.deepcopy(original)
+            convert(networks[method], method=method)
+    return networks
+
+
+def interleaved_step_times(networks: dict[str, nn.Module], batch: int, size: int, classes: int, steps: int,
+                           warmup: int, seed: int = 0, clock=time.perf_counter) -> dict[str, list[float]]:
+    """Seconds of each training step of every network, the networks stepped in turn (CPU).
+
+    One step = forward, cross-entropy, backward, SGD step (momentum 0.9, weight decay 5e-4) on the
+    same random batch for every network; each round runs every network once, in a shuffled order.
+    ``clock``: ``time.perf_counter`` (wall) or ``time.thread_time`` (CPU time of this thread, which
+    with one torch thread is all the work: time while the thread is descheduled does not count).
+    """
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    target = torch.randint(0, classes, (batch,), generator=gen)
+    runs = {}
+    for name, net in networks.items():
+        model = copy.deepcopy(net).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+        runs[name] = (model, opt)
+
+    def step(name: str) -> float:
+        model, opt = runs[name]
+        t0 = clock()
+        loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return clock() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in networks}
+    order = list(networks)
+    for i in range(warmup + steps):
+        rng.shuffle(order)
+        for name in order:
+            t = step(name)
+            if i >= warmup:
+                times[name].append(t)
+    return times
+
+
+def interleaved_main(args) -> None:
+    """``--batch-sizes`` / ``figure1`` / ``--interleave``: ratios of variants measured in one run."""
+    import timm
+
+    env = {"torch": torch.__version__, "timm": timm.__version__, "python": sys.version.split()[0],
+           "device": f"CPU, {torch.get_num_threads()} threads", "amp": "fp32", "steps": args.steps,
+           "warmup": args.warmup, "statistic": "median", "clock": args.clock}
+    print(f"# {env}", flush=True)
+    rows = []
+    for model in args.models.split(","):
+        if model == "figure1":
+            variants = tuple(args.variants.split(",")) if args.variants else FIGURE1_VARIANTS
+            networks, base, size, classes = figure1_networks(variants), "gn", 32, 10
+        else:
+            variants = tuple(args.variants.split(",")) if args.variants else ("original", "ilm")
+            networks, base, size, classes = timm_networks(model, variants), "original", args.size or 96, 1000
+        for batch in args.batch_sizes:
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+            times = interleaved_step_times(networks, batch, size, classes, args.steps, args.warmup, clock=clock)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"model": model, "batch": batch, "size": size, "base": base,
+                   "ms": {k: v * 1e3 for k, v in med.items()},
+                   "ratio": {k: v / med[base] for k, v in med.items() if k != base},
+                   "q25_q75_ms": {k: [float(q) * 1e3 for q in statistics.quantiles(v, n=4)[::2]]
+                                  for k, v in times.items()}}
+            rows.append(row)
+            print(f"{model} batch {batch:3d}: {base} {row['ms'][base]:8.2f} ms  "
+                  + "  ".join(f"{k}/{base} {r:.3f}" for k, r in row["ratio"].items()), flush=True)
+    others = [k for k in rows[0]["ratio"]] if rows else []
+    table = ("| model | batch | input | base ms | " + " | ".join(f"{k} / base" for k in others) + " |\n"
+             + "|---|---:|---|---:|" + "---:|" * len(others) + "\n"
+             + "".join(f"| {r['model']} | {r['batch']} | {r['size']} px | {r['ms'][r['base']]:.2f} ({r['base']}) | "
+                       + " | ".join(f"{r['ratio'].get(k, float('nan')):.2f}×" for k in others) + " |\n"
+                       for r in rows))
+    print()
+    print(table)
+    _write(args, {"environment": env, "rows": rows}, table)
+
+
+def _write(args, record: dict, table: str) -> None:
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *args.argv])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"command": command, **record}, indent=1))
+        args.out.with_suffix(".md").write_text(
+            f"Command: `{command}`\n\nEnvironment: {json.dumps(record['environment'])}\n\n{table}")
+
+
 def main(argv: list[str] | None = None) -> None:
     import timm
 
@@ -76,8 +212,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (CUDA 10, CPU 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cpu-autocast", action="store_true", help="bf16 autocast on CPU as well")
+    p.add_argument("--batch-sizes", default=None,
+                   help="comma-separated batch sizes: the interleaved CPU mode (implies --interleave)")
+    p.add_argument("--interleave", action="store_true",
+                   help="step the variants in turn (shuffled per round) and report ratios from one run (CPU)")
+    p.add_argument("--variants", default=None,
+                   help="figure1: sweep variants (default gn,ilm+gn,gn+pn); timm: original,ilm[,proxy]")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="interleaved mode: wall clock, or this thread's CPU time (a shared machine; needs --threads 1)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu measures the calling thread only: pass --threads 1")
+    args.argv = argv if argv is not None else sys.argv[1:]
+    if args.batch_sizes or args.interleave or "figure1" in args.models.split(","):
+        if args.device != "cpu":
+            p.error("the interleaved mode (--batch-sizes, --interleave, figure1) runs on CPU; pass --device cpu")
+        torch.set_num_threads(args.threads)
+        args.batch_sizes = [int(b) for b in (args.batch_sizes or str(args.batch or 2)).split(",")]
+        args.steps = args.steps or 30
+        args.warmup = args.warmup or 5
+        interleaved_main(args)
+        return
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if not cuda:
@@ -113,11 +269,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"| {r['converted_ms']:.1f} | {r['ratio']:.3f} |" for r in rows) + "\n")
     print()
     print(table)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"command": command, "environment": env, "rows": rows}, indent=1))
-        args.out.with_suffix(".md").write_text(f"Command: `{command}`\n\nEnvironment: {json.dumps(env)}\n\n{table}")
+    _write(args, {"environment": env, "rows": rows}, table)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import ILM_PARAMS, compare_fast_path, randomize, relative_difference, run_layer
-from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm, fast
+from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm, fast, fast_torch
 
 # ------------------------------------------------------------------ shapes
 POOLED = [
@@ -99,8 +99,23 @@ def _naive_group_norm_stats(x: torch.Tensor, groups: int):
     return m, (xg * xg).mean(-1) - m * m
 
 
+@pytest.mark.parametrize("make, shape", POOLED[:3] + POOLED[4:5] + POOLED[6:8])
+def test_large_input_code_path_matches_reference(make, shape, monkeypatch):
+    """Eager CPU takes one-operation moments, centred channel sums and ``addcmul`` for inputs of at
+    most ``fast_torch.SMALL_NUMEL`` elements (every shape above) and the vectorized multi-pass code
+    (sum of squares with its guard, uncentred sums, the ``batch_norm`` affine) above it: the latter
+    against the reference here, by making every input "large"."""
+    monkeypatch.setattr(fast_torch, "SMALL_NUMEL", 0)
+    layer = make()
+    randomize(layer, seed=1)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 2 + 0.3
+    compare_fast_path(layer, x, tol=1e-5)
+    compare_fast_path(layer, x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, tol=1e-5)
+
+
+@pytest.mark.parametrize("small_numel", [fast_torch.SMALL_NUMEL, 0], ids=["small-input-code", "large-input-code"])
 @pytest.mark.parametrize("make, shape", [POOLED[0], POOLED[7], TOKENS[0]])
-def test_large_mean_keeps_the_variance(make, shape):
+def test_large_mean_keeps_the_variance(make, shape, small_numel, monkeypatch):
     """x = 1e3 + N(0, 1): the fast path against a float64 oracle of the reference path.
 
     An fp32 input of size 1e3 carries 6e-5 of rounding, so any float32 algorithm is off by
@@ -108,6 +123,7 @@ def test_large_mean_keeps_the_variance(make, shape):
     and asks the fast path to be no worse than the float32 reference path. A sum-of-squares
     variance is off by percents and fails (checked below).
     """
+    monkeypatch.setattr(fast_torch, "SMALL_NUMEL", small_numel)
     layer = make()
     randomize(layer, seed=7)
     g = torch.Generator().manual_seed(8)

@@ -146,17 +146,17 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if _want_triton(layer, x):
             triton_ilm = _triton()
             try:
-                with torch.autocast(x.device.type, enabled=False):
+                with autocast_disabled(x.device.type):
                     return triton_ilm.pooled_ilm(x, b_omega, b_beta, w1, w2, w3, spec)
             except Exception as err:  # compile or launch failure: the PyTorch implementation takes over
                 triton_ilm.give_up(err)
-        with torch.autocast(x.device.type, enabled=False):  # statistics and MLP never autocast
+        with autocast_disabled(x.device.type):  # statistics and MLP never autocast
             y = PooledILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
         # the Function returns a fresh tensor (maybe as (1, B*C, P)); reshaping out here keeps an
         # in-place op on the result (timm's ReLU(inplace=True)) legal for autograd
         return y if y.shape == x.shape else y.view(x.shape)
     spec = (int(layer.key_group_size), float(layer.eps), out_dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_disabled(x.device.type):
         return TokenILM.apply(x, b_omega, b_beta, w1, w2, w3, spec).flatten(-2)
 
 

@@ -64,6 +64,8 @@ def autocast_off(backward: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(backward)
     def wrapper(ctx: Any, *grads: torch.Tensor) -> Any:
         device = next((g.device.type for g in grads if g is not None), "cpu")
+        if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+            return backward(ctx, *grads)  # nothing to disable (entering the context costs ~20 us)
         with torch.autocast(device, enabled=False):
             return backward(ctx, *grads)
 
@@ -94,28 +96,6 @@ def pooled_view_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 # ====================================================================== shared small pieces
-def _group_moments(m: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chan's exact combination of equal-count moments over ``groups`` groups of contiguous channels.
-
-    ``m``, ``v``: ``(..., C)`` means and biased variances; returns ``(..., groups)`` of each.
-    """
-    if groups == m.shape[-1]:
-        return m, v
-    m3 = m.unflatten(-1, (groups, -1))
-    v3 = v.unflatten(-1, (groups, -1))
-    mg = m3.mean(-1)
-    vg = (v3 + (m3 - mg.unsqueeze(-1)).square()).mean(-1)
-    return mg, vg
-
-
-def up(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """Repeat each of the ``(..., G)`` values over its ``channels // G`` channels: ``(..., C)``."""
-    g = t.shape[-1]
-    if g == channels:
-        return t
-    return t.unsqueeze(-1).expand(*t.shape, channels // g).reshape(*t.shape[:-1], channels)
-
-
 def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
     """Sum ``(..., C)`` over each group of ``C // groups`` contiguous channels: ``(..., groups)``."""
     if groups == t.shape[-1]:
@@ -124,40 +104,74 @@ def _group_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _mlp_forward(mu, gamma, w1, w2, w3):
-    """Eqs. 4-5 on ``(R, N)`` key features; returns ``(d_mu, d_gamma, saved)``."""
-    h_mu = mu @ w1.t()
-    h_g = gamma @ w1.t()
-    e_mu, e_g = F.relu(h_mu), F.relu(h_g)
-    d_mu = torch.tanh(e_mu @ w2.t())
-    d_g = torch.sigmoid(e_g @ w3.t())
-    return d_mu, d_g, (e_mu, e_g, d_mu, d_g)
+    """Eqs. 4-5 on ``(R, N)`` key features, the mu and gamma paths stacked (W1 is shared).
+
+    Returns ``(dec, saved)``: ``dec`` is ``(2, R, N)`` = ``[D_mu, D_gamma]``; ``saved`` what
+    :func:`_mlp_backward` needs. Five operations for both paths: one product with W1, one ReLU,
+    one batched product with ``[W2; W3]``, tanh and sigmoid in place.
+    """
+    keys = torch.stack((mu, gamma))  # (2, R, N)
+    enc = torch.relu(keys @ w1.t())  # (2, R, M)
+    w23 = torch.stack((w2, w3))  # (2, N, M)
+    dec = torch.bmm(enc, w23.transpose(1, 2))  # (2, R, N)
+    dec[0].tanh_()
+    dec[1].sigmoid_()
+    return dec, (keys, enc, w23, dec)
 
 
-def _mlp_backward(g_dmu, g_dg, mu, gamma, w1, w2, w3, saved):
+def _constant(build: Callable[..., torch.Tensor], *key: Any) -> torch.Tensor:
+    """``build(*key)``, made once per key in eager mode (``key`` ends with dtype and device);
+    built afresh while compiling, where the compiler folds it into the graph as a constant."""
+    if torch.compiler.is_compiling():
+        return build(*key)
+    return _cached(build, *key)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(build: Callable[..., torch.Tensor], *key: Any) -> torch.Tensor:
+    return build(*key)
+
+
+def _tanh_sigmoid_shift(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[1, 0]`` as ``(2, 1, 1)``: tanh' = (1 - t)(1 + t), sigmoid' = (1 - s)(0 + s)."""
+    return torch.tensor([1.0, 0.0], dtype=dtype, device=device).view(2, 1, 1)
+
+
+def _mlp_backward(g_dec, w1, saved):
     """Hand-written backward of :func:`_mlp_forward`.
 
-    Returns ``(g_mu, g_gamma, g_w1, g_w2, g_w3)``; all ``(R, N)`` / weight shaped.
+    Args:
+        g_dec: ``(2, R, N)``, the gradients of ``[D_mu, D_gamma]`` (any strides).
+
+    Returns:
+        ``(g_keys, g_w1, g_w2, g_w3)``: ``g_keys`` is ``(2, R, N)`` = ``[g_mu, g_gamma]``.
     """
-    e_mu, e_g, d_mu, d_g = saved
-    z_mu = g_dmu * (1 - d_mu * d_mu)  # tanh'
-    z_g = g_dg * d_g * (1 - d_g)  # sigmoid'
-    g_w2 = z_mu.t() @ e_mu
-    g_w3 = z_g.t() @ e_g
-    h_mu = (z_mu @ w2) * (e_mu > 0)  # relu'
-    h_g = (z_g @ w3) * (e_g > 0)
-    g_w1 = h_mu.t() @ mu + h_g.t() @ gamma
-    return h_mu @ w1, h_g @ w1, g_w1, g_w2, g_w3
+    keys, enc, w23, dec = saved
+    shift = _constant(_tanh_sigmoid_shift, dec.dtype, dec.device)
+    z = g_dec * (1 - dec) * (dec + shift)  # tanh', sigmoid'
+    g_w23 = torch.bmm(z.transpose(1, 2), enc)  # (2, N, M)
+    h = torch.bmm(z, w23) * (enc > 0)  # relu', (2, R, M)
+    g_w1 = h.flatten(0, 1).t() @ keys.flatten(0, 1)  # (M, N)
+    return h @ w1, g_w1, g_w23[0], g_w23[1]
 
 
 def _cast_grad(g: torch.Tensor | None, like: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
     if like is None or not needed or g is None:
         return None
-    return g.to(like.dtype)
+    return g if g.dtype == like.dtype else g.to(like.dtype)
+
+
+def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (``t`` itself when it already is; None stays None)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 # ====================================================================== pooled (GN / IN)
 #: sum-of-squares variance is used (eager CPU only) where E[x^2] <= this * Var[x]: at most 4 bits lost
 _SUMSQ_MAX_CONDITION = 16.0
+#: inputs of at most this many elements take the fewest operations on eager CPU (one-op moments, centred
+#: channel sums, ``addcmul``): for them each operation's fixed cost outweighs its work (docs/performance.md)
+SMALL_NUMEL = 16384
 
 
 def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +181,9 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     as ``1e3 + N(0, 1)`` never lose the variance to cancellation:
 
     - compiled or on CUDA: ``torch.var_mean`` (Welford; inductor fuses it into one pass);
+    - eager CPU, contiguous, at most :data:`SMALL_NUMEL` elements: ``torch.batch_norm_update_stats``
+      on the ``(1, B*C, P)`` view (a vectorized Welford in one operation; CPU ``var_mean`` costs
+      ~100 us even on 2 x 64 x 4 x 4);
     - eager CPU, channels_last: ``torch.batch_norm_update_stats`` per sample (vectorized Welford);
     - eager CPU, other layouts: a sum and a sum of squares (two vectorized reductions, ~3x faster
       than CPU ``var_mean``), accepted only where ``E[x^2] <= 16 Var[x]`` in every channel
@@ -178,6 +195,10 @@ def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.compiler.is_compiling() or x.device.type != "cpu":
         v, m = torch.var_mean(xf, dim=dims, correction=0)
         return m, v
+    if x.numel() <= SMALL_NUMEL and xf.is_contiguous():
+        b, c = x.shape[:2]
+        m, v = torch.batch_norm_update_stats(xf.reshape(1, b * c, -1), None, None, 0.0)
+        return m.view(b, c), v.view(b, c)
     if x.dim() == 4 and xf.is_contiguous(memory_format=torch.channels_last) and not xf.is_contiguous():
         stats = [torch.batch_norm_update_stats(xf[i : i + 1], None, None, 0.0) for i in range(x.shape[0])]
         return torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
@@ -202,22 +223,87 @@ def _guarded_moments(xf: torch.Tensor, dims: tuple[int, ...]) -> tuple[torch.Ten
     return m, v
 
 
+def _group_index(c: int, size: int, device: torch.device) -> torch.Tensor:
+    """``(C,)`` int64: the group of each channel, for groups of ``size`` contiguous channels."""
+    return torch.arange(c, device=device) // size
+
+
+def _up_index(c: int, groups: int, k: int, device: torch.device) -> torch.Tensor:
+    """``(2C,)`` int64 into a ``(..., G + N)`` tensor ``[norm groups | key groups]``: each channel's
+    norm group, then each channel's key group."""
+    return torch.cat((_group_index(c, c // groups, device), groups + _group_index(c, k, device)))
+
+
+def _grouping_average(c: int, groups: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(2C, G + N)``: block-diagonal averaging matrix, the first C rows average each norm group
+    (eq. 1) into the first G columns, the last C rows each key group (eq. 3) into the last N."""
+    cols = torch.arange(groups + c // k, device=device)
+    idx = _up_index(c, groups, k, device)
+    scale = torch.cat((torch.full((c,), c // groups, device=device), torch.full((c,), k, device=device)))
+    return (idx[:, None] == cols).to(dtype) / scale[:, None].to(dtype)
+
+
+def _channel_average(c: int, groups: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(C, G + N)``: ``m_c @`` this gives ``[mean over each norm group | mean over each key group]``."""
+    return _grouping_average(c, groups, k, dtype, device).view(2, c, -1).sum(0)
+
+
+def _grouping_sums(c: int, groups: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(C, G + N)`` of 0 / 1: sums over each norm group, then over each key group."""
+    return (_channel_average(c, groups, k, dtype, device) != 0).to(dtype)
+
+
+def _chain_matrix(c: int, groups: int, k: int, npos: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(2 (G + N), 3C)``: the backward through Chan's combination and the moments, as one product.
+
+    ``[-g_M | g_mu | g_var * rstd^-3 ... ]``, precisely ``[S_a | g_mu | Q | g_gamma]`` with
+    ``S_a = sum_group a * S0 = -dL/dmean_g`` and ``Q = (sum_group g_a * omega) * rstd^3``, times this
+    gives ``[f_M | e_norm | e_key]``: ``f_M = (up(g_mean_g) / (C/G) + up(g_mu) / K) / P``,
+    ``e_norm = up(dL/dvar_g) * 2 / ((C/G) P)`` (with ``dL/dvar_g = -Q / 2``), ``e_key =
+    up(g_gamma) * 2 / (K P)``.
+    """
+    avg2 = _grouping_average(c, groups, k, dtype, device)  # (2C, G + N)
+    n_cols = groups + c // k
+    out = torch.zeros(2 * n_cols, 3 * c, dtype=dtype, device=device)
+    out[:n_cols, :c] = avg2.view(2, c, -1).sum(0).t() / npos
+    out[:groups, :c] *= -1  # S_a = -dL/dmean_g
+    out[n_cols:, c:] = avg2.t() * (2.0 / npos)
+    out[n_cols : n_cols + groups, c:] *= -0.5  # dL/dvar_g = -Q / 2
+    return out
+
+
 def pooled_coefficients(m_c, v_c, weight, bias, w1, w2, w3, groups, k, eps):
-    """From per-channel moments to ``(a, d)`` (each ``(B, C)``) and what backward needs."""
-    c = m_c.shape[-1]
-    n = c // k
-    mg, vg = _group_moments(m_c, v_c, groups)  # eq. 1 statistics, (B, G)
-    mu, gamma = _group_moments(m_c, v_c, n)  # eq. 3 key features, (B, N)
-    d_mu, d_g, saved = _mlp_forward(mu, gamma, w1, w2, w3)
-    omega = up(d_g - D_GAMMA_OFFSET, c) + weight  # eq. 6, weight = B_omega + 1/2
-    beta = up(d_mu, c)
-    if bias is not None:
-        beta = beta + bias
-    rstd = torch.rsqrt(vg + eps)
-    big_m = up(mg, c)
-    a = omega * up(rstd, c)
-    d = beta - big_m * a
-    return a, d, (mg, mu, gamma, rstd, omega, saved)
+    """From per-channel moments to the affine map ``y = x * a + d`` of eqs. 1, 2, 6.
+
+    Args:
+        m_c, v_c: ``(B, C)`` per (instance, channel) mean and biased variance (statistics dtype).
+        weight, bias, w1, w2, w3: the layer's parameters in the statistics dtype (bias may be None).
+        groups, k, eps: G (norm groups), K (channels per key group), the norm's eps.
+
+    Returns:
+        ``(a, d, beta, aux)``: ``a``, ``d``, ``beta = up(D_mu) + bias`` ``(B, C)``; ``aux`` the
+        tensors :func:`pooled_small_backward` needs (saved after ``x, params, a``).
+
+    Both groupings come from one product with a ``(C, G + N)`` averaging matrix (means) and one
+    with a ``(2C, G + N)`` one (Chan's ``avg_c (v_c + (m_c - mean_g)^2)``, exact for equal
+    counts); the up-sampling to channels is an ``index_select``.
+    """
+    b, c = m_c.shape
+    st, dev = m_c.dtype, m_c.device
+    means = m_c @ _constant(_channel_average, c, groups, k, st, dev)  # (B, G + N): [mean_g | mu]
+    up_means = means.index_select(1, _constant(_up_index, c, groups, k, dev)).view(b, 2, c)  # [M, up(mu)]
+    centred = m_c.unsqueeze(1) - up_means
+    var = torch.addcmul(v_c.unsqueeze(1), centred, centred).view(b, 2 * c)
+    var = var @ _constant(_grouping_average, c, groups, k, st, dev)  # (B, G + N): [var_g | gamma]
+    rstd = torch.rsqrt(var[:, :groups] + eps)
+    dec, saved = _mlp_forward(means[:, groups:], var[:, groups:], w1, w2, w3)  # eqs. 4-5
+    up_dec = dec.index_select(2, _constant(_group_index, c, k, dev))  # (2, B, C): [up(D_mu), up(D_gamma)]
+    omega = up_dec[1] + (weight - D_GAMMA_OFFSET)  # eq. 6, weight = B_omega + 1/2
+    rstd_up = rstd.index_select(1, _constant(_group_index, c, c // groups, dev))
+    a = omega * rstd_up
+    beta = up_dec[0] if bias is None else up_dec[0] + bias
+    d = torch.addcmul(beta, up_means[:, 0], a, value=-1.0)
+    return a, d, beta, (up_means, rstd, omega, rstd_up, *saved)
 
 
 def _channel_sums(
@@ -228,8 +314,8 @@ def _channel_sums(
     ``M`` is the norm-group mean of each channel. Centring keeps ``S1`` exact when the mean is
     large against the spread (``1e3 + N(0, 1)``), where ``sum dy * x - M * S0`` cancels; eager
     CPU mode uses the uncentred sum (no ``(B, C, P)`` temporary for ``x - M``) wherever the input is
-    well conditioned (``|M| * rstd <= 4`` in every channel). Also returns the centred input
-    ``x - M`` when it was built (the dx pass reuses it), else None.
+    well conditioned (``|M| * rstd <= 4`` in every channel) and larger than :data:`SMALL_NUMEL`.
+    Also returns the centred input ``x - M`` when it was built (the dx pass reuses it), else None.
     """
     b, c = x.shape[:2]
     dims = tuple(range(2, x.dim()))
@@ -240,6 +326,7 @@ def _channel_sums(
     if (
         not torch.compiler.is_compiling()
         and x.device.type == "cpu"  # the check reads a value back: never on an accelerator
+        and x.numel() > SMALL_NUMEL
         and bool((big_m.abs() * rstd_c).max() <= 4.0)
     ):
         s1 = (dyf * xf).sum(dims)
@@ -253,7 +340,8 @@ def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, k
 
     Eager CPU, contiguous: the inference kernel of ``F.batch_norm`` on the ``(1, B*C, P)`` view
     (mean 0, variance 1, eps 0: exactly ``x * w + b``), which is vectorized per channel and
-    ~1.5x faster than a broadcasting ``addcmul``; elsewhere ``torch.addcmul`` (inductor fuses it).
+    ~1.5x faster than a broadcasting ``addcmul``; elsewhere and for small inputs ``torch.addcmul``
+    (inductor fuses it).
     """
     b, c = scale.shape
     if (
@@ -261,6 +349,7 @@ def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, k
         and x.device.type == "cpu"
         and x.dtype == torch.float32  # its float64 CPU kernel is slow
         and x.is_contiguous()
+        and x.numel() > SMALL_NUMEL
     ):
         flat = x.reshape(1, b * c, -1)
         zeros = torch.zeros(b * c, dtype=x.dtype, device=x.device)
@@ -279,13 +368,12 @@ class PooledILM(torch.autograd.Function):
         groups, k, eps, out_dtype = spec
         st = statistics_dtype(x.dtype)
         m_c, v_c = channel_moments(x)
-        p = [t.to(st) if t is not None else None for t in (weight, bias, w1, w2, w3)]
-        a, d, aux = pooled_coefficients(m_c, v_c, *p, groups, k, eps)
+        p = [_as(t, st) for t in (weight, bias, w1, w2, w3)]
+        a, d, _beta, aux = pooled_coefficients(m_c, v_c, *p, groups, k, eps)
         xf = x if x.dtype == st else x.to(st)
         y = _channel_affine(xf, a, d, keep_shape=False).to(out_dtype)  # fresh, maybe (1, B*C, P)
-        mg, mu, gamma, rstd, omega, saved = aux
         ctx.spec = spec
-        ctx.save_for_backward(x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved)
+        ctx.save_for_backward(x, weight, bias, w1, w2, w3, a, *aux)
         return y
 
     @staticmethod
@@ -298,24 +386,24 @@ class PooledILM(torch.autograd.Function):
 def pooled_backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Backward of the pooled ILM (two passes over ``(dy, x)``), from the tensors the forward saved.
 
-    Shared by :class:`PooledILM` and the Triton Function (whose forward saves the same tensors),
-    which falls back to it when a Triton kernel fails.
+    Shared by :class:`PooledILM` and the Triton Function (whose forward saves the same tensors:
+    ``x, weight, bias, w1, w2, w3, a, *aux`` of :func:`pooled_coefficients`), which falls back to
+    it when a Triton kernel fails.
     """
-    x, _weight, _bias, _w1, _w2, _w3, m_c, a, mg, _mu, _gamma, rstd, *_ = ctx.saved_tensors
+    x, _weight, _bias, _w1, _w2, _w3, a, up_means, _rstd, _omega, rstd_up, *_ = ctx.saved_tensors
     dy = dy.view(x.shape) if dy.shape != x.shape else dy
-    st = m_c.dtype
-    c = a.shape[1]
-    big_m = up(mg, c)
-    s0, g_a, xc = _channel_sums(dy, x, big_m, up(rstd, c), st)
-    e, f0, grads = pooled_small_backward(ctx, s0, g_a)
+    st = a.dtype
+    big_m = up_means[:, 0]
+    s0, g_a, xc = _channel_sums(dy, x, big_m, rstd_up, st)
+    e, f, grads = pooled_small_backward(ctx, s0, g_a)
     shape = (*a.shape, *([1] * (x.dim() - 2)))
     dx = None
     if ctx.needs_input_grad[0]:
-        # dx = dy * a + (x - m) * e + f0  (dm/dx = 1/P, dv/dx = 2 (x - m) / P)
+        # dx = dy * a + (x - M) * e + f  (dm_c/dx = 1/P, dv_c/dx = 2 (x - m_c) / P)
         if xc is not None:  # xc = x - M
-            dx = torch.addcmul((f0 + e * (big_m - m_c)).reshape(shape), xc, e.reshape(shape))
+            dx = torch.addcmul(f.reshape(shape), xc, e.reshape(shape))
         else:
-            dx = _channel_affine(x if x.dtype == st else x.to(st), e, f0 - e * m_c)
+            dx = _channel_affine(x if x.dtype == st else x.to(st), e, torch.addcmul(f, e, big_m, value=-1.0))
         dx = dx.addcmul_(dy if dy.dtype == st else dy.to(st), a.reshape(shape)).to(x.dtype)
     return (dx, *grads, None)
 
@@ -324,52 +412,47 @@ def pooled_small_backward(ctx: Any, s0: torch.Tensor, g_a: torch.Tensor) -> tupl
     """Backward of everything between the two passes, on ``(B, C)`` tensors.
 
     Args:
-        ctx: the autograd context of :class:`PooledILM` or the Triton Function (the same saved
-            tensors: ``x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *mlp``,
-            and ``ctx.spec = (groups, K, eps, out_dtype)``).
-        s0: ``sum_p dy`` per (instance, channel); g_a: ``sum_p dy * (x - M)`` (= dL/da).
+        ctx: the autograd context of :class:`PooledILM` or the Triton Function (saved tensors
+            ``x, weight, bias, w1, w2, w3, a, *aux`` of :func:`pooled_coefficients`, and
+            ``ctx.spec = (groups, K, eps, out_dtype)``).
+        s0: ``sum_p dy`` per (instance, channel); g_a: ``sum_p dy * (x - M)`` (= dL/da), ``M``
+            the channel's norm-group mean.
 
     Returns:
-        ``(e, f0, grads)`` with ``dx = dy * a + (x - m_c) * e + f0`` and ``grads`` the gradients of
+        ``(e, f, grads)`` with ``dx = dy * a + (x - M) * e + f`` and ``grads`` the gradients of
         ``(weight, bias, w1, w2, w3)`` (None where not needed).
+
+    Four group sums in one product, the MLP's backward in batched products
+    (:func:`_mlp_backward`), and the chain through Chan's combination and the per-channel
+    moments in one more (:func:`_chain_matrix`).
     """
-    x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved = ctx.saved_tensors
+    x, weight, bias, w1, _w2, _w3, a, up_means, rstd, omega, rstd_up, *saved = ctx.saved_tensors
     groups, k, _, _ = ctx.spec
-    needs, npos = ctx.needs_input_grad, math.prod(x.shape[2:])
-    st = m_c.dtype
-    c = a.shape[1]
-    n = c // k
-    cg = c // groups
-    w1f, w2f, w3f = w1.to(st), w2.to(st), w3.to(st)
-    big_m = up(mg, c)
-    r = up(rstd, c)
-    # y = (x - M) * a + beta, a = omega * rstd: dL/dbeta = S0, dL/dM = -a S0
-    g_beta = s0
-    g_omega = g_a * r
-    g_rstd = _group_sum(g_a * omega, groups)
-    g_mg = -_group_sum(a * s0, groups)
-    g_vg = -0.5 * g_rstd * rstd * rstd * rstd
-    g_dg = _group_sum(g_omega, n)
-    g_dmu = _group_sum(g_beta, n)
-    g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
-    # chain through Chan's combination to the per-channel moments
-    g_m = (
-        up(g_mg, c) / cg
-        + up(g_vg, c) * (2.0 / cg) * (m_c - big_m)
-        + up(g_mu, c) / k
-        + up(g_gamma, c) * (2.0 / k) * (m_c - up(mu, c))
-    )
-    g_v = up(g_vg, c) / cg + up(g_gamma, c) / k
-    e = g_v * (2.0 / npos)
-    f0 = g_m / npos
+    needs = ctx.needs_input_grad
+    st = a.dtype
+    b, c = a.shape
+    key = (c, groups, k)
+    # y = (x - M) * a + beta, a = omega * rstd: dL/dbeta = S0, dL/dM = -a S0, dL/domega = g_a rstd
+    z = torch.stack((g_a * omega, a * s0, s0, g_a * rstd_up))  # (4, B, C)
+    zs = (z.view(4 * b, c) @ _constant(_grouping_sums, *key, st, a.device)).view(4, b, -1)  # (4, B, G + N)
+    # rows 2, 3 over the key groups: dL/dD_mu, dL/dD_gamma
+    g_keys, g_w1, g_w2, g_w3 = _mlp_backward(zs[2:, :, groups:], _as(w1, st), saved)
+    q = zs[0, :, :groups] * rstd.pow(3)  # dL/dvar_g = -q / 2
+    chain = torch.cat((zs[1, :, :groups], g_keys[0], q, g_keys[1]), 1)
+    npos = math.prod(x.shape[2:])
+    fe = chain @ _constant(_chain_matrix, *key, npos, st, a.device)  # (B, 3C): [f_M | e_norm | e_key]
+    e = fe[:, c : 2 * c] + fe[:, 2 * c :]
+    # dx = dy a + (x - m_c) e + f_M + e_norm (m_c - M) + e_key (m_c - up(mu)) = dy a + (x - M) e + f
+    f = torch.addcmul(fe[:, :c], fe[:, 2 * c :], up_means[:, 0] - up_means[:, 1])
+    sums = z.sum(1)  # (4, C): row 3 = sum_b dL/domega, row 2 = sum_b S0
     grads = (
-        _cast_grad(g_omega.sum(0), weight, needs[1]),
-        _cast_grad(g_beta.sum(0), bias, needs[2]),
+        _cast_grad(sums[3], weight, needs[1]),
+        _cast_grad(sums[2], bias, needs[2]),
         _cast_grad(g_w1, w1, needs[3]),
-        _cast_grad(g_w2, w2, needs[4]),
-        _cast_grad(g_w3, w3, needs[5]),
+        _cast_grad(g_w2, _w2, needs[4]),
+        _cast_grad(g_w3, _w3, needs[5]),
     )
-    return e, f0, grads
+    return e, f, grads
 
 
 # ====================================================================== per position (LN)
@@ -396,7 +479,8 @@ class TokenILM(torch.autograd.Function):
         rows = mu.numel() // n
         mu2, gamma2 = mu.reshape(rows, n), gamma.reshape(rows, n)
         wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
-        d_mu, d_g, saved = _mlp_forward(mu2, gamma2, w1f, w2f, w3f)
+        dec, saved = _mlp_forward(mu2, gamma2, w1f, w2f, w3f)
+        d_mu, d_g = dec[0], dec[1]
         bf = bias.to(st).view(n, k) if bias is not None else None
         # weight * x_hat + bias over the (N, K) view: a fresh (..., N, K) tensor, not a view
         y, mean, rstd = torch.native_layer_norm(x3, [n, k], wf.view(n, k), bf, eps)
@@ -420,7 +504,7 @@ class TokenILM(torch.autograd.Function):
         c = x.shape[-1]
         n = c // k
         rows = mu.shape[0]
-        wf, w1f, w2f, w3f = weight.to(st), w1.to(st), w2.to(st), w3.to(st)
+        wf, w1f = weight.to(st), w1.to(st)
         dy2 = dy.to(st).reshape(rows, c)
         xc = x.to(st).reshape(rows, c) - mean  # centred first: no cancellation for large means
         dyxc = dy2 * xc  # (R, C); with xc and dx the only full-size temporaries
@@ -433,7 +517,8 @@ class TokenILM(torch.autograd.Function):
         g_rstd = (d_c * s_dyxc).sum(-1) + dyxc @ wf  # (R,)
         g_mean = -((d_c * s_dy).sum(-1) + dy2 @ wf) * r
         g_var = -0.5 * g_rstd * r**3
-        g_mu, g_gamma, g_w1, g_w2, g_w3 = _mlp_backward(g_dmu, g_dg, mu, gamma, w1f, w2f, w3f, saved)
+        g_keys, g_w1, g_w2, g_w3 = _mlp_backward(torch.stack((g_dmu, g_dg)), w1f, saved)
+        g_mu, g_gamma = g_keys[0], g_keys[1]
         need = ctx.needs_input_grad
         dx = None
         if need[0]:

@@ -259,13 +259,10 @@ class _TritonPooledILM(torch.autograd.Function):
             x = x.contiguous()
         m_c, v_c = moments(x)
         p = [t.to(torch.float32) if t is not None else None for t in (weight, bias, w1, w2, w3)]
-        a, d, aux = fast_torch.pooled_coefficients(m_c, v_c, *p, groups, k, eps)
-        mg, mu, gamma, rstd, omega, saved = aux
-        big_m = fast_torch.up(mg, a.shape[1])
-        beta = d + big_m * a  # = up(D_mu) + B_beta
-        y = apply(x, big_m, a, beta, out_dtype)
+        a, _d, beta, aux = fast_torch.pooled_coefficients(m_c, v_c, *p, groups, k, eps)
+        y = apply(x, aux[0][:, 0], a, beta, out_dtype)  # aux[0][:, 0]: M, the norm-group mean
         ctx.spec = spec
-        ctx.save_for_backward(x, weight, bias, w1, w2, w3, m_c, a, mg, mu, gamma, rstd, omega, *saved)
+        ctx.save_for_backward(x, weight, bias, w1, w2, w3, a, *aux)  # as fast_torch.PooledILM
         return y
 
     @staticmethod
@@ -280,13 +277,13 @@ class _TritonPooledILM(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, dy):
-        x, _weight, _bias, _w1, _w2, _w3, m_c, a, mg, *_ = ctx.saved_tensors
+        x, _weight, _bias, _w1, _w2, _w3, a, up_means, *_ = ctx.saved_tensors
         if fast_torch.pooled_view_strides(dy) is None:
             dy = dy.contiguous()
-        big_m = fast_torch.up(mg, a.shape[1])
+        big_m = up_means[:, 0]
         s0, s1 = bwd_sums(dy, x, big_m)
         e, f, grads = fast_torch.pooled_small_backward(ctx, s0, s1)
-        dx = bwd_apply(dy, x, big_m, a, e, f + e * (big_m - m_c)) if ctx.needs_input_grad[0] else None
+        dx = bwd_apply(dy, x, big_m, a, e, f) if ctx.needs_input_grad[0] else None
         return (dx, *grads, None)
 
 
