@@ -6,7 +6,10 @@ For each architecture (random weights, fixed seed) the sweep records, as one JSO
   class), how many were converted and which were skipped and why, BatchNorm and other norm-like
   modules (RmsNorm, EvoNorm, ...) that ILM does not take over, parameter increase %;
 - the relative output difference against the unconverted network on a random batch of 2 at a
-  small valid input size, in float64 (float32 when the network cannot run in float64);
+  small valid input size, in float64 (float32 when the network cannot run in float64); all-zero
+  weights of linears, convolutions and BatchNorms (zero-initialized heads and residual branches) are
+  re-initialized first, and the check counts as *vacuous*, a failure, when every original output is
+  0 or noise on the norms' outputs moves the outputs by no more than the tolerance;
 - whether a train-mode forward + backward works and every ILM parameter that takes part in the
   forward gets a finite gradient;
 - whether ``ilmconvert.save`` -> ``ilmconvert.load`` reproduces the (float32) outputs bit for bit;
@@ -34,7 +37,8 @@ say have one; otherwise the census on the meta device decides, ``no_gn_ln``). Th
 first on the meta device; where it finds no norm -> activation pair the architecture is recorded as
 ``no_pair`` with every norm's reason. Otherwise the same checks as for ILM run on the PN-Act layers,
 and the record adds the activations taken over and the skip reasons by category (``skip_reasons``).
-``--summarize`` appends a Proxy Norm section when ``--proxy-results`` exists.
+``--summarize`` appends a Proxy Norm section when ``--proxy-results`` exists, and keeps what follows
+the hand-written marker line of the Markdown file (``benchmarks/zoo/report.py``, ``HAND_WRITTEN``).
 
 Usage::
 
@@ -86,7 +90,8 @@ def main() -> None:
     )
     p.add_argument(
         "--summarize", metavar="MD",
-        help="write the Markdown summary of --out (ILM), and of --proxy-results where it exists, to MD and exit",
+        help="write the Markdown summary of --out (ILM), and of --proxy-results where it exists, to MD and exit "
+        "(keeping MD's hand-written part after its marker line)",
     )
     p.add_argument(
         "--proxy-results", metavar="JSONL", default=OUT_DEFAULT["proxy"],
@@ -103,10 +108,14 @@ def main() -> None:
         import timm
         import torchvision
 
-        summarize(
-            Path(args.out), Path(args.summarize), len(timm.list_models()), len(torchvision.models.list_models()),
-            proxy=Path(args.proxy_results),
-        )
+        try:
+            summarize(
+                Path(args.out), Path(args.summarize), len(timm.list_models()), len(torchvision.models.list_models()),
+                proxy=Path(args.proxy_results),
+            )
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)  # one line, nothing written
+            raise SystemExit(2) from None
     else:
         sweep(args)
 

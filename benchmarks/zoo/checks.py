@@ -5,8 +5,11 @@ torchvision architecture, ``tests/test_zoo_subset.py`` on a fast subset, and
 ``benchmarks/proxy_batchnorm_sweep.py`` uses the round trip and the batch-independence check:
 
 - :func:`randomize_norm_affines` (``w ~ N(1, 0.5)``, ``b ~ N(0, 0.5)``: preservation is not
-  ``1 * x + 0``) and :func:`reinit_zero_linears` (a zero-initialized head makes every output 0);
+  ``1 * x + 0``) and :func:`reinit_zero_weights` (a zero-initialized head makes every output 0, a
+  zero-initialized residual branch hides the norms in it);
 - :func:`check_preservation`: ``max |after - before| / max |before|`` over every floating-point output;
+- :func:`norm_sensitivity`: how much the outputs move when the norms' outputs do (a preservation
+  check within a tolerance at or above it is vacuous: see ``benchmarks/zoo/record.py``'s verdict);
 - :func:`check_backward`: one train-mode forward + backward, and which ILM (PN-Act) layers get a
   finite gradient;
 - :func:`check_save_load`: ``ilmconvert.save`` -> ``ilmconvert.load`` gives bit-identical float32 outputs;
@@ -30,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -128,13 +132,33 @@ def randomize_norm_affines(
                     fill(p, 0.0)
 
 
-def reinit_zero_linears(model: nn.Module) -> None:
-    """Give zero-initialized linears (torchvision's ViT classifier) N(0, 0.02) weights from torch's
-    global generator, so that outputs depend on the network and comparing them means something."""
+def reinit_zero_weights(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear, _ConvNd, _BatchNorm)) -> list[str]:
+    """Re-initialize the all-zero weights of ``model``'s modules of ``kinds`` so that its outputs depend
+    on the network and on every norm in it, and comparing them means something; returns the names of
+    the modules changed.
+
+    Zero initializations met in the zoo: classifier heads (torchvision's ViT, timm's MLP-Mixer, gMLP,
+    Sequencer, Hiera: every output is 0) and the last layer of a residual branch (the 1x1 convolution
+    closing timm's global-context block, the BatchNorm closing SHViT's attention: the instance norms
+    in that branch do not reach the output). Linear and convolution weights get ``N(0, 0.02)`` from
+    torch's global generator, BatchNorm weights 1; biases and nonzero weights are left alone.
+    """
+    changed = []
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and not m.weight.any():
-                m.weight.normal_(0, 0.02)
+        for name, m in model.named_modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, kinds) and isinstance(w, torch.Tensor) and not w.any():
+                if isinstance(m, _BatchNorm):
+                    w.fill_(1.0)
+                else:
+                    w.normal_(0, 0.02)
+                changed.append(name)
+    return changed
+
+
+def reinit_zero_linears(model: nn.Module) -> list[str]:
+    """:func:`reinit_zero_weights` of the linears alone (torchvision's ViT classifier)."""
+    return reinit_zero_weights(model, (nn.Linear,))
 
 
 class no_init:
@@ -237,13 +261,51 @@ class Preservation:
     max_abs_diff: float
     rel_diff: float
     finite: bool  #: every output of the converted network is finite
+    #: every original output is 0 (a zero-initialized head): the comparison proves nothing
+    reference_zero: bool = False
 
 
 def check_preservation(model: nn.Module, args: tuple, before: list[torch.Tensor], task: str = "image") -> Preservation:
     """``model``'s outputs on ``args`` against ``before`` (:func:`forward_outputs` of the original)."""
     after = forward_outputs(model, args, task)
     max_abs, rel = output_difference(before, after)
-    return Preservation(max_abs, rel, all(bool(torch.isfinite(a).all()) for a in after))
+    zero = not any(bool(b.any()) for b in before)
+    return Preservation(max_abs, rel, all(bool(torch.isfinite(a).all()) for a in after), zero)
+
+
+def norm_sensitivity(
+    model: nn.Module,
+    args: tuple,
+    before: list[torch.Tensor],
+    task: str = "image",
+    types: tuple[type, ...] = INSTANCE_NORMS,
+    noise: float = 0.1,
+    seed: int = 2,
+) -> float:
+    """How much the outputs of the unconverted ``model`` move when the norms' outputs do.
+
+    Adds ``noise * N(0, 1)`` (seeded, drawn in float64 on the CPU) to the output of every module of
+    ``types`` and returns :func:`output_difference`'s relative difference to ``before`` (the outputs
+    without the noise); 0 when every ``before`` is 0. A preservation check whose tolerance is at or
+    above this figure cannot tell a converted norm from a broken one: the norms do not reach the
+    outputs (a zero-initialized head or residual branch). ``model`` is left unchanged.
+    """
+    if not any(bool(b.any()) for b in before):
+        return 0.0
+    g = torch.Generator().manual_seed(seed)
+
+    def perturb(mod, inp, out):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            return out + noise * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+        return None
+
+    hooks = [m.register_forward_hook(perturb) for m in model.modules() if isinstance(m, types)]
+    try:
+        moved = forward_outputs(model, args, task)
+    finally:
+        for h in hooks:
+            h.remove()
+    return output_difference(before, moved)[1]
 
 
 @dataclass

@@ -142,6 +142,8 @@ def _run_checks(rec: dict, clock: _StageClock, device: str, max_gb: float, extra
     # ---- build a real network at the smallest input size that runs (float64 when possible)
     clock.enter("build")
     model, args, before = _build_and_probe(library, name, task, device, float32_only, rec)
+    # how far noise on the norms' outputs moves the outputs: a tolerance at or above it proves nothing
+    rec["norm_sensitivity"] = checks.norm_sensitivity(model, args, before, task)
     original = copy.deepcopy(model).float() if extras else None
 
     # ---- convert (timed), preservation
@@ -150,6 +152,7 @@ def _run_checks(rec: dict, clock: _StageClock, device: str, max_gb: float, extra
     clock.enter("preservation")
     kept = checks.check_preservation(model, args, before, task)
     rec["max_abs_diff"], rec["rel_diff"], rec["finite"] = kept.max_abs_diff, kept.rel_diff, kept.finite
+    rec["reference_zero"] = kept.reference_zero
 
     # ---- forward + backward in train mode
     clock.enter("backward")
@@ -239,6 +242,9 @@ def _build_for_probe(spec: str, kwargs: dict, device: str, float32_only: bool, r
     model = checks.build(spec, kwargs).to(device).eval()
     rec["build_s"] = time.perf_counter() - t0
     checks.randomize_norm_affines(model)  # preservation is not 1 * x + 0
+    # zero-initialized heads / residual branches: the same re-initialized network is converted in
+    # place after its outputs are taken, so the original and the converted one share these weights
+    rec["reinit_zero"] = checks.reinit_zero_weights(model)
     dtype = torch.float32 if float32_only else torch.float64
     try:
         model.to(dtype)
@@ -264,12 +270,22 @@ def _probe_forward(model, task: str, shape: tuple[int, ...], dtype, device: str,
 
 def verdict(rec: dict) -> None:
     """``status`` ok / fail from the checks in ``rec``, and the reason for a failure: rel. diff
-    <= 1e-10 in float64 (1e-4 in float32), finite outputs, train step, exact save -> load."""
+    <= 1e-10 in float64 (1e-4 in float32), finite outputs, train step, exact save -> load. A
+    preservation check is *vacuous* (``rec["vacuous"]``, a failure) when every original output is 0
+    or noise on the norms' outputs moves the outputs by no more than that tolerance
+    (``norm_sensitivity``): it would pass whatever the conversion did."""
     ok = rec["finite"] and rec["backward_ok"] and rec["save_load_exact"]
     limit = 1e-10 if rec["dtype"] == "float64" else 1e-4
-    rec["preserved"] = rec["rel_diff"] <= limit
+    sensitivity = rec.get("norm_sensitivity", float("inf"))
+    rec["vacuous"] = bool(rec.get("reference_zero")) or sensitivity <= limit
+    rec["preserved"] = rec["rel_diff"] <= limit and not rec["vacuous"]
     rec["status"] = "ok" if ok and rec["preserved"] else "fail"
-    if not rec["preserved"]:
+    if rec["vacuous"]:
+        rec["fail_reason"] = "vacuous preservation check: " + (
+            "every original output is 0" if rec.get("reference_zero")
+            else f"noise on the norms' outputs moves the outputs by {sensitivity:.1e} <= {limit:g} ({rec['dtype']})"
+        )
+    elif not rec["preserved"]:
         rec["fail_reason"] = f"relative output difference {rec['rel_diff']:.2e} > {limit:g} ({rec['dtype']})"
     elif not ok:
         rec["fail_reason"] = (

@@ -4,7 +4,8 @@
 totals, norm classes met, skipped norms, per-family figures, every failure, the meta-only networks,
 the compile / fx / export subset, the slowest conversions and how the last run ran (from the
 ``.run.json`` next to the records, :func:`run_info_path`); then a Proxy Norm section from the Proxy
-Norm sweep's records when that file exists. Reads JSON only: no network is built.
+Norm sweep's records when that file exists. Reads JSON only: no network is built. What follows the
+:data:`HAND_WRITTEN` line of the Markdown file is kept as it is.
 """
 
 from __future__ import annotations
@@ -19,11 +20,28 @@ def run_info_path(jsonl: Path) -> Path:
     return jsonl.with_suffix(".run.json")
 
 
+#: The line after which ``md`` is hand-written: :func:`summarize` rewrites what is above it only.
+HAND_WRITTEN = "<!-- Hand-written below this line: `zoo_sweep.py --summarize` keeps it as it is. -->"
+
+
 def summarize(
     jsonl: Path, md: Path, total_timm: int | None = None, total_tv: int | None = None, proxy: Path | None = None
 ) -> None:
     """Write the Markdown summary of the ILM sweep ``jsonl`` to ``md``, followed by a Proxy Norm
-    section when the ``proxy`` sweep's file exists (without it the output is the ILM summary alone)."""
+    section when the ``proxy`` sweep's file exists (without it the output is the ILM summary alone).
+
+    Everything in an existing ``md`` from the :data:`HAND_WRITTEN` line on is kept after the summary;
+    a new ``md`` ends with that line. Raises ``ValueError`` (before writing anything) when ``md``
+    exists without it: the whole file would be overwritten. Written to a temporary file, then renamed.
+    """
+    tail = [HAND_WRITTEN, ""]
+    if md.exists():
+        old = md.read_text().splitlines()
+        if HAND_WRITTEN not in old:
+            raise ValueError(
+                f"{md} has no line {HAND_WRITTEN!r}: put it above its hand-written part, or write to a new file"
+            )
+        tail = old[old.index(HAND_WRITTEN):]
     rows = load_records(jsonl)
     with_norm = [r for r in rows if r["status"] not in ("no_instance_norm",)]
     by_lib = _grouped(rows, lambda r: r["library"])
@@ -39,9 +57,11 @@ def summarize(
     lines += _last_run_lines(jsonl)
     if proxy is not None and proxy.exists():
         lines += _proxy_lines(proxy)
-    lines.append("")
+    lines += ["", *tail]
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines) + "\n")
+    tmp = md.with_name(md.name + ".tmp")
+    tmp.write_text("\n".join(lines).rstrip("\n") + "\n")
+    tmp.replace(md)
 
 
 def _grouped(rows: list[dict], key) -> dict:
@@ -102,6 +122,7 @@ def _totals_lines(by_lib: dict, total_timm: int | None, total_tv: int | None) ->
         )
     lines.append("")
     lines += _ok_share_lines(by_lib, "no_instance_norm", "swept architectures with an instance-level norm")
+    lines += _sensitivity_lines([r for rs in by_lib.values() for r in rs])
     if total_timm:
         lines.append(f"- timm registers {total_timm} architectures; {len(by_lib.get('timm', []))} were swept so far.")
     if total_tv:
@@ -124,6 +145,22 @@ def _ok_share_lines(by_lib: dict, left_out: str, what: str) -> list[str]:
                 "preserve, train and round-trip."
             )
     return lines
+
+
+def _sensitivity_lines(rows: list[dict]) -> list[str]:
+    """How many numerical checks carry the vacuity guard (``norm_sensitivity``), and its lowest value."""
+    checked = [r for r in rows if "rel_diff" in r]
+    guarded = [r for r in checked if "norm_sensitivity" in r]
+    if not guarded:
+        return []
+    low = min(guarded, key=lambda r: r["norm_sensitivity"])
+    return [
+        f"- Vacuity guard (noise of 0.1 on every norm's output must move the outputs by more than the "
+        f"tolerance; every original output 0 fails): recorded for {len(guarded)} of the {len(checked)} "
+        f"numerically checked architectures (the others were swept before it); lowest "
+        f"{low['norm_sensitivity']:.1e} ({low['library']}:{low['name']}), "
+        f"{sum(bool(r.get('vacuous')) for r in guarded)} vacuous.",
+    ]
 
 
 def _coverage_lines() -> list[str]:
@@ -411,6 +448,7 @@ def _proxy_preservation_lines(paired: list[dict]) -> list[str]:
                 f"- Worst rel. diff in {dtype} over {len(checked)} architectures: {worst['rel_diff']:.1e} "
                 f"({worst['library']}:{worst['name']})."
             )
+    lines += _sensitivity_lines(paired)
     acts = Counter()
     for r in paired:
         acts.update(r.get("activations", {}))
