@@ -186,3 +186,22 @@ def test_swap_builds_a_network_from_a_spec():
     assert result.why_changed == "BatchNorm was converted" and len(result.report.converted) == 20
     with pytest.raises(TypeError, match="apply to a model spec"):
         ilmconvert.swap(_net(nn.GroupNorm), num_classes=3)
+
+
+def test_the_cli_swap_fails_with_exit_code_1_and_writes_nothing_when_the_check_fails(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ilmconvert import check, swapping
+    from ilmconvert.cli import app
+
+    def off_by_half(model, convert_fn, x=None):  # a defect stand-in: the outputs moved by half their scale
+        report, diff = check.check_conversion(model, convert_fn, x)
+        return report, check.OutputDifference(diff.max_abs + 1.0, 0.5, diff.shape, diff.dtype, True)
+
+    monkeypatch.setattr(swapping, "check_conversion", off_by_half)
+    out = tmp_path / "ck"
+    result = CliRunner().invoke(app, ["swap", "convnext_atto", "--no-pretrained", "-q", "--out", str(out)])
+    assert result.exit_code == 1
+    assert "FAIL preservation check on a random batch 2x3x224x224 (float32)" in result.output
+    assert "relative = 0.5 (target <= 1e-4)" in result.output
+    assert not out.exists() or not any(out.iterdir())
