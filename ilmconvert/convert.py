@@ -37,7 +37,7 @@ from .methods import (  # noqa: F401  (the mapping API, re-exported where it use
 )
 from .nn import ILMNorm
 from .nn.core import INITS
-from .nn.from_norm import NoActivationError, UnsupportedNormError, factory_kwargs
+from .nn.from_norm import NoActivationError, UnsupportedNormError, describe_replacement, factory_kwargs
 
 if TYPE_CHECKING:
     from .pairing import Unshared
@@ -271,13 +271,9 @@ def swap_module(
 
 
 def _row_fields(new: nn.Module) -> dict[str, Any]:
-    """The replacement's report row fields: its ``describe()``; for a torch norm without one (the
-    plain ``nn.GroupNorm`` of an adapter's fallback) C and G, and zeros."""
-    if callable(getattr(new, "describe", None)):
-        return new.describe()
-    channels = getattr(new, "num_channels", 0)
-    return {"channels": channels, "norm_groups": getattr(new, "num_groups", 0), "key_group_size": 0,
-            "num_key_groups": 0, "embedding_size": 0}
+    """The replacement's report row fields: its ``describe()``, or, for a class without one (the
+    plain ``nn.GroupNorm`` of an adapter's fallback, a user's target), what its attributes say."""
+    return new.describe() if callable(getattr(new, "describe", None)) else describe_replacement(new)
 
 
 @dataclass

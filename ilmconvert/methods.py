@@ -161,7 +161,10 @@ def get_method(name: str) -> Method:
         ValueError: no such method (the message lists the registered ones).
     """
     if name not in _METHODS:
-        raise ValueError(f"method must be one of {', '.join(_METHODS)}; got {name!r}")
+        raise ValueError(
+            f"method must be one of {', '.join(_METHODS)}; got {name!r} (a method of your own: "
+            "ilmconvert.methods.add_method it first)"
+        )
     return _METHODS[name]
 
 

@@ -187,18 +187,25 @@ class FromNorm:
         return layer
 
     def describe(self) -> dict[str, Any]:
-        """The report row fields of this replacement (:class:`ilmconvert.convert.ConvertedModule`):
-        ``channels`` (C), ``norm_groups`` (G), ILM's ``key_group_size`` / ``num_key_groups`` /
-        ``embedding_size`` (K, N, M; 0 without ILM) and ``key_group_size_adjusted``, and the
-        ``activation`` a Proxy Norm target normalizes ("" without)."""
-        k = getattr(self, "key_group_size", 0)
-        act = getattr(self, "act", None) if self.takes_activation else None
-        return {
-            "channels": self.num_channels,
-            "norm_groups": self.num_norm_groups,
-            "key_group_size": k,
-            "num_key_groups": getattr(self, "num_key_groups", 0),
-            "embedding_size": getattr(self, "embedding_size", 0),
-            "key_group_size_adjusted": k != getattr(self, "requested_key_group_size", k),
-            "activation": type(act).__name__ if act is not None else "",
-        }
+        """The report row fields of this replacement (:func:`describe_replacement`); a target
+        with more to say overrides it."""
+        return describe_replacement(self)
+
+
+def describe_replacement(module: nn.Module) -> dict[str, Any]:
+    """The report row fields of a replacement (:class:`ilmconvert.convert.ConvertedModule`), read
+    from its attributes: ``channels`` (C, ``num_channels``), ``norm_groups`` (G, ``num_norm_groups``
+    or a torch GroupNorm's ``num_groups``), ILM's ``key_group_size`` / ``num_key_groups`` /
+    ``embedding_size`` (K, N, M; 0 without ILM) and ``key_group_size_adjusted`` (K is not the
+    requested one), and the ``activation`` a target that takes one over normalizes ("" without)."""
+    k = getattr(module, "key_group_size", 0)
+    act = getattr(module, "act", None) if getattr(module, "takes_activation", False) else None
+    return {
+        "channels": getattr(module, "num_channels", 0),
+        "norm_groups": getattr(module, "num_norm_groups", getattr(module, "num_groups", 0)),
+        "key_group_size": k,
+        "num_key_groups": getattr(module, "num_key_groups", 0),
+        "embedding_size": getattr(module, "embedding_size", 0),
+        "key_group_size_adjusted": k != getattr(module, "requested_key_group_size", k),
+        "activation": type(act).__name__ if act is not None else "",
+    }
