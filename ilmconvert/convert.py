@@ -6,14 +6,15 @@ the network and plans every replacement, :func:`swap_module` builds one, and not
 until every replacement is built, so a failure leaves the network untouched (docs/design.md §3).
 The walker knows nothing about particular norms. Classes that merely subclass ``nn.GroupNorm`` /
 ``nn.LayerNorm`` / ``_InstanceNorm`` may override ``forward`` with other semantics, so they are
-skipped and reported, never guessed at; add them to a mapping to convert them. The second method,
-Proxy Norm (``method="proxy"``, docs/design.md §8), is another mapping for the same walker.
+skipped and reported, never guessed at; add them to a mapping to convert them. Each method (ILM
+Norm, Proxy Norm, ...; :mod:`ilmconvert.methods`) is another mapping for the same walker, which
+never branches on a method's name.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,202 +22,31 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from . import methods
 from .errors import IlmconvertError
-from .nn import (
-    ILMGroupNorm,
-    ILMGroupNormAct,
-    ILMInstanceNorm,
-    ILMLayerNorm,
-    ILMLayerNormAct,
-    ILMLayerNormActFp32,
-    ILMLayerNormFp32,
-    ILMNorm,
-    ILMProxyGroupNormAct,
-    ProxyGroupNormAct,
-    ProxyLayerNormAct,
-    ProxyNormAct,
-    UnsupportedNormError,
+from .methods import (  # noqa: F401  (the mapping API, re-exported where it used to live)
+    ADAPTER_KINDS,
+    NORM_KINDS,
+    ConversionMapping,
+    Method,
+    NormAdapter,
+    default_mapping,
+    ilm_proxy_mapping,
+    proxy_mapping,
+    register,
 )
+from .nn import ILMNorm
 from .nn.core import INITS
-from .nn.layers import factory_kwargs
+from .nn.from_norm import NoActivationError, UnsupportedNormError, describe_replacement, factory_kwargs
 
 if TYPE_CHECKING:
     from .pairing import Unshared
 
-#: Norm kinds a user can select (``norms=``), with their long names.
-NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "LayerNorm"}
-#: Adapter kinds: the selectable norm kinds and ``"bn"`` (BatchNorm, opt-in, function-changing).
-ADAPTER_KINDS: tuple[str, ...] = (*NORM_KINDS, "bn")
 BATCHNORM_MODES: tuple[str, ...] = ("gn",)
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: Conversion methods: ILM Norm (the default), Proxy Norm (GN / LN + PN-Act, docs/design.md §8) and
-#: ``none``, the unconverted baseline (nothing is replaced; only the report is attached).
-METHODS: tuple[str, ...] = ("ilm", "proxy", "ilm+proxy", "none")
 
 
 class ConversionError(IlmconvertError):
     """The conversion cannot proceed (bad settings, or nothing to convert)."""
-
-
-@dataclass(frozen=True)
-class NormAdapter:
-    """How to convert one exact source class.
-
-    Attributes:
-        kind: ``"gn"``, ``"in"``, ``"ln"`` or ``"bn"`` (BatchNorm, opt-in, function-changing);
-            selects the adapter through ``convert(norms=..., batchnorm=...)``.
-        target: the replacement class; ``target.from_norm(module, init=, key_group_size=,
-            reduction=, **layout)`` builds the replacement (see :class:`ilmconvert.nn.ILMGroupNorm`).
-        layout: extra keyword arguments for ``from_norm`` (e.g. ``channels_first=True``).
-        needs_activation: the source is a plain norm and the target also takes over the activation
-            module that follows it (Proxy Norm); :func:`convert` pairs them with
-            :func:`ilmconvert.pairing.find_activation_pairs`, passes the activation to ``from_norm``
-            as ``act_layer`` and puts an ``nn.Identity`` where the activation was.
-
-    Raises:
-        ValueError: for an unknown ``kind``, or a ``target`` without ``from_norm``.
-    """
-
-    kind: str
-    target: type[nn.Module]
-    layout: Mapping[str, Any] = field(default_factory=dict)
-    needs_activation: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in ADAPTER_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(ADAPTER_KINDS)}; got {self.kind!r}")
-        if not callable(getattr(self.target, "from_norm", None)):
-            raise ValueError(f"target {self.target!r} has no from_norm(module, ...) classmethod")
-
-    @property
-    def function_changing(self) -> bool:
-        return self.kind == "bn"
-
-
-#: A conversion mapping: exact source class -> adapter (what ``convert(mapping=...)`` takes).
-ConversionMapping = Mapping[type[nn.Module], NormAdapter]
-
-_DEFAULT_MAPPING: dict[type[nn.Module], NormAdapter] = {}
-
-
-def _built_in_mapping() -> dict[type[nn.Module], NormAdapter]:
-    """torch's, timm's and torchvision's GN / IN / LN classes (and BatchNorm, opt-in)."""
-    from timm.layers import norm as timm_norm
-    from timm.layers import norm_act as timm_norm_act
-    from timm.models import metaformer as timm_metaformer
-    from torchvision.models import convnext as tv_convnext
-
-    first = {"channels_first": True}
-    entries: list[tuple[type[nn.Module], str, type[ILMNorm], dict[str, Any]]] = [
-        (nn.GroupNorm, "gn", ILMGroupNorm, {}),
-        (nn.InstanceNorm1d, "in", ILMInstanceNorm, {}),
-        (nn.InstanceNorm2d, "in", ILMInstanceNorm, {}),
-        (nn.InstanceNorm3d, "in", ILMInstanceNorm, {}),
-        (nn.LayerNorm, "ln", ILMLayerNorm, {}),
-        (nn.BatchNorm1d, "bn", ILMGroupNorm, {}),
-        (nn.BatchNorm2d, "bn", ILMGroupNorm, {}),
-        (nn.BatchNorm3d, "bn", ILMGroupNorm, {}),
-        (timm_norm.GroupNorm, "gn", ILMGroupNorm, {}),
-        (timm_norm.GroupNorm1, "gn", ILMGroupNorm, {}),
-        (timm_norm.LayerNorm, "ln", ILMLayerNorm, {}),
-        (timm_norm.LayerNorm2d, "ln", ILMLayerNorm, first),
-        (timm_norm_act.GroupNormAct, "gn", ILMGroupNormAct, {}),
-        (timm_norm_act.GroupNorm1Act, "gn", ILMGroupNormAct, {}),
-        (timm_norm_act.LayerNormAct, "ln", ILMLayerNormAct, {}),
-        (timm_norm_act.LayerNormAct2d, "ln", ILMLayerNormAct, first),
-        (timm_norm_act.BatchNormAct2d, "bn", ILMGroupNormAct, {}),
-        # timm's *Fp32 norms: statistics, standardization and affine in float32, output in x.dtype
-        (timm_norm.LayerNormFp32, "ln", ILMLayerNormFp32, {}),
-        (timm_norm.LayerNorm2dFp32, "ln", ILMLayerNormFp32, first),
-        (timm_norm_act.LayerNormActFp32, "ln", ILMLayerNormActFp32, {}),
-        (timm_norm_act.LayerNormAct2dFp32, "ln", ILMLayerNormActFp32, first),
-        # metaformer (PoolFormer v2, ConvFormer, CAFormer): weight but no bias (``self.bias = None``),
-        # eps set as an attribute; B_beta is then absent and beta = D_mu (0 at preserve init)
-        (timm_metaformer.GroupNorm1NoBias, "gn", ILMGroupNorm, {}),
-        (timm_metaformer.LayerNorm2dNoBias, "ln", ILMLayerNorm, first),
-        (timm_metaformer.LayerNormNoBias, "ln", ILMLayerNorm, {}),
-        (tv_convnext.LayerNorm2d, "ln", ILMLayerNorm, first),
-    ]
-    return {source: NormAdapter(kind, target, dict(layout)) for source, kind, target, layout in entries}
-
-
-def _default() -> dict[type[nn.Module], NormAdapter]:
-    """The process-wide default mapping, built on first use (it imports timm and torchvision)."""
-    if not _DEFAULT_MAPPING:
-        _DEFAULT_MAPPING.update(_built_in_mapping())
-    return _DEFAULT_MAPPING
-
-
-def default_mapping() -> dict[type[nn.Module], NormAdapter]:
-    """A fresh copy of the default conversion mapping (as ``get_default_qat_module_mappings()``).
-
-    Change the copy and pass it to :func:`convert` to convert other classes, or fewer, without
-    touching global state::
-
-        mapping = ilmconvert.default_mapping()
-        mapping[MyGroupNorm] = NormAdapter("gn", ILMGroupNorm)
-        del mapping[torch.nn.LayerNorm]
-        ilmconvert.convert(model, mapping)
-
-    Returns:
-        ``{exact source class: NormAdapter}``, including what :func:`register` added.
-    """
-    return dict(_default())
-
-
-def proxy_mapping() -> dict[type[nn.Module], NormAdapter]:
-    """A fresh copy of the Proxy Norm mapping (``convert(method="proxy")``): norm + activation pairs
-    become standardization + :class:`~ilmconvert.nn.ProxyNormAct`.
-
-    timm's ``GroupNormAct`` / ``GroupNorm1Act`` -> :class:`~ilmconvert.nn.ProxyGroupNormAct`,
-    ``LayerNormAct`` / ``LayerNormAct2d`` -> :class:`~ilmconvert.nn.ProxyLayerNormAct` (they carry
-    their activation); plain GroupNorm / LayerNorm modules of torch and timm where ``torch.fx``
-    pairs them with the activation module after them (``needs_activation``); and (opt-in,
-    function-changing) ``BatchNormAct2d`` and ``BatchNorm1d/2d/3d`` -> GN + PN, or plain GN where
-    no activation follows.
-    """
-    from timm.layers import norm as timm_norm
-    from timm.layers import norm_act as timm_norm_act
-
-    first = {"channels_first": True}
-    return {
-        timm_norm_act.GroupNormAct: NormAdapter("gn", ProxyGroupNormAct),
-        timm_norm_act.GroupNorm1Act: NormAdapter("gn", ProxyGroupNormAct),
-        timm_norm_act.LayerNormAct: NormAdapter("ln", ProxyLayerNormAct),
-        timm_norm_act.LayerNormAct2d: NormAdapter("ln", ProxyLayerNormAct, first),
-        timm_norm_act.BatchNormAct2d: NormAdapter("bn", ProxyGroupNormAct),
-        nn.GroupNorm: NormAdapter("gn", ProxyGroupNormAct, needs_activation=True),
-        timm_norm.GroupNorm: NormAdapter("gn", ProxyGroupNormAct, needs_activation=True),
-        timm_norm.GroupNorm1: NormAdapter("gn", ProxyGroupNormAct, needs_activation=True),
-        nn.LayerNorm: NormAdapter("ln", ProxyLayerNormAct, needs_activation=True),
-        timm_norm.LayerNorm: NormAdapter("ln", ProxyLayerNormAct, needs_activation=True),
-        timm_norm.LayerNorm2d: NormAdapter("ln", ProxyLayerNormAct, first, needs_activation=True),
-        **{bn: NormAdapter("bn", ProxyGroupNormAct, needs_activation=True) for bn in _BATCHNORMS},
-    }
-
-
-def ilm_proxy_mapping() -> dict[type[nn.Module], NormAdapter]:
-    """A fresh copy of the ILM + Proxy Norm mapping (``convert(method="ilm+proxy")``): the GroupNorm
-    (and opt-in BatchNorm) entries of :func:`proxy_mapping`, each becoming
-    :class:`~ilmconvert.nn.ILMProxyGroupNormAct` (ILM's per-instance omega, beta feed PN-Act;
-    docs/design.md §8). LayerNorms are left alone: their instance is a token."""
-    return {
-        source: NormAdapter(adapter.kind, ILMProxyGroupNormAct, dict(adapter.layout), adapter.needs_activation)
-        for source, adapter in proxy_mapping().items()
-        if adapter.target is ProxyGroupNormAct
-    }
-
-
-def register(source: type[nn.Module], kind: str, target: type[nn.Module], **layout: Any) -> None:
-    """Add ``source`` (matched by exact type) to the process-wide default mapping.
-
-    A convenience over :func:`default_mapping` for code that converts with the default mapping
-    everywhere (checkpoints written by :func:`ilmconvert.save` are rebuilt with it on load).
-
-    Raises:
-        ValueError: for an unknown ``kind`` or a ``target`` without ``from_norm``.
-    """
-    _default()[source] = NormAdapter(kind, target, dict(layout))
 
 
 @dataclass
@@ -327,19 +157,12 @@ def _is_norm_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, _BatchNorm))
 
 
-#: What the Proxy Norm methods take over, for the skip reason of the other norms.
-_COUNTERPARTS = {
-    "proxy": "Proxy Norm counterpart (GroupNorm / LayerNorm / BatchNorm + activation)",
-    "ilm+proxy": "ILM + Proxy Norm counterpart (GroupNorm / BatchNorm + activation; a LayerNorm instance is one token)",
-}
-
-
 def _skip_reason(
-    adapter: NormAdapter | None, module: nn.Module, norms: tuple[str, ...], batchnorm: str | None, method: str
+    adapter: NormAdapter | None, module: nn.Module, norms: tuple[str, ...], batchnorm: str | None, method: Method
 ) -> str | None:
     """Why a norm-like module is not converted, or None when it is selected."""
-    if adapter is None and method in _COUNTERPARTS and type(module) in _default():
-        return f"{type(module).__name__} has no {_COUNTERPARTS[method]}"
+    if adapter is None and method.counterpart and type(module) in methods.known_sources():
+        return f"{type(module).__name__} has no {method.counterpart}"
     if adapter is None:
         return (
             f"{type(module).__name__} is not in the mapping (a subclass may override forward with other "
@@ -359,22 +182,24 @@ def _skip_reason(
 
 def _check_settings(
     norms: str | Iterable[str], init: str, key_group_size: int, reduction: int, batchnorm: str | None, method: str
-) -> tuple[str, ...]:
-    """Validate :func:`convert`'s settings; returns the selected norm kinds.
+) -> tuple[tuple[str, ...], Method]:
+    """Validate :func:`convert`'s settings; returns the selected norm kinds and the method.
 
     Raises:
         ConversionError: for any setting out of its domain.
     """
     kinds = _normalize_norms(norms)
-    if method not in METHODS:
-        raise ConversionError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    try:
+        spec = methods.get_method(method)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
     if init not in INITS:
         raise ConversionError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     if batchnorm is not None and batchnorm not in BATCHNORM_MODES:
         raise ConversionError(f"batchnorm must be None or one of {', '.join(BATCHNORM_MODES)}; got {batchnorm!r}")
     if key_group_size < 1 or reduction < 1:
         raise ConversionError(f"key_group_size ({key_group_size}) and reduction ({reduction}) must be >= 1")
-    return kinds
+    return kinds, spec
 
 
 _HOOK_DICTS = (
@@ -399,7 +224,8 @@ def swap_module(
     """Build the replacement of one module; ``module`` itself and its parents are not changed.
 
     The replacement comes from ``adapter.target.from_norm(module, init=, key_group_size=,
-    reduction=, **adapter.layout)`` and takes over ``module``'s device and dtype (of its own
+    reduction=, **adapter.layout)`` (or ``adapter.fallback``'s when the target finds no activation
+    to take over), its report row from its ``describe()``, and it takes over ``module``'s device and dtype (of its own
     parameters or buffers), its ``training`` flag and its forward hooks and pre-hooks, as
     ``torch.ao.quantization.quantize.swap_module`` does.
 
@@ -419,9 +245,14 @@ def swap_module(
         Exception: whatever ``from_norm`` raises otherwise.
     """
     extra = {"act_layer": activation} if activation is not None else {}
-    new = adapter.target.from_norm(
-        module, init=init, key_group_size=key_group_size, reduction=reduction, **adapter.layout, **extra
-    )
+    kwargs = {"init": init, "key_group_size": key_group_size, "reduction": reduction}
+    try:
+        new = adapter.construct(module, **kwargs, **extra)
+    except NoActivationError:
+        if adapter.fallback is None:
+            raise
+        adapter = adapter.fallback
+        new = adapter.construct(module, **kwargs)
     new.to(**factory_kwargs(module))
     new.train(module.training)
     for hooks in _HOOK_DICTS:
@@ -432,17 +263,17 @@ def swap_module(
         name=name,
         source=_qualified_class(module),
         target=type(new).__name__,
-        channels=getattr(new, "num_channels", 0),
-        norm_groups=getattr(new, "num_norm_groups", getattr(new, "num_groups", 0)),
-        key_group_size=getattr(new, "key_group_size", 0),
-        num_key_groups=getattr(new, "num_key_groups", 0),
-        embedding_size=getattr(new, "embedding_size", 0),
         params_added=sum(p.numel() for p in new.parameters()) - old_params,
         function_changing=adapter.function_changing,
-        key_group_size_adjusted=isinstance(new, ILMNorm) and new.key_group_size != key_group_size,
-        activation=type(new.act).__name__ if isinstance(new, (ProxyNormAct, ILMProxyGroupNormAct)) else "",
+        **_row_fields(new),
     )
     return new, row
+
+
+def _row_fields(new: nn.Module) -> dict[str, Any]:
+    """The replacement's report row fields: its ``describe()``, or, for a class without one (the
+    plain ``nn.GroupNorm`` of an adapter's fallback, a user's target), what its attributes say."""
+    return new.describe() if callable(getattr(new, "describe", None)) else describe_replacement(new)
 
 
 @dataclass
@@ -498,14 +329,14 @@ def _plan(
     include: Sequence[str] | None,
     exclude: Sequence[str] | None,
     batchnorm: str | None,
-    method: str,
+    method: Method,
     report: ConversionReport,
 ) -> list[_Planned]:
     """Decide, for every norm-like module object, convert or skip; skipped ones go to ``report``.
 
     Adapters that ``needs_activation`` get the activation module that ``torch.fx`` proves to be
     the norm's only consumer (:mod:`ilmconvert.pairing`); a norm without one is skipped with the
-    reason, except an opted-in BatchNorm, which is converted alone.
+    reason, unless its adapter has a ``fallback`` (an opted-in BatchNorm becomes plain GroupNorm).
     """
     pairing = None
     planned = []
@@ -526,7 +357,7 @@ def _plan(
                 pairing = find_activation_pairs(model, tuple(t for t, a in mapping.items() if a.needs_activation))
             activation = pairing.activations.get(id(module))
             unpaired = f"not paired with an activation: {pairing.reasons.get(id(module), 'not found')}"
-            if activation is None and adapter.kind != "bn":
+            if activation is None and adapter.fallback is None:
                 reason = unpaired
         if reason is None:
             act_slots = _slots_of(model, activation) if activation is not None else []
@@ -605,7 +436,7 @@ def convert(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     batchnorm: str | None = None,
-    method: str = "ilm",
+    method: str = methods.DEFAULT,
 ) -> ConversionReport:
     """Replace the instance-level norms of ``model`` by ILM layers (or Proxy Norm), in place.
 
@@ -618,8 +449,8 @@ def convert(
 
     Args:
         model: the network; modified in place.
-        mapping: exact source class -> :class:`NormAdapter`; ``None`` for the method's built-in
-            mapping (:func:`default_mapping` or :func:`proxy_mapping`).
+        mapping: exact source class -> :class:`NormAdapter`; ``None`` for the method's mapping
+            (:func:`ilmconvert.methods.mapping`: built in, plus what :func:`register` added).
         norms: which kinds to convert, from ``"gn"``, ``"in"``, ``"ln"`` (or ``"gn,ln"``).
         init: ``"preserve"`` (same function as the original, docs/design.md §2) or ``"paper"``
             (B_omega = 1, B_beta = 0: the paper's from-scratch initialization).
@@ -631,14 +462,15 @@ def convert(
         batchnorm: ``None`` (BatchNorm is left alone) or ``"gn"``: convert BatchNorm1d/2d/3d and
             timm's BatchNormAct2d to ILM over GroupNorm standardization (32 groups or the largest
             divisor of C not above 32). This changes the function: fine-tune afterwards.
-        method: ``"ilm"`` (ILM Norm) or ``"proxy"``: Proxy Norm, timm's norm + activation modules
-            become standardization + PN-Act (``init="preserve"`` adds the output affine that keeps
-            the function; ``"paper"`` is the authors' layer). ``"ilm+proxy"``: GroupNorm (and
-            opt-in BatchNorm) + activation pairs become ILM on GN whose per-instance omega, beta
-            drive PN-Act (:class:`~ilmconvert.nn.ILMProxyGroupNormAct`). Selects the built-in
-            mapping when ``mapping`` is None. ``"none"``: the unconverted baseline; nothing is replaced, the
-            (empty) report is attached all the same, so that the network as built saves, loads and
-            fine-tunes through the same code as a converted one (``finetune --method none``).
+        method: a method of the registry (:mod:`ilmconvert.methods`): ``ilm`` (ILM Norm, the
+            default); ``proxy``: Proxy Norm, norm + activation pairs become standardization +
+            PN-Act (``init="preserve"`` adds the output affine that keeps the function; ``"paper"``
+            is the authors' layer); ``ilm+proxy``: GroupNorm (and opt-in BatchNorm) + activation
+            pairs become ILM on GN whose per-instance omega, beta drive PN-Act
+            (:class:`~ilmconvert.nn.ILMProxyGroupNormAct`); ``none``: the unconverted baseline,
+            nothing is replaced and the (empty) report is attached all the same, so that the
+            network as built saves, loads and fine-tunes through the same code as a converted one.
+            Selects the method's mapping when ``mapping`` is None.
 
     Returns:
         The :class:`ConversionReport`.
@@ -649,7 +481,7 @@ def convert(
         Exception: whatever building a replacement raises (other than ``UnsupportedNormError``,
             which skips that module); ``model`` is then unchanged.
     """
-    kinds = _check_settings(norms, init, key_group_size, reduction, batchnorm, method)
+    kinds, spec = _check_settings(norms, init, key_group_size, reduction, batchnorm, method)
     settings = {
         "norms": list(kinds),
         "init": init,
@@ -661,15 +493,15 @@ def convert(
         "method": method,
     }
     report = ConversionReport(settings=settings, params_before=_count_parameters(model))
-    if method == "none":
+    if not spec.converts:  # the unconverted baseline: nothing replaced, the report attached all the same
         report.params_after = report.params_before
         model.ilm_conversion = report
         return report
     if mapping is None:
-        mapping = {"ilm": _default, "proxy": proxy_mapping, "ilm+proxy": ilm_proxy_mapping}[method]()
+        mapping = methods.mapping(method)
     unshared = _unshare(model, mapping)
     try:
-        planned = _plan(model, mapping, kinds, include, exclude, batchnorm, method, report)
+        planned = _plan(model, mapping, kinds, include, exclude, batchnorm, spec, report)
         built = _build(planned, report, init, key_group_size, reduction, unshared)
         unshared = _restore_unused(unshared, [item for item, _, _ in built])
         if not built:

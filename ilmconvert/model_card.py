@@ -13,23 +13,25 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from . import methods
+
 #: What ``ORG/NAME`` in a card stands for until :func:`ilmconvert.io.push` names the repository.
 PLACEHOLDER_REPO = "ORG/NAME"
-_METHOD_TAGS = {"ilm": ("ilm-norm",), "proxy": ("proxy-norm",), "ilm+proxy": ("ilm-norm", "proxy-norm")}
-_METHOD_NAMES = {
-    "ilm": "ILM Norm (Instance-Level Meta Normalization; Jia, Chen & Chen, CVPR 2019)",
-    "proxy": "Proxy Norm (Labatie et al., NeurIPS 2021)",
-    "ilm+proxy": "ILM Norm whose per-instance rescaling drives Proxy Norm (an ilmconvert combination, not published)",
-    "none": "no norm conversion (the unconverted baseline)",
-}
+
+
+def _method_of(config: Mapping[str, Any]) -> tuple[str, methods.Method | None]:
+    """The recorded method's name (older checkpoints record none: the default) and its registry
+    entry (None for a method this process does not know)."""
+    name = config["conversion"]["settings"].get("method", methods.DEFAULT)
+    return name, methods.find_method(name)
 
 
 def _front_matter(config: Mapping[str, Any], base_model: str | None) -> str:
     from huggingface_hub import ModelCardData
 
-    method = config["conversion"]["settings"].get("method", "ilm")
+    _, method = _method_of(config)
     library = config["source"]["library"]
-    tags = ["image-classification", *_METHOD_TAGS.get(method, ()), library]
+    tags = ["image-classification", *(method.tags if method else ()), library]
     license_ = (config.get("pretrained_cfg") or {}).get("license")
     data = ModelCardData(
         library_name="ilmconvert",
@@ -46,9 +48,9 @@ def _conversion_lines(config: Mapping[str, Any]) -> list[str]:
     settings = conversion["settings"]
     rows = conversion.get("converted", [])
     counts = Counter((r.get("source", "?").rsplit(".", 1)[-1], r.get("target", "?")) for r in rows)
-    method = settings.get("method", "ilm")
+    name, method = _method_of(config)
     lines = [
-        f"- method: `{method}`, {_METHOD_NAMES.get(method, method)}",
+        f"- method: `{name}`, {method.description if method else name}",
         f"- init: `{settings.get('init', 'preserve')}`"
         + (
             " (the converted network computes what the original did)"
@@ -59,7 +61,7 @@ def _conversion_lines(config: Mapping[str, Any]) -> list[str]:
         + "".join(f"\n  - {n} x `{src}` -> `{dst}`" for (src, dst), n in sorted(counts.items())),
         f"- skipped norm-like modules: {len(conversion.get('skipped', []))}",
     ]
-    if method == "ilm":
+    if method is not None and "K" in method.report_columns:  # ILM's key groups
         lines.append(
             f"- key group size K = {settings.get('key_group_size')}, reduction r = {settings.get('reduction')}"
         )
@@ -126,14 +128,13 @@ def render(config: Mapping[str, Any], *, base_model: str | None = None, repo_id:
         Markdown with YAML front matter.
     """
     source = config["source"]
-    method = config["conversion"]["settings"].get("method", "ilm")
+    _, method = _method_of(config)
     repo = repo_id or PLACEHOLDER_REPO
     origin = f"{source['library']}'s `{source['architecture']}`"
     if source.get("pretrained_tag"):
         origin += f" (weights `{source['pretrained_tag']}`" + (f", from `{base_model}`)" if base_model else ")")
     version = (config.get("versions") or {}).get("ilmconvert", "")
-    titles = {"ilm": " with ILM Norm", "proxy": " with Proxy Norm", "ilm+proxy": " with ILM + Proxy Norm"}
-    title = source["architecture"] + titles.get(method, "")
+    title = source["architecture"] + (f" with {method.title}" if method and method.title else "")
     body = [
         f"# {title}",
         "",

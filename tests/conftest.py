@@ -38,3 +38,13 @@ def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(CIFAR_ARCHIVE) as tar:
         tar.extractall(target, filter="data")
     return target / "cifar10"
+
+
+@pytest.fixture
+def isolated_registry():
+    """:mod:`ilmconvert.methods` as the test found it once the test ends: what a test registers
+    (classes, whole methods) does not leak into the others."""
+    from ilmconvert import methods
+
+    with methods.isolated():
+        yield methods

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 from torch import nn
@@ -70,9 +68,7 @@ def test_any_class_in_the_mapping_is_a_candidate():
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
 
 
-def test_register_adds_to_the_default_mapping(monkeypatch):
-    convert_module = importlib.import_module("ilmconvert.convert")  # the function shadows the module
-    monkeypatch.setattr(convert_module, "_DEFAULT_MAPPING", dict(default_mapping()))
+def test_register_adds_to_the_default_mapping(isolated_registry):
     ilmconvert.register(MyGroupNorm, "gn", ILMGroupNorm)
     assert default_mapping()[MyGroupNorm] == NormAdapter("gn", ILMGroupNorm)
     assert [c.name for c in ilmconvert.convert(_net()).converted] == ["1", "2", "3", "4", "5"]

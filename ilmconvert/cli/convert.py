@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from .. import methods
 from ..errors import IlmconvertError
 from .output import console, expected_errors, fail
 
@@ -35,12 +36,8 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
-        metavar="ilm|proxy|ilm+proxy|none",
-        help=(
-            "ilm: ILM Norm; proxy: Proxy Norm, timm's norm + activation modules become GN / LN + PN-Act; "
-            "ilm+proxy: GN + activation pairs become ILM whose per-instance rescaling drives PN-Act; "
-            "none: leave the network as it is (a baseline checkpoint)."
-        ),
+        metavar="|".join(methods.names()),
+        help="; ".join(f"{m}: {methods.get_method(m).summary}" for m in methods.names()) + ".",
     ),
 ]
 
@@ -69,20 +66,24 @@ def _conversion_kwargs(
 
 def render_report(report: Any, title: str) -> None:
     """Print a :class:`~ilmconvert.convert.ConversionReport` as rich tables."""
-    method = report.settings.get("method")
-    ilm, proxy = method in ("ilm", "ilm+proxy"), method in ("proxy", "ilm+proxy")
+    method = methods.find_method(report.settings.get("method", methods.DEFAULT))
+    columns = method.report_columns if method is not None else ()
     table = Table(title=title, title_justify="left", show_lines=False)
-    numbers = ("C", "groups", *(("K", "N", "M") if ilm else ()), *(("activation",) if proxy else ()), "+params")
+    numbers = ("C", "groups", *columns, "+params")
     for col in ("module", "source", "becomes", *numbers):
         table.add_column(col, justify="right" if col in numbers and col != "activation" else "left")
     for c in report.converted:
-        k = f"{c.key_group_size}*" if c.key_group_size_adjusted else str(c.key_group_size)
+        absorbed = f" ({', '.join(c.absorbed)} -> Identity)" if c.absorbed else ""
+        cells = {
+            "K": f"{c.key_group_size}*" if c.key_group_size_adjusted else str(c.key_group_size),
+            "N": str(c.num_key_groups),
+            "M": str(c.embedding_size),
+            "activation": c.activation + absorbed if c.activation else f"none: {c.note}",
+        }
         name = c.name + (f" (+{len(c.aliases)} shared)" if c.aliases else "")
         target = c.target + (" [yellow](changes function)[/]" if c.function_changing else "")
-        absorbed = f" ({', '.join(c.absorbed)} -> Identity)" if c.absorbed else ""
-        activation = c.activation + absorbed if c.activation else f"none: {c.note}"
-        sizes = (*((k, str(c.num_key_groups), str(c.embedding_size)) if ilm else ()), *((activation,) if proxy else ()))
         source = c.source.rsplit(".", 1)[-1]
+        sizes = (cells[col] for col in columns)
         table.add_row(name, source, target, str(c.channels), str(c.norm_groups), *sizes, f"{c.params_added:,}")
     console.print(table)
     if any(c.key_group_size_adjusted for c in report.converted):
@@ -117,7 +118,7 @@ def inspect(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_batchnorm: BatchNormOpt = False,
-    method: MethodOpt = "ilm",
+    method: MethodOpt = methods.DEFAULT,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """List the norm layers of MODEL, what each becomes, and the parameter increase (no weights are loaded)."""
@@ -170,7 +171,7 @@ def swap(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_batchnorm: BatchNormOpt = False,
-    method: MethodOpt = "ilm",
+    method: MethodOpt = methods.DEFAULT,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random check batch and of the new ILM weights.")] = 0,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the summary lines, not the per-module table.")
@@ -181,21 +182,21 @@ def swap(
 
     import torch
 
-    from ..check import check_conversion
-    from ..convert import METHODS, convert
     from ..io import check_target, save
     from ..models import create_model
+    from ..swapping import swap as swap_checked
 
     if init not in ("preserve", "paper"):
         raise IlmconvertError(f"--init must be preserve or paper, got {init!r}")
-    if method not in METHODS:
-        raise IlmconvertError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in methods.names():
+        raise IlmconvertError(f"--method must be one of {', '.join(methods.names())}, got {method!r}")
     check_target(out)
     torch.manual_seed(seed)
     with console.status(f"building {model}"):
         network = create_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
     settings = _conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm, method, init)
-    report, diff = check_conversion(network, lambda m: convert(m, **settings))
+    result = swap_checked(network, check=False, **settings)  # the PASS / FAIL line comes after the table
+    report, diff = result.report, result.difference
     if not quiet:
         render_report(report, title=f"{model}: conversion")
     else:
@@ -204,8 +205,8 @@ def swap(
         f"preservation check on a random batch {'x'.join(map(str, diff.shape))} ({diff.dtype}): "
         f"max |diff| = {diff.max_abs:.3g}, relative = {diff.relative:.3g}"
     )
-    if init == "preserve" and not report.function_changing:
-        ok = diff.finite and diff.relative <= 1e-4
+    if result.expected_to_preserve:
+        ok = result.preserved
         console.print(("[green]PASS[/] " if ok else "[red]FAIL[/] ") + check + " (target <= 1e-4)")
         if not ok:
             fail(
@@ -214,8 +215,7 @@ def swap(
                 code=1,
             )
     else:
-        why = "init=paper" if init == "paper" else "BatchNorm was converted"
-        console.print(f"[yellow]function changed ({why}, expected; fine-tune it):[/] {check}")
+        console.print(f"[yellow]function changed ({result.why_changed}, expected; fine-tune it):[/] {check}")
     save(network, out, metadata={"preservation_check": dataclasses.asdict(diff)})  # shown in the model card
     console.print(
         f"wrote [bold]{out}[/] (model.safetensors, config.json, README.md); reload with ilmconvert.load({str(out)!r})"

@@ -13,8 +13,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .. import methods
 from ..train.distributed import Distributed
 from .output import console, expected_errors
+
+#: ``--method``'s choices: the registered methods (:mod:`ilmconvert.methods`).
+MethodChoice = Literal[methods.names()]  # type: ignore[valid-type]
+_METHOD_HELP = "Override the recipe's conversion: " + ", ".join(
+    f"{m.name} ({m.title or m.label})" for m in map(methods.get_method, methods.names())
+)
 
 DataOpt = Annotated[
     str,
@@ -168,13 +175,10 @@ def finetune(
         Optional[float], typer.Option("--lr", min=0.0, help="Override the recipe's peak learning rate.")
     ] = None,
     method: Annotated[
-        Optional[Literal["ilm", "proxy", "ilm+proxy", "none"]],
+        Optional[MethodChoice],
         typer.Option(
             "--method",
-            help=(
-                "Override the recipe's conversion: ilm (ILM Norm), proxy (Proxy Norm), ilm+proxy (both) or none "
-                "(train the network unconverted: the baseline)."
-            ),
+            help=_METHOD_HELP,
         ),
     ] = None,
     device: DeviceOpt = "auto",
@@ -287,9 +291,8 @@ def finetune(
 
 
 def _conversion_label(conversion: Any) -> str:
-    if conversion.method == "none":
-        return "unconverted"
-    return f"{'ILM' if conversion.method == 'ilm' else 'Proxy Norm'} init={conversion.init}"
+    method = methods.get_method(conversion.method)
+    return f"{method.label} init={conversion.init}" if method.converts else method.label
 
 
 def _finetune(processes: Distributed, **options: Any) -> None:

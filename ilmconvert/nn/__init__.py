@@ -3,6 +3,7 @@ Proxy Norm layers (:class:`ProxyNormAct` and the GN / LN + PN norms) and ILM + P
 (:class:`ILMProxyGroupNormAct`)."""
 
 from .core import ILMNorm, encoder_size, resolve_key_group_size
+from .from_norm import UnsupportedNormError
 from .ilm_proxy import ILMProxyGroupNormAct
 from .layers import (
     ILMGroupNorm,
@@ -12,9 +13,9 @@ from .layers import (
     ILMLayerNormAct,
     ILMLayerNormActFp32,
     ILMLayerNormFp32,
-    UnsupportedNormError,
 )
-from .proxy import ProxyGroupNormAct, ProxyLayerNormAct, ProxyNormAct, proxy_points
+from .proxy import ProxyGroupNormAct, ProxyLayerNormAct, ProxyNormAct
+from .proxy_common import proxy_points
 
 __all__ = [
     "ILMNorm",

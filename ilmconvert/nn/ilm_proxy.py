@@ -1,4 +1,4 @@
-"""ILM + Proxy Norm (``convert(method="ilm+proxy")``): ILM's per-instance rescaling feeds PN-Act.
+"""ILM + Proxy Norm (the ``ilm+proxy`` method of :mod:`ilmconvert.methods`): ILM's per-instance rescaling feeds PN-Act.
 
 ILM Norm predicts, per instance, the rescaling ``omega``, ``beta`` (eqs. 3-6, ``(B, C)``) of a
 standardized input; Proxy Norm normalizes ``phi(gamma x_hat + beta)`` with the statistics of a
@@ -25,21 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import INITS
 from .fast import autocast_disabled
-from .layers import ILMGroupNorm, _affine_of, _keeps_bias, factory_kwargs
-from .proxy import (
-    _activation,
-    _activation_taken_over,
-    _add_proxy_parameters,
-    _cached_proxy_points,
-    _group_norm_of_batchnorm,
-    _moments,
-    _normalizing_map,
+from .layers import ILMGroupNorm
+from .proxy_common import (
+    ProxyFromNorm,
+    add_proxy_parameters,
+    cached_proxy_points,
+    normalizing_map,
+    proxy_moments,
+    reset_proxy_parameters,
+    resolve_activation,
 )
 
 
-class ILMProxyGroupNormAct(ILMGroupNorm):
+class ILMProxyGroupNormAct(ProxyFromNorm, ILMGroupNorm):
     """ILM Norm on GroupNorm standardization whose per-instance ``omega``, ``beta`` drive PN-Act.
 
     Args:
@@ -76,64 +75,14 @@ class ILMProxyGroupNormAct(ILMGroupNorm):
         if num_proxy < 2:
             raise ValueError(f"num_proxy ({num_proxy}) must be >= 2")
         factory = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.act = _activation(act_layer)
+        self.act = resolve_activation(act_layer)
         self.num_proxy, self.proxy_eps = int(num_proxy), float(proxy_eps)
-        _add_proxy_parameters(self, output_affine, factory)
-
-    @classmethod
-    def from_norm(
-        cls,
-        norm: nn.Module,
-        *,
-        init: str = "preserve",
-        key_group_size: int = 16,
-        reduction: int = 16,
-        act_layer: nn.Module | None = None,
-        **layout: Any,
-    ) -> nn.Module:
-        """Build the replacement of a GroupNorm (or opt-in BatchNorm) and its activation.
-
-        The activation is ``act_layer`` (a separate module after a plain norm) or the norm's own
-        ``act`` (timm's ``GroupNormAct``). ``init="preserve"``: ILM's preserve init (``omega = w``,
-        ``beta = b`` for every instance) and the output affine that undoes the proxy
-        normalization, so the function is kept up to rounding; ``"paper"``: ILM's from-scratch
-        init and no output affine. A BatchNorm without activation becomes plain ``nn.GroupNorm``.
-
-        Raises:
-            ValueError: for an unknown ``init``.
-            UnsupportedNormError: no activation, or a dropout between norm and activation.
-        """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        factory = factory_kwargs(norm)
-        act = _activation_taken_over(norm, act_layer)
-        if act is None:  # opt-in BatchNorm without activation: plain GN, batch-independent
-            return _group_norm_of_batchnorm(norm, factory)
-        layer = cls(
-            **cls._settings_of(norm, **layout),
-            key_group_size=key_group_size,
-            reduction=reduction,
-            bias=_keeps_bias(norm),
-            act_layer=act,
-            output_affine=init == "preserve",
-            **factory,
-        )
-        if init == "preserve":
-            layer.init_preserve(*_affine_of(norm))
-        else:
-            layer.reset_parameters()
-        layer.train(norm.training)
-        return layer
+        add_proxy_parameters(self, output_affine, factory)
 
     def reset_parameters(self) -> None:
         """ILM's from-scratch init (:meth:`ILMNorm.reset_parameters`); gamma~ = beta~ = 0; output affine 1, 0."""
         super().reset_parameters()
-        with torch.no_grad():
-            for p in (self.proxy_weight, self.proxy_bias, self.output_bias):
-                if p is not None:
-                    p.zero_()
-            if self.output_weight is not None:
-                self.output_weight.fill_(1.0)
+        reset_proxy_parameters(self)
 
     @torch.no_grad()
     def init_preserve(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
@@ -147,8 +96,7 @@ class ILMProxyGroupNormAct(ILMGroupNorm):
         if self.output_weight is None:
             raise ValueError("init_preserve needs output_affine=True")
         super().init_preserve(weight, bias)
-        self.proxy_weight.zero_()
-        self.proxy_bias.zero_()
+        reset_proxy_parameters(self)
         omega = self.weight.detach().double()[None]
         beta = (self.bias.detach().double() if self.bias is not None else torch.zeros_like(self.weight).double())[None]
         m, v = self.proxy_statistics(omega, beta)
@@ -166,9 +114,9 @@ class ILMProxyGroupNormAct(ILMGroupNorm):
         """
         dt = omega.dtype
         with autocast_disabled(omega.device.type):
-            q = _cached_proxy_points(self.num_proxy, dt, omega.device)
+            q = cached_proxy_points(self.num_proxy, dt, omega.device)
             proxy = torch.addcmul(self.proxy_bias.to(dt)[:, None], (1.0 + self.proxy_weight.to(dt))[:, None], q)
-            m, _, v = _moments(self.act(torch.addcmul(beta[..., None], omega[..., None], proxy)))
+            m, _, v = proxy_moments(self.act(torch.addcmul(beta[..., None], omega[..., None], proxy)))
         return m, v
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +128,7 @@ class ILMProxyGroupNormAct(ILMGroupNorm):
         omega, beta = self.rescaling(*self.key_features(x))
         z = self.act(self._rescale(self._standardize(x), omega, beta))
         m, v = self.proxy_statistics(omega, beta)
-        scale, shift = _normalizing_map(m, v, self.proxy_eps, self.output_weight, self.output_bias)
+        scale, shift = normalizing_map(m, v, self.proxy_eps, self.output_weight, self.output_bias)
         shape = (*scale.shape, *([1] * (x.dim() - 2)))
         return torch.addcmul(shift.reshape(shape).to(z.dtype), z, scale.reshape(shape).to(z.dtype))
 

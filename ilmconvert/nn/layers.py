@@ -13,92 +13,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import IlmconvertError
-from .core import INITS, ILMNorm, resolve_key_group_size
-
-
-class UnsupportedNormError(IlmconvertError):
-    """A norm module whose configuration ILM Norm cannot take over without changing its function."""
+from .core import ILMNorm
+from .from_norm import FromNorm, UnsupportedNormError, group_norm_settings, keeps_bias, layer_norm_settings
 
 
-#: GroupNorm groups for an opted-in BatchNorm (or the largest divisor of C not above it).
-BATCHNORM_GROUPS = 32
-
-
-def factory_kwargs(module: nn.Module) -> dict[str, Any]:
-    """``{"device", "dtype"}`` of ``module``'s own first floating-point parameter or buffer (empty
-    when it has none): where and how a replacement of ``module`` is built."""
-    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-        if t.is_floating_point():
-            return {"device": t.device, "dtype": t.dtype}
-    return {}
-
-
-def _affine_of(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    return getattr(norm, "weight", None), getattr(norm, "bias", None)
-
-
-def _keeps_bias(norm: nn.Module) -> bool:
-    """B_beta exists unless the original has a weight but no bias (a deliberately bias-free norm)."""
-    weight, bias = _affine_of(norm)
-    return bias is not None or weight is None
-
-
-class _FromNorm:
-    """``from_norm`` shared by the front-ends: build with the norm's settings, then initialize."""
+class _ILMFromNorm(FromNorm):
+    """:class:`~ilmconvert.nn.from_norm.FromNorm` of the ILM front-ends: K, r, and B_beta unless the
+    replaced norm has a weight but no bias. ``init="preserve"``: ``weight = w`` (B_omega = w - 1/2),
+    ``bias = b``, W2 = W3 = 0, the same function as the norm; ``"paper"``: B_omega = 1 (stored as
+    ``weight = 1.5``), B_beta = 0, nn.Linear defaults (docs/design.md §1-2)."""
 
     @classmethod
-    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def from_norm(
-        cls,
-        norm: nn.Module,
-        *,
-        init: str = "preserve",
-        key_group_size: int = 16,
-        reduction: int = 16,
-        **layout: Any,
-    ) -> ILMNorm:
-        """Build the ILM layer that replaces ``norm`` (same device, dtype and ``training`` flag).
-
-        Args:
-            norm: the module to replace.
-            init: ``"preserve"`` (``weight = w``, i.e. B_omega = w - 1/2, ``bias = b``, W2 = W3 = 0:
-                same function as ``norm``) or ``"paper"`` (B_omega = 1, stored as ``weight = 1.5``,
-                B_beta = 0, nn.Linear defaults); docs/design.md §1-2.
-            key_group_size, reduction: K and r of :class:`~ilmconvert.nn.core.ILMNorm`.
-            layout: front-end specific options (``channels_first`` for LayerNorm).
-
-        Raises:
-            ValueError: for an unknown ``init``.
-            UnsupportedNormError: when ``norm``'s configuration cannot be taken over.
-        """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        settings = cls._settings_of(norm, **layout)
-        layer = cls(
-            **settings,
-            key_group_size=key_group_size,
-            reduction=reduction,
-            bias=_keeps_bias(norm),
-            **factory_kwargs(norm),
-        )
-        if init == "preserve":
-            layer.init_preserve(*_affine_of(norm))
-        else:
-            layer.reset_parameters()
-        for name in ("act", "drop"):
-            if hasattr(layer, name) and isinstance(getattr(norm, name, None), nn.Module):
-                setattr(layer, name, getattr(norm, name))
-        layer.train(norm.training)
-        return layer
+    def _build_kwargs(
+        cls, norm: nn.Module, *, init: str, key_group_size: int, reduction: int, act: nn.Module | None
+    ) -> dict[str, Any]:
+        base = super()._build_kwargs(norm, init=init, key_group_size=key_group_size, reduction=reduction, act=act)
+        return {**base, "key_group_size": key_group_size, "reduction": reduction, "bias": keeps_bias(norm)}
 
 
-class ILMGroupNorm(_FromNorm, ILMNorm):
+class ILMGroupNorm(_ILMFromNorm, ILMNorm):
     """ILM Norm on GroupNorm standardization (the paper's ILM+GN; GN with one group is its "LN").
 
     ``from_norm`` also takes a BatchNorm (opt-in, function-changing): G = 32, or the largest
@@ -128,17 +62,8 @@ class ILMGroupNorm(_FromNorm, ILMNorm):
         self.num_groups = int(num_groups)
 
     @classmethod
-    def _settings_of(
-        cls, norm: nn.Module, *, batchnorm_groups: int = BATCHNORM_GROUPS, **layout: Any
-    ) -> dict[str, Any]:
-        if isinstance(norm, _BatchNorm):  # opt-in BatchNorm -> ILM+GN: function-changing
-            channels = norm.num_features
-            return {
-                "num_groups": resolve_key_group_size(channels, batchnorm_groups),
-                "num_channels": channels,
-                "eps": norm.eps,
-            }
-        return {"num_groups": norm.num_groups, "num_channels": norm.num_channels, "eps": norm.eps}
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        return group_norm_settings(norm, **layout)  # opt-in BatchNorm -> ILM+GN: function-changing
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         return F.group_norm(x, self.num_groups, None, None, self.eps)
@@ -151,7 +76,7 @@ class ILMGroupNorm(_FromNorm, ILMNorm):
         return f"groups={self.num_groups}, " + super().extra_repr()
 
 
-class ILMInstanceNorm(_FromNorm, ILMNorm):
+class ILMInstanceNorm(_ILMFromNorm, ILMNorm):
     """ILM Norm on InstanceNorm standardization (the paper's ILM+IN).
 
     Input ``(B, C, *spatial)`` or unbatched ``(C, *spatial)``; an instance is one sample.
@@ -195,7 +120,7 @@ class ILMInstanceNorm(_FromNorm, ILMNorm):
         return self.num_channels
 
 
-class ILMLayerNorm(_FromNorm, ILMNorm):
+class ILMLayerNorm(_ILMFromNorm, ILMNorm):
     """ILM Norm on LayerNorm standardization over the channel dimension.
 
     Two layouts, as found in the zoos:
@@ -225,12 +150,7 @@ class ILMLayerNorm(_FromNorm, ILMNorm):
 
     @classmethod
     def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
-        shape = tuple(norm.normalized_shape)
-        if len(shape) != 1:
-            raise UnsupportedNormError(
-                f"normalized_shape={shape} spans more than the channel dimension; ILM rescales per channel"
-            )
-        return {"num_channels": shape[0], "eps": norm.eps, **layout}
+        return layer_norm_settings(norm, "; ILM rescales per channel", **layout)
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (self.num_channels,), None, None, self.eps)

@@ -13,67 +13,38 @@ The proxy is a ``(C, n)`` computation per call, so its statistics cost nothing a
 through them. :class:`ProxyNormAct` is that layer; :class:`ProxyGroupNormAct` and
 :class:`ProxyLayerNormAct` put GroupNorm / LayerNorm standardization (without affine) in front of
 it and build themselves from timm's ``GroupNormAct`` / ``LayerNormAct(2d)`` (and, opt-in,
-``BatchNormAct2d``) through ``from_norm``, so :func:`ilmconvert.convert` swaps them in with
-``method="proxy"`` (docs/design.md §8).
+``BatchNormAct2d``) through ``from_norm`` (:class:`~ilmconvert.nn.from_norm.FromNorm`), so
+:func:`ilmconvert.convert` swaps them in with the ``proxy`` method (docs/design.md §8). The pieces
+shared with ILM + Proxy Norm are in :mod:`ilmconvert.nn.proxy_common`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .core import INITS, resolve_key_group_size
 from .fast import autocast_disabled, exporting
-from .layers import BATCHNORM_GROUPS, UnsupportedNormError, factory_kwargs
-
-
-def proxy_points(num_proxy: int, dtype: torch.dtype = torch.float32, device: Any = None) -> torch.Tensor:
-    """The ``(num_proxy,)`` Gaussian quantiles ``q_i = sqrt(2) erfinv(2 (i + 1/2) / n - 1)``.
-
-    Computed in float64 and rounded once to ``dtype``. While tracing or exporting
-    (:func:`~ilmconvert.nn.fast.exporting`) the same values enter the graph as a constant: ONNX has
-    no ``erfinv``, and the points depend on ``num_proxy`` only.
-    """
-    if exporting():
-        return torch.tensor(_proxy_points_float64(num_proxy), dtype=dtype, device=device)
-    i = torch.arange(num_proxy, dtype=torch.float64, device=device)
-    return (math.sqrt(2.0) * torch.erfinv((2.0 * i + 1.0) / num_proxy - 1.0)).to(dtype)
-
-
-_POINTS: dict[int, tuple[float, ...]] = {}
-
-
-def _proxy_points_float64(num_proxy: int) -> tuple[float, ...]:
-    """:func:`proxy_points` in float64 as Python floats, cached (filled eagerly by every layer's ``__init__``)."""
-    if num_proxy not in _POINTS:
-        i = torch.arange(num_proxy, dtype=torch.float64, device="cpu")
-        _POINTS[num_proxy] = tuple((math.sqrt(2.0) * torch.erfinv((2.0 * i + 1.0) / num_proxy - 1.0)).tolist())
-    return _POINTS[num_proxy]
-
-
-_POINT_TENSORS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+from .from_norm import FromNorm, group_norm_settings, layer_norm_settings
+from .proxy_common import (
+    ProxyFromNorm,
+    add_proxy_parameters,
+    cached_proxy_points,
+    normalizing_map,
+    proxy_moments,
+    proxy_points,
+    proxy_points_float64,
+    reset_proxy_parameters,
+    resolve_activation,
+)
 
 
 def _functorch_active() -> bool:
     """True inside ``torch.func`` transforms (vmap, grad, jacrev...), which need the composed formula."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active()) if active is not None else False
-
-
-def _cached_proxy_points(num_proxy: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """:func:`proxy_points`, kept per (n, dtype, device) in eager mode; computed afresh while
-    compiling, tracing or exporting (a kept tensor would enter the graph as a stray constant)."""
-    if torch.compiler.is_compiling() or exporting():
-        return proxy_points(num_proxy, dtype, device)
-    key = (num_proxy, dtype, device)
-    if key not in _POINT_TENSORS:
-        _POINT_TENSORS[key] = proxy_points(num_proxy, dtype, device)
-    return _POINT_TENSORS[key]
 
 
 def _proxy_preactivation(
@@ -84,14 +55,6 @@ def _proxy_preactivation(
     slope = weight * (1.0 + proxy_weight)
     intercept = torch.addcmul(bias, weight, proxy_bias)
     return torch.addcmul(intercept[:, None], slope[:, None], q)
-
-
-def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean ``(..., C)``, centred values ``(..., C, n)`` and biased variance ``(..., C)`` of ``z``
-    over its last dim."""
-    m = z.mean(-1)
-    centred = z - m[..., None]
-    return m, centred, (centred * centred).mean(-1)
 
 
 class _ActivationKernels(NamedTuple):
@@ -145,7 +108,7 @@ class _ProxyCoefficients(torch.autograd.Function):
                 z = act(torch.addcmul(leaves[1][:, None], leaves[0][:, None], q))
             ctx.activation = (leaves, z)
             z = z.detach()
-        m, centred, v = _moments(z)
+        m, centred, v = proxy_moments(z)
         r = torch.rsqrt(v + eps)
         scale, shift = r, -m * r
         if output_weight is not None:
@@ -180,54 +143,6 @@ class _ProxyCoefficients(torch.autograd.Function):
         )
 
 
-def _add_proxy_parameters(layer: nn.Module, output_affine: bool, factory: dict[str, Any]) -> None:
-    """PN-Act's own parameters on ``layer`` (which has ``num_channels``): ``proxy_weight`` (gamma~)
-    and ``proxy_bias`` (beta~), zeros ``(C,)``; ``output_weight`` / ``output_bias`` (ones / zeros)
-    with ``output_affine``, else registered as None."""
-    c = layer.num_channels
-    layer.proxy_weight = nn.Parameter(torch.zeros(c, **factory))
-    layer.proxy_bias = nn.Parameter(torch.zeros(c, **factory))
-    if output_affine:
-        layer.output_weight = nn.Parameter(torch.ones(c, **factory))
-        layer.output_bias = nn.Parameter(torch.zeros(c, **factory))
-    else:
-        layer.register_parameter("output_weight", None)
-        layer.register_parameter("output_bias", None)
-
-
-def _normalizing_map(
-    m: torch.Tensor, v: torch.Tensor, eps: float, output_weight: torch.Tensor | None, output_bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)`` with ``z * scale + shift = (z - m) / sqrt(v + eps)``, then the output affine
-    if any, in the dtype of ``m`` (shapes as ``m``, ``v``; the affine ``(C,)`` broadcasts)."""
-    scale = torch.rsqrt(v + eps)
-    shift = -m * scale
-    if output_weight is not None:
-        w = output_weight.to(m.dtype)
-        scale, shift = scale * w, torch.addcmul(output_bias.to(m.dtype), shift, w)
-    return scale, shift
-
-
-def _activation_taken_over(norm: nn.Module, act_layer: nn.Module | None) -> nn.Module | None:
-    """The activation a Proxy Norm replacement takes over: ``act_layer`` (a separate module after a
-    plain norm) or the norm's own ``act`` (timm's norm + activation modules); None for an opted-in
-    BatchNorm without one (it becomes plain GroupNorm, :func:`_group_norm_of_batchnorm`).
-
-    Raises:
-        UnsupportedNormError: a dropout between norm and activation, or no activation after a
-            norm that is not a BatchNorm.
-    """
-    drop = getattr(norm, "drop", None)
-    if drop is not None and not isinstance(drop, nn.Identity):
-        raise UnsupportedNormError("a dropout between the norm and its activation cannot be kept with Proxy Norm")
-    act = act_layer if act_layer is not None else getattr(norm, "act", None)
-    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):
-        return act
-    if isinstance(norm, _BatchNorm):
-        return None
-    raise UnsupportedNormError("no activation follows this norm: Proxy Norm normalizes a post-activation")
-
-
 @torch.fx.wrap
 def proxy_forward(layer: ProxyNormAct, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` as one opaque call for ``torch.fx.symbolic_trace``: the layers check shapes and
@@ -235,19 +150,6 @@ def proxy_forward(layer: ProxyNormAct, x: torch.Tensor) -> torch.Tensor:
     network traces with each Proxy Norm layer as a single node run eagerly. ``torch.compile`` and
     ``torch.export`` trace through it as usual."""
     return layer._forward(x)
-
-
-def _activation(act: nn.Module | type[nn.Module] | str | None) -> nn.Module:
-    """An activation module from a module, a module class, or a name timm knows (``"gelu"``)."""
-    if isinstance(act, nn.Module):
-        return act
-    if act is None:
-        return nn.Identity()
-    if isinstance(act, str):
-        from timm.layers import create_act_layer
-
-        return create_act_layer(act)
-    return act()
 
 
 class ProxyNormAct(nn.Module):
@@ -292,11 +194,11 @@ class ProxyNormAct(nn.Module):
         self.num_proxy = int(num_proxy)
         self.eps = float(eps)
         self.channels_first = bool(channels_first)
-        self.act = _activation(act_layer)
-        _proxy_points_float64(self.num_proxy)  # now, eagerly: under torch.export tensors are fake
+        self.act = resolve_activation(act_layer)
+        proxy_points_float64(self.num_proxy)  # now, eagerly: under torch.export tensors are fake
         self.weight = nn.Parameter(torch.ones(self.num_channels, **factory))
         self.bias = nn.Parameter(torch.zeros(self.num_channels, **factory))
-        _add_proxy_parameters(self, output_affine, factory)
+        add_proxy_parameters(self, output_affine, factory)
 
     def proxy_statistics(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``m`` and biased variance ``v`` of ``phi(gamma y~ + beta)`` over the proxy, each ``(C,)``.
@@ -311,7 +213,7 @@ class ProxyNormAct(nn.Module):
         with autocast_disabled(self.weight.device.type):
             q = proxy_points(self.num_proxy, st, self.weight.device)
             params = (p.to(st) for p in (self.weight, self.bias, self.proxy_weight, self.proxy_bias))
-            m, _, v = _moments(self.act(_proxy_preactivation(*params, q)))
+            m, _, v = proxy_moments(self.act(_proxy_preactivation(*params, q)))
         return m, v
 
     def output_coefficients(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,16 +233,23 @@ class ProxyNormAct(nn.Module):
                 for p in (self.weight, self.bias, self.proxy_weight, self.proxy_bias)
                 + (self.output_weight, self.output_bias)
             ]
-            q = _cached_proxy_points(self.num_proxy, st, self.weight.device)
+            q = cached_proxy_points(self.num_proxy, st, self.weight.device)
             return _ProxyCoefficients.apply(*params, q, self.act, self.eps)
 
     def _composed_output_coefficients(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`output_coefficients` in torch ops (autograd differentiates it), in ``dtype``."""
         m, v = self.proxy_statistics(dtype)
-        return _normalizing_map(m, v, self.eps, self.output_weight, self.output_bias)
+        return normalizing_map(m, v, self.eps, self.output_weight, self.output_bias)
 
     def _statistics_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         return dtype or (torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The authors' initialization: gamma = 1, beta = 0, gamma~ = beta~ = 0 (output affine 1, 0)."""
+        self.weight.fill_(1.0)
+        self.bias.zero_()
+        reset_proxy_parameters(self)
 
     @torch.no_grad()
     def init_preserve(self, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
@@ -357,10 +266,7 @@ class ProxyNormAct(nn.Module):
             raise ValueError("init_preserve needs output_affine=True")
         self.weight.copy_(weight.detach() if weight is not None else torch.ones_like(self.weight))
         self.bias.copy_(bias.detach() if bias is not None else torch.zeros_like(self.bias))
-        self.proxy_weight.zero_()
-        self.proxy_bias.zero_()
-        self.output_weight.fill_(1.0)
-        self.output_bias.zero_()
+        reset_proxy_parameters(self)
         m, v = self.proxy_statistics(torch.float64)
         self.output_weight.copy_(torch.sqrt(v + self.eps))
         self.output_bias.copy_(m)
@@ -405,66 +311,7 @@ class ProxyNormAct(nn.Module):
         )
 
 
-class _ProxyFromNorm:
-    """``from_norm`` of the Proxy Norm replacements: standardization of the norm, then PN-Act."""
-
-    @classmethod
-    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def from_norm(
-        cls,
-        norm: nn.Module,
-        *,
-        init: str = "preserve",
-        key_group_size: int = 16,
-        reduction: int = 16,
-        act_layer: nn.Module | None = None,
-        **layout: Any,
-    ) -> nn.Module:
-        """Build the Proxy Norm replacement of a norm and its activation (same device and dtype).
-
-        The activation is ``act_layer`` (a separate module that followed a plain norm) or, for
-        timm's norm + activation modules, their own ``act``.
-
-        ``init="preserve"`` adds the output affine that keeps ``norm``'s function (up to rounding);
-        ``"paper"`` is the authors' layer (gamma = 1, beta = 0, no output affine).
-        ``key_group_size`` / ``reduction`` are ILM settings and are ignored.
-
-        A BatchNorm (opt-in) with no activation becomes a plain ``nn.GroupNorm`` with its affine,
-        so that nothing in the converted network depends on the batch.
-
-        Raises:
-            ValueError: for an unknown ``init``.
-            UnsupportedNormError: no activation (except BatchNorm), a dropout between norm and
-                activation, or a LayerNorm over more than the channels.
-        """
-        if init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-        factory = factory_kwargs(norm)
-        act = _activation_taken_over(norm, act_layer)
-        if act is None:  # opt-in BatchNorm without activation: plain GN, batch-independent
-            return _group_norm_of_batchnorm(norm, factory)
-        layer = cls(**cls._settings_of(norm, **layout), act_layer=act, output_affine=init == "preserve", **factory)
-        if init == "preserve":
-            layer.init_preserve(getattr(norm, "weight", None), getattr(norm, "bias", None))
-        return layer
-
-
-def _group_norm_of_batchnorm(norm: _BatchNorm, factory: dict[str, Any]) -> nn.GroupNorm:
-    """``nn.GroupNorm`` (G = 32 or the largest divisor of C not above 32) with the BatchNorm's affine."""
-    channels = norm.num_features
-    groups = resolve_key_group_size(channels, BATCHNORM_GROUPS)
-    gn = nn.GroupNorm(groups, channels, norm.eps, affine=norm.affine, **factory)
-    if norm.affine:
-        with torch.no_grad():
-            gn.weight.copy_(norm.weight)
-            gn.bias.copy_(norm.bias)
-    return gn
-
-
-class ProxyGroupNormAct(_ProxyFromNorm, ProxyNormAct):
+class ProxyGroupNormAct(ProxyFromNorm, FromNorm, ProxyNormAct):
     """GroupNorm standardization (no affine) followed by :class:`ProxyNormAct`: GN + PN.
 
     Replaces timm's ``GroupNormAct`` / ``GroupNorm1Act`` (and, opt-in and function-changing,
@@ -498,14 +345,8 @@ class ProxyGroupNormAct(_ProxyFromNorm, ProxyNormAct):
         self.num_groups, self.norm_eps = int(num_groups), float(eps)
 
     @classmethod
-    def _settings_of(
-        cls, norm: nn.Module, *, batchnorm_groups: int = BATCHNORM_GROUPS, **layout: Any
-    ) -> dict[str, Any]:
-        if isinstance(norm, _BatchNorm):  # opt-in BatchNorm -> GN + PN: function-changing
-            channels = norm.num_features
-            groups = resolve_key_group_size(channels, batchnorm_groups)
-            return {"num_groups": groups, "num_channels": channels, "eps": norm.eps}
-        return {"num_groups": norm.num_groups, "num_channels": norm.num_channels, "eps": norm.eps}
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        return group_norm_settings(norm, **layout)  # opt-in BatchNorm -> GN + PN: function-changing
 
     @property
     def num_norm_groups(self) -> int:
@@ -549,7 +390,7 @@ class ProxyGroupNormAct(_ProxyFromNorm, ProxyNormAct):
         return f"groups={self.num_groups}, norm_eps={self.norm_eps}, " + super().extra_repr()
 
 
-class ProxyLayerNormAct(_ProxyFromNorm, ProxyNormAct):
+class ProxyLayerNormAct(ProxyFromNorm, FromNorm, ProxyNormAct):
     """LayerNorm standardization over the channels (no affine) followed by :class:`ProxyNormAct`: LN + PN.
 
     Replaces timm's ``LayerNormAct`` (input ``(..., C)``) and ``LayerNormAct2d``
@@ -580,10 +421,7 @@ class ProxyLayerNormAct(_ProxyFromNorm, ProxyNormAct):
 
     @classmethod
     def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
-        shape = tuple(norm.normalized_shape)
-        if len(shape) != 1:
-            raise UnsupportedNormError(f"normalized_shape={shape} spans more than the channel dimension")
-        return {"num_channels": shape[0], "eps": norm.eps, **layout}
+        return layer_norm_settings(norm, **layout)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """LN standardization over the channels, then PN-Act (the affine runs inside ``F.layer_norm``)."""

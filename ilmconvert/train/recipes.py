@@ -33,6 +33,7 @@ from pydantic import (
     field_validator,
 )
 
+from .. import methods
 from ..errors import IlmconvertError
 
 RECIPE_PACKAGE = "ilmconvert.recipes"
@@ -70,8 +71,8 @@ class ModelSettings(_Strict):
 
 class ConversionSettings(_Strict):
     """Arguments of :func:`ilmconvert.convert` (see its docstring for their meaning); ``method``
-    picks ILM Norm (``ilm``), Proxy Norm (``proxy``) or no conversion (``none``: the network as
-    built, the baseline a comparison needs)."""
+    is any method of the registry (:mod:`ilmconvert.methods`: ILM Norm, Proxy Norm, both, or no
+    conversion, the network as built, the baseline a comparison needs)."""
 
     norms: str = "gn,in,ln"
     init: Literal["preserve", "paper"] = "paper"
@@ -80,7 +81,14 @@ class ConversionSettings(_Strict):
     include: Optional[list[str]] = None
     exclude: Optional[list[str]] = None
     batchnorm: Optional[Literal["gn"]] = None
-    method: Literal["ilm", "proxy", "ilm+proxy", "none"] = "ilm"
+    method: str = methods.DEFAULT
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        if methods.find_method(value) is None:  # the registry as it is now, methods added later included
+            raise ValueError(f"Input should be one of {', '.join(map(repr, methods.names()))}")
+        return value
 
 
 class TrainSettings(_Strict):

@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from .. import methods
 from .recipes import Recipe, load_recipe, parse_recipe
 from .sweep_results import (
     CELLS,
@@ -52,10 +53,10 @@ from .sweep_results import (
 #: The built-in variants: partial recipes (merged over the sweep's recipe). The norm layer names
 #: are timm's (``timm.layers.get_norm_layer``), so they apply to timm networks.
 BUILTIN_VARIANTS: dict[str, dict[str, Any]] = {
-    "bn": {"model": {"kwargs": {"norm_layer": "batchnorm"}}, "conversion": {"method": "none"}},
-    "gn": {"model": {"kwargs": {"norm_layer": "groupnorm"}}, "conversion": {"method": "none"}},
-    "ilm+gn": {"model": {"kwargs": {"norm_layer": "groupnorm"}}, "conversion": {"method": "ilm"}},
-    "gn+pn": {"model": {"kwargs": {"norm_layer": "groupnorm"}}, "conversion": {"method": "proxy"}},
+    "bn": {"model": {"kwargs": {"norm_layer": "batchnorm"}}, "conversion": {"method": methods.NONE}},
+    "gn": {"model": {"kwargs": {"norm_layer": "groupnorm"}}, "conversion": {"method": methods.NONE}},
+    "ilm+gn": {"model": {"kwargs": {"norm_layer": "groupnorm"}}, "conversion": {"method": methods.ILM}},
+    "gn+pn": {"model": {"kwargs": {"norm_layer": "groupnorm"}}, "conversion": {"method": methods.PROXY}},
 }
 LR_SCALINGS = ("linear", "none")
 SWEEP_FILE = "sweep.json"
