@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ..io import CONFIG_FILE, is_checkpoint, load, load_trainer_state, read_config, recover_checkpoint
+from ..models import resolve_preprocessing
+from ..preprocessing import Preprocessing
 from .data import (
     DataSource,
     ImageSet,
@@ -33,7 +35,7 @@ from .data import (
 from .distributed import SINGLE, Distributed, init_process_group
 from .logs import check_log
 from .loop import build_network, check_optimizer, check_scheduler, fit_classifier, select_device
-from .recipes import Recipe, load_recipe, parse_recipe
+from .recipes import DataSettings, Recipe, load_recipe, parse_recipe
 from .run_folder import LAST, RECIPE_FILE, RunError, RunInterrupted, RunLock, check_new_run, resolve_checkpoint
 
 #: Recipe keys that ``--resume`` may change: they do not change any number the run computes.
@@ -56,6 +58,7 @@ class FinetunePlan:
         processes: this process's rank among torchrun's processes (``SINGLE`` without torchrun).
         lock: the run folder's lock while this plan holds it (rank 0; ``None`` where none was taken).
         resume_command: the command line that continues this run with ``--resume``.
+        input_note: which input size and normalization the run uses and where they came from.
         log: extra loggers (``("tensorboard",)``); ``RUN/summary.csv`` is always written.
     """
 
@@ -73,6 +76,7 @@ class FinetunePlan:
     lock: Optional[RunLock] = None
     resume_command: str = ""
     log: tuple[str, ...] = ()
+    input_note: str = ""
 
     def release(self) -> None:
         """Give up the run folder's lock (:func:`run_finetune` does when it returns or raises)."""
@@ -193,7 +197,9 @@ def prepare_finetune(
             source = resolve_data(data, data_root)
             classes = list_classes(source)
             network, notes = _network(resolved, run if resume else None, checkpoint, data, len(classes), weights)
-            resolved = resolved.model_copy(update={"data": resolve_pipeline(resolved.data, network)})
+            found = resolve_preprocessing(network, config=read_config(checkpoint) if checkpoint is not None else None)
+            settings_before = resolved.data
+            resolved = resolved.model_copy(update={"data": resolve_pipeline(resolved.data, network, found)})
             train, test = _open_splits(resolved, source)
         if checkpoint is not None and resolved.train.batch_size > len(train):
             notes.append(f"batch size {resolved.train.batch_size} is larger than the {len(train)} training images")
@@ -212,8 +218,31 @@ def prepare_finetune(
     command = _resume_command(run, data, data_root, device, processes)
     return FinetunePlan(
         resolved, run, source, train, test, network, torch_device, start, state, notes, processes, lock, command,
-        log=tuple(log),
+        log=tuple(log), input_note=_input_note(settings_before, resolved.data, found, overrides),
     )
+
+
+def _input_note(
+    before: DataSettings, after: DataSettings, found: Preprocessing, overrides: Mapping[str, Any] | None
+) -> str:
+    """``input N px, mean (...) std (...)`` and where they came from: ``--input-size``, the recipe,
+    the network (:func:`~ilmconvert.train.data.resolve_pipeline`), or the recipe defaults."""
+    given = before.model_fields_set
+
+    def origin(keys: tuple[str, ...]) -> str:
+        if keys == ("image_size",) and (overrides or {}).get("data.image_size") is not None:
+            return "--input-size"
+        if any(k in given for k in keys):
+            return "the recipe"
+        if after.pipeline == "timm" or found.from_weights:  # as resolve_pipeline decides
+            return found.source
+        return "the recipe defaults (the network brings none of its own)"
+
+    size, norm = origin(("image_size",)), origin(("mean", "std"))
+    mean, std = (", ".join(f"{v:.4g}" for v in values) for values in (after.mean, after.std))
+    if size == norm:
+        return f"input {after.image_size} px, mean ({mean}) std ({std}) from {size}"
+    return f"input {after.image_size} px from {size}, mean ({mean}) std ({std}) from {norm}"
 
 
 def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -68,15 +68,16 @@ class Sweep:
             RecipeError: the merged recipe is invalid (names the variant).
         """
         change = {k: v for k, v in self.variants[cell.variant].items() if k != "checkpoint"}
-        data = _merge(self.recipe.model_dump(mode="json"), change)
+        # what the recipe leaves open stays open: the data settings a network brings (resolve_pipeline)
+        data = _merge(self.recipe.model_dump(mode="json", exclude_unset=True), change)
         data.pop("variants", None)
-        train = data["train"]
-        base_batch = self.recipe.train.batch_size
-        scale = cell.batch_size / base_batch if self.lr_scaling == "linear" else 1.0
-        train.update(batch_size=cell.batch_size, seed=cell.seed, lr=self.recipe.train.lr * scale)
+        train = data.setdefault("train", {})
+        base = self.recipe.train
+        scale = cell.batch_size / base.batch_size if self.lr_scaling == "linear" else 1.0
+        train.update(batch_size=cell.batch_size, seed=cell.seed, lr=base.lr * scale)
         if self.lr_scaling == "linear":
-            train["warmup_lr"] = train["warmup_lr"] * scale
-            train["min_lr"] = train["min_lr"] * scale
+            train["warmup_lr"] = train.get("warmup_lr", base.warmup_lr) * scale
+            train["min_lr"] = train.get("min_lr", base.min_lr) * scale
         data["name"] = f"{self.recipe.name or 'recipe'}/{cell.name}"
         return parse_recipe(yaml.safe_dump(data, sort_keys=False), f"{self.recipe.name} + variant {cell.variant}")
 
