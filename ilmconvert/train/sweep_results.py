@@ -53,7 +53,7 @@ def cell_result(sweep: Any, cell: Any) -> dict[str, Any] | None:
     Errors are top-1 errors in percent on the test split; ``final_error`` is the last epoch's,
     ``best_error`` the lowest over epochs; ``seconds`` sums the epochs' training and test time.
     """
-    from .run import read_metrics
+    from .run_folder import read_metrics
 
     run = sweep.out / CELLS / cell.name
     epochs = sweep.recipe.train.epochs
