@@ -40,7 +40,15 @@ class WriteError(IlmconvertError):
 
     Nothing half-written is left at the path: the writers write a temporary sibling and rename
     it, so the previous file (or checkpoint folder) is still there and readable.
+
+    Attributes:
+        path: what could not be written. problem: the fault and the sizes, e.g. ``no space left
+            on device (needs about 97.6 MiB, 2.0 MiB free)``.
     """
+
+    def __init__(self, message: str, path: Path | None = None, problem: str = "") -> None:
+        super().__init__(message)
+        self.path, self.problem = path, problem
 
 
 def disk_fault(err: BaseException) -> int | None:
@@ -63,9 +71,9 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 10 * 2**30 else f"{n / 2**30:.1f} GiB"
 
 
-def fault_message(path: Path, code: int, need: int | None = None) -> str:
-    """``cannot write PATH: REASON (needs about N MiB, M MiB free); WHAT TO DO``."""
-    reason, advice = DISK_FAULTS[code]
+def fault_problem(path: Path, code: int, need: int | None = None) -> str:
+    """``REASON (needs about N MiB, M MiB free)`` for a fault of :data:`DISK_FAULTS` at ``path``."""
+    reason = DISK_FAULTS[code][0]
     sizes = []
     if need:
         sizes.append(f"needs about {_mib(need)}")
@@ -73,8 +81,7 @@ def fault_message(path: Path, code: int, need: int | None = None) -> str:
         folder = next((p for p in [Path(path), *Path(path).parents] if p.exists()), Path("."))
         with contextlib.suppress(OSError):
             sizes.append(f"{_mib(shutil.disk_usage(folder).free)} free")
-    detail = f" ({', '.join(sizes)})" if sizes else ""
-    return f"cannot write {path}: {reason}{detail}; {advice}"
+    return reason + (f" ({', '.join(sizes)})" if sizes else "")
 
 
 @contextlib.contextmanager
@@ -97,7 +104,8 @@ def guard(path: str | Path, need: int | None = None) -> Iterator[None]:
         code = disk_fault(err)
         if code is None:
             raise
-        raise WriteError(fault_message(Path(path), code, need)) from err
+        problem = fault_problem(Path(path), code, need)
+        raise WriteError(f"cannot write {path}: {problem}; {DISK_FAULTS[code][1]}", Path(path), problem) from err
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -63,6 +63,7 @@ OVERRIDES = {
     "compile_": "train.compile",
     "trainable": "train.trainable",
     "checkpoint_hist": "train.checkpoint_hist",
+    "checkpoint_interval": "train.checkpoint_interval",
     "seed": "train.seed",
     "workers": "data.num_workers",
     "pipeline": "data.pipeline",
@@ -249,6 +250,11 @@ def finetune(
     checkpoint_hist: Annotated[
         Optional[int], _opt("--checkpoint-hist", min=0, help="Keep the checkpoints of the N best epochs.")
     ] = None,
+    checkpoint_interval: Annotated[
+        Optional[float],
+        _opt("--checkpoint-interval", min=0.0, metavar="MINUTES",
+             help="Also write RUN/last/ inside epochs every MINUTES (resumable exactly)."),
+    ] = None,
     seed: Annotated[Optional[int], _opt("--seed", help="Seed of initialization, data order, augmentation.")] = None,
     workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data loader worker processes.")] = None,
 ) -> None:
@@ -259,29 +265,31 @@ def finetune(
     Several GPUs: `torchrun --nproc_per_node N -m ilmconvert finetune ...` (batch size per process).
     """
     from ..train.distributed import destroy_process_group, from_environment
+    from ..train.stopping import SIGNALS
 
     values = dict(locals())
     overrides = {key: values[name] for name, key in OVERRIDES.items()}
     processes = from_environment()
     try:
-        _finetune(
-            processes,
-            checkpoint=checkpoint,
-            data=data,
-            run=out,
-            recipe=recipe,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            method=method,
-            device=device,
-            data_root=data_root,
-            resume=resume,
-            weights=weights,
-            overrides=overrides,
-            settings=settings or (),
-            log=log or (),
-        )
+        with SIGNALS.installed():  # SIGTERM stops like Ctrl-C
+            _finetune(
+                processes,
+                checkpoint=checkpoint,
+                data=data,
+                run=out,
+                recipe=recipe,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                method=method,
+                device=device,
+                data_root=data_root,
+                resume=resume,
+                weights=weights,
+                overrides=overrides,
+                settings=settings or (),
+                log=log or (),
+            )
     finally:
         destroy_process_group()
 

@@ -18,7 +18,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..io import CONFIG_FILE, is_checkpoint, load, load_trainer_state, read_config, recover_checkpoint
+from ..io import (
+    CONFIG_FILE,
+    CheckpointError,
+    is_checkpoint,
+    load,
+    load_trainer_state,
+    read_config,
+    recover_checkpoint,
+)
 from .data import (
     DataSource,
     ImageSet,
@@ -37,7 +45,7 @@ from .recipes import Recipe, load_recipe, parse_recipe
 from .run_folder import LAST, RECIPE_FILE, RunError, RunInterrupted, RunLock, check_new_run, resolve_checkpoint
 
 #: Recipe keys that ``--resume`` may change: they do not change any number the run computes.
-RESUMABLE = ("train.epochs", "data.num_workers", "train.checkpoint_hist")
+RESUMABLE = ("train.epochs", "data.num_workers", "train.checkpoint_hist", "train.checkpoint_interval")
 
 
 @dataclass
@@ -286,7 +294,10 @@ def _network(
     """
     notes: list[str] = []
     if resumed is not None:
-        network = load(resumed / LAST)
+        try:
+            network = load(resumed / LAST)
+        except CheckpointError as err:  # e.g. a truncated model.safetensors: nothing to continue from
+            raise RunError(f"--resume: {err}; the run cannot continue from it: start a new run") from None
         if fit_classifier(network, num_classes):
             raise RunError(
                 f"--resume: {resumed} was trained on another number of classes than {data} has ({num_classes})"

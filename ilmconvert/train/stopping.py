@@ -206,6 +206,7 @@ class RunControl:
         self.last_save = time.monotonic()
         self.group: Any = None
         self._pending: Any = None
+        self.signum: int | None = None  # the stop signal (any process's) once the processes agreed on it
         if processes.enabled:
             import torch.distributed as dist
 
@@ -213,7 +214,7 @@ class RunControl:
 
     def _local(self) -> torch.Tensor:
         due = self.interval is not None and time.monotonic() - self.last_save >= self.interval
-        return torch.tensor([SIGNALS.signum is not None, due and self.processes.is_main], dtype=torch.int32)
+        return torch.tensor([SIGNALS.signum or 0, due and self.processes.is_main], dtype=torch.int32)
 
     def _ask(self) -> str | None:
         """``"stop"``, ``"checkpoint"`` or ``None``: the flags of every process, one update late
@@ -226,6 +227,7 @@ class RunControl:
             self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flags)
             flags = previous
         if flags[0]:
+            self.signum = int(flags[0])
             return "stop"
         return "checkpoint" if flags[1] else None
 
@@ -265,13 +267,15 @@ class RunControl:
         self.last_save = time.monotonic()
 
     def stop_requested(self) -> bool:
-        """Whether any process got a stop signal (a blocking agreement; at the end of an epoch)."""
+        """Whether any process got a stop signal (a blocking agreement; at the end of an epoch);
+        :attr:`signum` then says which."""
         self._collect()
         flags = self._local()
         if self.processes.enabled:
             import torch.distributed as dist
 
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        self.signum = int(flags[0]) or None
         return bool(flags[0])
 
     def close(self) -> None:

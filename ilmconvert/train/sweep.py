@@ -278,11 +278,12 @@ def run_sweep(sweep: Sweep, hooks: SweepHooks | None = None) -> dict[str, Any]:
         The summary (as in ``summary.json``).
 
     Raises:
-        RunInterrupted: Ctrl-C; running the same command again resumes. SweepError, RunError,
+        RunInterrupted: Ctrl-C or SIGTERM (the cell in flight saved its state); running the same
+        command again resumes it exactly. SweepError, RunError,
         RecipeError, DataError, TrainError: as ``finetune``.
     """
     from ..io import is_checkpoint
-    from .run import prepare_finetune, run_finetune
+    from .run import RunInterrupted, prepare_finetune, run_finetune
 
     hooks = hooks or SweepHooks()
     out = sweep.out
@@ -315,7 +316,15 @@ def run_sweep(sweep: Sweep, hooks: SweepHooks | None = None) -> dict[str, Any]:
                 device=sweep.device,
                 data_root=sweep.data_root,
             )
-        run_finetune(plan, progress)
+        try:
+            run_finetune(plan, progress)
+        except RunInterrupted as err:
+            if "resume with" not in str(err):
+                raise
+            raise RunInterrupted(
+                f"{str(err).split(';')[0]} in cell {cell.name}; resume with the same `ilmconvert sweep` command",
+                err.exit_code - 128,
+            ) from None
         summary = write_summaries(sweep)
         hooks.done(cell, next(r for r in summary["cells"] if r["cell"] == cell.name))
     if summary is None:  # nothing ran: the summaries of the finished cells, written once
