@@ -29,7 +29,7 @@ from .errors import IlmconvertError
 #: The file-system faults that :func:`guard` reports, with what to do about each.
 DISK_FAULTS = {
     errno.ENOSPC: ("no space left on device", "free space there or choose another folder"),
-    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or choose another folder"),
+    getattr(errno, "EDQUOT", 122): ("disk quota exceeded", "free space within your quota or choose another folder"),
     errno.EROFS: ("read-only file system", "choose a writable folder"),
 }
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # Rust's io::Error, as safetensors reports it
