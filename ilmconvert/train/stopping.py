@@ -170,9 +170,10 @@ class EpochPosition:
 
     def restore_rng(self, rank: int, device: torch.device) -> None:
         """Put this process's generator states back."""
-        torch.set_rng_state(self.cpu_rng[rank])
+        # a copy with its own storage: torch misreads a row of the stacked states (a view at an offset)
+        torch.set_rng_state(self.cpu_rng[rank].clone())
         if device.type == "cuda" and self.cuda_rng is not None:
-            torch.cuda.set_rng_state(self.cuda_rng[rank], device)
+            torch.cuda.set_rng_state(self.cuda_rng[rank].clone(), device)
 
 
 class EpochStopped(Exception):
