@@ -268,6 +268,13 @@ def _resumed_recipe(
     state = load_trainer_state(run / LAST)
     if not state or "epoch" not in state or "optimizer" not in state:
         raise RunError(f"--resume: {run / LAST} has no trainer state; start a new run without --resume")
+    saved_at = (read_config(run / LAST).get("metadata") or {}).get("epoch")
+    if saved_at is not None and saved_at != state["epoch"]:  # a state without the weights' hash (older versions)
+        raise RunError(
+            f"--resume: {run / LAST}/trainer_state.pt is of epoch {state['epoch']} but the weights beside it of "
+            f"epoch {saved_at} (another run's, or an older copy); put back the trainer_state.pt saved with them, "
+            "or start a new run"
+        )
     if state["epoch"] >= resolved.train.epochs:
         raise RunError(
             f"--resume: {run} already finished {state['epoch']} of {resolved.train.epochs} epochs; "
