@@ -231,7 +231,9 @@ def test_torchrun_sigterm_at_one_rank_stops_every_rank_and_resume_reproduces_the
     first = subprocess.run(torchrun(script, "--recipe", recipe, "--data", data, "--out", run), env=env,
                            capture_output=True, text=True, timeout=600)
     assert first.returncode != 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "stopped by SIGTERM; resume with: torchrun --nproc_per_node 2 -m ilmconvert finetune" in first.stderr
+    # rank 0 alone says how to resume
+    assert first.stderr.count("error: stopped by SIGTERM; resume with: torchrun --nproc_per_node 2 -m ilmconvert "
+                              "finetune") == 1, first.stderr[-3000:]
     assert "/ilmconvert/train/" not in first.stderr, first.stderr[-3000:]  # no traceback of ours
     state = trainer_state(run)
     if step == 1:  # rank 0 learns of it one update later: after step 2

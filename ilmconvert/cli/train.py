@@ -304,14 +304,17 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     """``finetune`` in one process: rank 0 (or the only process) reports, the others train silently."""
     import contextlib
 
-    from ..train.run import METRICS_FILE, prepare_finetune, run_finetune
+    from ..train.run import METRICS_FILE, RunInterrupted, prepare_finetune, run_finetune
     from ..train.run import Progress as Hooks
 
     with console.status("reading data and building the network") if processes.is_main else contextlib.nullcontext():
         plan = prepare_finetune(**options, processes=processes)
     checkpoint, data, out = options["checkpoint"], options["data"], options["run"]
     if not processes.is_main:  # the other torchrun processes train in silence; rank 0 reports and writes
-        run_finetune(plan)
+        try:
+            run_finetune(plan)
+        except RunInterrupted as err:  # rank 0 says how to resume
+            raise typer.Exit(err.exit_code) from None
         return
     r = plan.recipe
     what = (
