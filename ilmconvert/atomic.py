@@ -28,9 +28,9 @@ from .errors import IlmconvertError
 
 #: The file-system faults that :func:`guard` reports, with what to do about each.
 DISK_FAULTS = {
-    errno.ENOSPC: ("no space left on device", "free space there or choose another folder"),
-    getattr(errno, "EDQUOT", 122): ("disk quota exceeded", "free space within your quota or choose another folder"),
-    errno.EROFS: ("read-only file system", "choose a writable folder"),
+    errno.ENOSPC: ("No space left on device", "free space there or choose another folder"),
+    getattr(errno, "EDQUOT", 122): ("Disk quota exceeded", "free space within your quota or choose another folder"),
+    errno.EROFS: ("Read-only file system", "choose a writable folder"),
 }
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # Rust's io::Error, as safetensors reports it
 
@@ -42,7 +42,7 @@ class WriteError(IlmconvertError):
     it, so the previous file (or checkpoint folder) is still there and readable.
 
     Attributes:
-        path: what could not be written. problem: the fault and the sizes, e.g. ``no space left
+        path: what could not be written. problem: the fault and the sizes, e.g. ``No space left
             on device (needs about 97.6 MiB, 2.0 MiB free)``.
     """
 
@@ -72,7 +72,8 @@ def _mib(n: int) -> str:
 
 
 def fault_problem(path: Path, code: int, need: int | None = None) -> str:
-    """``REASON (needs about N MiB, M MiB free)`` for a fault of :data:`DISK_FAULTS` at ``path``."""
+    """``REASON (needs about N MiB, M MiB free)`` for a fault of :data:`DISK_FAULTS` at ``path``
+    (the reason as the C library words it, e.g. ``No space left on device``)."""
     reason = DISK_FAULTS[code][0]
     sizes = []
     if need:
@@ -85,12 +86,14 @@ def fault_problem(path: Path, code: int, need: int | None = None) -> str:
 
 
 @contextlib.contextmanager
-def guard(path: str | Path, need: int | None = None) -> Iterator[None]:
+def guard(path: str | Path, need: int | None = None, error: type[WriteError] = WriteError) -> Iterator[None]:
     """Turn a full, over-quota or read-only file system met in the body into one :class:`WriteError`.
 
     Args:
         path: what the body writes (named in the message).
         need: about how many bytes it writes, when known (said in the message).
+        error: the :class:`WriteError` subclass to raise (e.g. one that is also the caller's own
+            error type, which its callers catch).
 
     Raises:
         WriteError: the body raised an error of :data:`DISK_FAULTS` (see :func:`disk_fault`);
@@ -105,7 +108,7 @@ def guard(path: str | Path, need: int | None = None) -> Iterator[None]:
         if code is None:
             raise
         problem = fault_problem(Path(path), code, need)
-        raise WriteError(f"cannot write {path}: {problem}; {DISK_FAULTS[code][1]}", Path(path), problem) from err
+        raise error(f"cannot write {path}: {problem}; {DISK_FAULTS[code][1]}", Path(path), problem) from err
 
 
 def write_bytes(path: Path, data: bytes) -> None:

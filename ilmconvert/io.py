@@ -62,6 +62,11 @@ class CheckpointError(IlmconvertError):
     """A checkpoint cannot be written or read; the message names the file and the problem."""
 
 
+class CheckpointWriteError(CheckpointError, atomic.WriteError):
+    """:func:`save` met a full, over-quota or read-only disk (a :class:`CheckpointError` and an
+    :class:`~ilmconvert.atomic.WriteError`); the previous checkpoint, if any, is kept whole."""
+
+
 def versions() -> dict[str, str]:
     """Versions of ilmconvert, torch, torchvision and timm (recorded in every checkpoint)."""
     import timm
@@ -163,8 +168,8 @@ def save(
     Raises:
         CheckpointError: unconverted model, unknown source, non-checkpoint target directory, a
             target that cannot be written, or ``label_names`` of the wrong length.
-        WriteError: the file system is full, over quota or read-only (one line with the path and
-            the size needed); the previous checkpoint at ``directory``, if any, is kept whole.
+        CheckpointWriteError: the file system is full, over quota or read-only (one line with the
+            path and the size needed); the previous checkpoint at ``directory``, if any, is kept whole.
     """
     report = getattr(model, "ilm_conversion", None)
     if not isinstance(report, ConversionReport):
@@ -181,7 +186,7 @@ def save(
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     try:
-        with atomic.guard(target, need):
+        with atomic.guard(target, need, CheckpointWriteError):
             _write_checkpoint(model, tmp, target, resolved, report, fields, metadata, trainer_state)
     except OSError as err:
         raise CheckpointError(

@@ -260,7 +260,7 @@ def test_a_full_disk_during_finetune_is_one_line_and_keeps_the_previous_last(set
     code, out, err = finish(proc, log)
     assert code == 2, out + err
     line = one_error_line(out, err)
-    assert line.startswith(f"cannot write {run / 'last'}: no space left on device (needs about "), line
+    assert line.startswith(f"cannot write {run / 'last'}: No space left on device (needs about "), line
     assert f"resume with: ilmconvert finetune --out {run} --resume" in line, line
     load(run / "last")
     assert trainer_state(run)["epoch"] == 0
@@ -279,8 +279,8 @@ def disk_errors() -> list[BaseException]:
             wrapped, OSError(errno.EROFS, "Read-only file system")]
 
 
-@pytest.mark.parametrize("index, reason", [(0, "no space left on device"), (1, "no space left on device"),
-                                           (2, "disk quota exceeded"), (3, "read-only file system")])
+@pytest.mark.parametrize("index, reason", [(0, "No space left on device"), (1, "No space left on device"),
+                                           (2, "Disk quota exceeded"), (3, "Read-only file system")])
 def test_guard_names_the_path_and_the_need_for_each_disk_fault(tmp_path, index, reason):
     from ilmconvert.atomic import WriteError, guard
 
@@ -312,9 +312,9 @@ def test_sweep_summaries_and_run_files_on_a_full_disk_keep_the_old_file(tmp_path
     (tmp_path / "summary.json").write_text("{}\n")
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
     full_disk(monkeypatch)
-    with pytest.raises(WriteError, match=r"summary.json: no space left on device \(needs about"):
+    with pytest.raises(WriteError, match=r"summary.json: No space left on device \(needs about"):
         write_json_atomic(tmp_path / "summary.json", {"cells": 1})
-    with pytest.raises(WriteError, match="metrics.jsonl: no space left on device"):
+    with pytest.raises(WriteError, match="metrics.jsonl: No space left on device"):
         write_metrics(tmp_path, [{"epoch": 1}, {"epoch": 2}])
     assert (tmp_path / "summary.json").read_text() == "{}\n"
     assert (tmp_path / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
@@ -328,7 +328,7 @@ def test_export_on_a_full_disk_is_one_write_error_and_leaves_nothing(tmp_path, m
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
     model(torch.zeros(1, 3, 8, 8))
     full_disk(monkeypatch)
-    with pytest.raises(WriteError, match=r"model.pt2: no space left on device \(needs about"):
+    with pytest.raises(WriteError, match=r"model.pt2: No space left on device \(needs about"):
         export(model, tmp_path / "model.pt2", format="pt2", input_size=(8, 8), check=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -359,7 +359,7 @@ def test_swap_on_a_real_2_mib_tmpfs_is_one_line(tmp_path):
                                              "--no-pretrained", "--out", str(small / "ckpt")])
     assert done.returncode == 2, done.stdout + done.stderr
     line = one_error_line(done.stdout, done.stderr)
-    assert line.startswith(f"cannot write {small / 'ckpt'}: no space left on device (needs about 97."), line
+    assert line.startswith(f"cannot write {small / 'ckpt'}: No space left on device (needs about 97."), line
     assert "LEFT: \n" in done.stdout or done.stdout.rstrip().endswith("LEFT:")  # nothing half-written
 
 
