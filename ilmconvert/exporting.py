@@ -15,6 +15,7 @@ values JSON), or for pt2 the archive's extra file ``ilmconvert.json`` (read it w
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import atomic
 from .errors import IlmconvertError
 from .models import resolve_preprocessing
 from .version import __version__
@@ -178,6 +180,7 @@ def export(
         ExportError: bad ``format`` / ``exporter`` / ``batch`` / ``input_size``, a model that is
             not float32, onnxruntime missing for ``onnx``, or the exporter failing.
         ParityError: the written file does not match (nothing is left at ``path``).
+        WriteError: the file system is full, over quota or read-only (nothing is left at ``path``).
     """
     if format not in FORMATS:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -196,24 +199,26 @@ def export(
     trace_batch = 2 if batch == "dynamic" else int(batch)
     example = torch.randn(trace_batch, *prep["input_size"], generator=torch.Generator().manual_seed(0)).to(device)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        tmp = workdir / target.name
-        start = time.perf_counter()
-        if format == "onnx":
-            result = _export_onnx(model, example, tmp, exporter, opset or DEFAULT_OPSET, batch == "dynamic", meta)
-        else:
-            result = _export_pt2(model, example, tmp, batch == "dynamic", meta)
-        result.seconds = time.perf_counter() - start
-        if check:
-            _check(model, result, batches, prep["input_size"], device, tolerance)
-        for item in sorted(workdir.iterdir()):  # the file, and its external data if any
-            os.replace(item, target.parent / item.name)
-        result.path = target
-        return result
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    with atomic.guard(target, need):  # a full disk: one WriteError line
+        target.parent.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            tmp = workdir / target.name
+            start = time.perf_counter()
+            if format == "onnx":
+                result = _export_onnx(model, example, tmp, exporter, opset or DEFAULT_OPSET, batch == "dynamic", meta)
+            else:
+                result = _export_pt2(model, example, tmp, batch == "dynamic", meta)
+            result.seconds = time.perf_counter() - start
+            if check:
+                _check(model, result, batches, prep["input_size"], device, tolerance)
+            for item in sorted(workdir.iterdir()):  # the file, and its external data if any
+                os.replace(item, target.parent / item.name)
+            result.path = target
+            return result
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _check_batches(batch: int | str) -> tuple[int, ...]:
@@ -318,7 +323,9 @@ def _export_pt2(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool, me
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportError(f"torch.export failed: {first}") from err
-    torch.export.save(program, str(path), extra_files={PT2_METADATA_FILE: json.dumps(meta)})
+    buffer = io.BytesIO()  # written by Python, so a full disk is an OSError with its errno
+    torch.export.save(program, buffer, extra_files={PT2_METADATA_FILE: json.dumps(meta)})
+    atomic.write_bytes(path, buffer.getvalue())
     result = ExportResult(path, "pt2", "torch.export", 0.0, metadata=meta)
     result._program = program  # type: ignore[attr-defined]  # for the exactness check
     return result

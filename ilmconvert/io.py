@@ -15,6 +15,7 @@ safetensors and the optional trainer state is read with ``torch.load(weights_onl
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -59,6 +60,11 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 
 class CheckpointError(IlmconvertError):
     """A checkpoint cannot be written or read; the message names the file and the problem."""
+
+
+class CheckpointWriteError(CheckpointError, atomic.WriteError):
+    """:func:`save` met a full, over-quota or read-only disk (a :class:`CheckpointError` and an
+    :class:`~ilmconvert.atomic.WriteError`); the previous checkpoint, if any, is kept whole."""
 
 
 def versions() -> dict[str, str]:
@@ -162,9 +168,9 @@ def save(
     Raises:
         CheckpointError: unconverted model, unknown source, non-checkpoint target directory, a
             target that cannot be written, or ``label_names`` of the wrong length.
+        CheckpointWriteError: the file system is full, over quota or read-only (one line with the
+            path and the size needed); the previous checkpoint at ``directory``, if any, is kept whole.
     """
-    from safetensors.torch import save_model
-
     report = getattr(model, "ilm_conversion", None)
     if not isinstance(report, ConversionReport):
         raise CheckpointError("this model has not been converted; call ilmconvert.convert(model) before save()")
@@ -178,31 +184,10 @@ def save(
         raise CheckpointError(f"cannot save: {err}") from err
 
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     try:
-        tmp.mkdir(parents=True)
-        weights = tmp / WEIGHTS_FILE
-        save_model(model, str(weights), metadata={"format": FORMAT})
-        config = {
-            **fields,
-            "base_model": base_model(model, resolved),
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "source": resolved.to_dict(),
-            "conversion": report.to_dict(),
-            "versions": versions(),
-            "weights_sha256": sha256_of(weights),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metadata": dict(metadata or {}),
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / CARD_FILE).write_text(model_card.render(config, base_model=config["base_model"]))
-        # safetensors writes through a private (0600) temporary file: give the weights the
-        # permissions the umask gives config.json
-        os.chmod(weights, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
-        if trainer_state is not None:
-            torch.save(dict(trainer_state), tmp / TRAINER_STATE_FILE)
-        _fsync_dir_files(tmp)
-        _replace_dir(tmp, target)
+        with atomic.guard(target, need, CheckpointWriteError):
+            _write_checkpoint(model, tmp, target, resolved, report, fields, metadata, trainer_state)
     except OSError as err:
         raise CheckpointError(
             f"cannot write checkpoint to {target}: {err.strerror or err}; choose another directory"
@@ -211,6 +196,44 @@ def save(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_checkpoint(
+    model: nn.Module, tmp: Path, target: Path, resolved: ModelSource, report: ConversionReport,
+    fields: dict[str, Any], metadata: Mapping[str, Any] | None, trainer_state: Mapping[str, Any] | None,
+) -> None:
+    """:func:`save`'s writes: the files into the new folder ``tmp``, fsynced, then ``tmp`` renamed
+    to ``target``. The trainer state is serialized in memory first, so that a full disk is an
+    ``OSError`` with its errno (``torch.save`` into a file reports it without one); it records the
+    sha256 of the weights beside it (:func:`load_trainer_state` checks that they belong together)."""
+    from safetensors.torch import save_model
+
+    tmp.mkdir(parents=True)
+    weights = tmp / WEIGHTS_FILE
+    save_model(model, str(weights), metadata={"format": FORMAT})
+    config = {
+        **fields,
+        "base_model": base_model(model, resolved),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": resolved.to_dict(),
+        "conversion": report.to_dict(),
+        "versions": versions(),
+        "weights_sha256": sha256_of(weights),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metadata": dict(metadata or {}),
+    }
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / CARD_FILE).write_text(model_card.render(config, base_model=config["base_model"]))
+    # safetensors writes through a private (0600) temporary file: give the weights the
+    # permissions the umask gives config.json
+    os.chmod(weights, stat.S_IMODE((tmp / CONFIG_FILE).stat().st_mode))
+    if trainer_state is not None:
+        buffer = io.BytesIO()
+        torch.save({**trainer_state, "weights_sha256": config["weights_sha256"]}, buffer)
+        atomic.write_bytes(tmp / TRAINER_STATE_FILE, buffer.getvalue())
+    _fsync_dir_files(tmp)
+    _replace_dir(tmp, target)
 
 
 def _fsync_dir_files(directory: Path) -> None:
@@ -452,10 +475,12 @@ def push(
 def load_trainer_state(directory: str | Path) -> dict[str, Any] | None:
     """The trainer state saved next to a checkpoint (``None`` when there is none).
 
-    Read with ``torch.load(weights_only=True)``: no code is unpickled.
+    Read with ``torch.load(weights_only=True)``: no code is unpickled. A state written by
+    :func:`save` records the sha256 of the weights it was saved with; it must be that of the
+    folder's ``config.json`` (a ``trainer_state.pt`` copied from another checkpoint is refused).
 
     Raises:
-        CheckpointError: if the file exists but cannot be read.
+        CheckpointError: if the file exists but cannot be read, or belongs to other weights.
     """
     path = Path(directory) / TRAINER_STATE_FILE
     if not path.exists():
@@ -463,8 +488,19 @@ def load_trainer_state(directory: str | Path) -> dict[str, Any] | None:
     from .models import refused_pickle, safe_torch_load
 
     try:
-        return safe_torch_load(path)
+        state = safe_torch_load(path)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path} cannot be read: {refused_pickle(err)}") from err
     except Exception as err:
-        raise CheckpointError(f"{path} cannot be read: {first_line(err)}") from err
+        raise CheckpointError(
+            f"{path} cannot be read ({first_line(err)}); it is damaged: start a new run, or put back a copy of it"
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a trainer state (a {type(state).__name__}); start a new run")
+    recorded = state.get("weights_sha256")
+    if recorded is not None and recorded != read_config(directory).get("weights_sha256"):
+        raise CheckpointError(
+            f"{path} belongs to other weights than {Path(directory) / WEIGHTS_FILE} (another run or epoch: "
+            "its recorded sha256 differs); put back the trainer_state.pt saved with them, or start a new run"
+        )
+    return state

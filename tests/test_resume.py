@@ -18,103 +18,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from helpers import make_image_folder
+from helpers import Reference, finish, make_image_folder, numbers, run_to_end, start, wait_for_epoch, write_recipe
 from ilmconvert.train.run import LOCK_FILE, read_metrics
-
-TIMINGS = {"images_per_s", "epoch_s"}
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "200"}
-
-RECIPE = """
-description: tiny GN ResNet with dropout and drop-path
-model:
-  name: timm:resnet18
-  kwargs:
-    norm_layer: groupnorm
-    channels: [32, 64, 128, 256]
-    stem_width: 32
-    layers: [1, 1, 1, 1]
-    drop_rate: 0.2
-    drop_path_rate: 0.1
-conversion: {{norms: gn, init: preserve}}
-train: {{epochs: 3, batch_size: 16, lr: 0.05, cpu_threads: 1, seed: 7}}
-data: {{eval_batch_size: 64, num_workers: {workers}, cache: {cache}}}
-"""
-
-
-def write_recipe(folder: Path, workers: int, cache: bool) -> Path:
-    path = folder / f"tiny-w{workers}-{'cache' if cache else 'nocache'}.yaml"
-    path.write_text(RECIPE.format(workers=workers, cache=str(cache).lower()))
-    return path
-
-
-def start(*args: object, log: Path) -> subprocess.Popen:
-    """`python -m ilmconvert finetune ARGS` in its own process group (as a shell job does), its
-    output in files (``log``.out / .err): a loader worker that outlives a killed parent keeps
-    pipes open, and nothing must wait for it."""
-    command = [sys.executable, "-m", "ilmconvert", "finetune", *map(str, args)]
-    if "--device" not in command:
-        command += ["--device", "cpu"]
-    with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
-        return subprocess.Popen(
-            command, stdout=out, stderr=err, text=True, env=ENV, start_new_session=True, preexec_fn=_default_sigint
-        )
-
-
-def _default_sigint() -> None:
-    """In the child before exec: SIGINT to its default, as in a terminal. A test suite started in the
-    background from a script (``pytest &``) ignores SIGINT, its children would inherit that, and
-    Python then installs no KeyboardInterrupt handler: the Ctrl-C case would test nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 180) -> tuple[int, str, str]:
-    """Wait for ``proc``: (exit code, stdout, stderr)."""
-    code = proc.wait(timeout=timeout)
-    return code, Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text()
-
-
-def run_to_end(*args: object, log: Path) -> None:
-    code, out, err = finish(start(*args, log=log), log)
-    assert code == 0, out + err
-
-
-def wait_for_epoch(run: Path, epoch: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll RUN/metrics.jsonl until it has epoch ``epoch``'s line (the file is replaced atomically)."""
-    deadline = time.monotonic() + timeout
-    while not any(row["epoch"] == epoch for row in read_metrics(run)):
-        if proc.poll() is not None:
-            pytest.fail(f"finetune ended (exit {proc.returncode}) before epoch {epoch}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no epoch {epoch} after {timeout} s")
-        time.sleep(0.01)
-
-
-def numbers(run: Path) -> list[dict]:
-    """metrics.jsonl without the timings."""
-    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in read_metrics(run)]
-
-
-class Reference:
-    """The uninterrupted run (no loader workers, image cache on), started at once in the background
-    so that it overlaps the first test's runs; :meth:`numbers` waits for it."""
-
-    def __init__(self, root: Path, data: Path) -> None:
-        self.run, self.log = root / "reference", root / "reference"
-        self.proc = start("--recipe", write_recipe(root, 0, True), "--data", data, "--out", self.run, log=self.log)
-        self._numbers: list[dict] | None = None
-
-    def numbers(self) -> list[dict]:
-        if self._numbers is None:
-            code, out, err = finish(self.proc, self.log)
-            assert code == 0, out + err
-            self._numbers = numbers(self.run)
-            assert [row["epoch"] for row in self._numbers] == [1, 2, 3]
-        return self._numbers
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,9 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except IlmconvertError as err:
             fail(one_line(str(err)), code=err.exit_code)
         except KeyboardInterrupt:
-            fail("interrupted", code=EXIT_INTERRUPTED)
+            from ..train.stopping import SIGNALS  # SIGTERM during finetune / sweep: 143
+
+            fail("interrupted", code=SIGNALS.exit_code)
 
     return wrapper
 

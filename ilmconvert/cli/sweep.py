@@ -67,6 +67,7 @@ def sweep(
     error_vs_batch.png and curves.png. Interrupted? Run the same command again.
     """
     from ..train.run import Progress as Hooks
+    from ..train.stopping import SIGNALS
     from ..train.sweep import SweepHooks, plan_sweep, run_sweep
 
     plan = plan_sweep(
@@ -112,7 +113,7 @@ def sweep(
         if row is not None:
             results.setdefault((cell.variant, cell.batch_size), []).append(row["final_error"])
 
-    with live:
+    with live, SIGNALS.installed():  # SIGTERM stops like Ctrl-C: the cell in flight saves its state
         refresh()
         summary = run_sweep(plan, SweepHooks(start=start, skipped=skipped, done=done))
     if bars is None:

@@ -70,6 +70,7 @@ OVERRIDES = {
     "compile_": "train.compile",
     "trainable": "train.trainable",
     "checkpoint_hist": "train.checkpoint_hist",
+    "checkpoint_interval": "train.checkpoint_interval",
     "seed": "train.seed",
     "workers": "data.num_workers",
     "pipeline": "data.pipeline",
@@ -262,6 +263,11 @@ def finetune(
     checkpoint_hist: Annotated[
         Optional[int], _opt("--checkpoint-hist", min=0, help="Keep the checkpoints of the N best epochs.")
     ] = None,
+    checkpoint_interval: Annotated[
+        Optional[float],
+        _opt("--checkpoint-interval", min=0.0, metavar="MINUTES",
+             help="Also write RUN/last/ inside epochs every MINUTES (resumable exactly)."),
+    ] = None,
     seed: Annotated[Optional[int], _opt("--seed", help="Seed of initialization, data order, augmentation.")] = None,
     workers: Annotated[Optional[int], _opt("--workers", "-j", min=0, help="Data loader worker processes.")] = None,
 ) -> None:
@@ -272,29 +278,31 @@ def finetune(
     Several GPUs: `torchrun --nproc_per_node N -m ilmconvert finetune ...` (batch size per process).
     """
     from ..train.distributed import destroy_process_group, from_environment
+    from ..train.stopping import SIGNALS
 
     values = dict(locals())
     overrides = {key: values[name] for name, key in OVERRIDES.items()}
     processes = from_environment()
     try:
-        _finetune(
-            processes,
-            checkpoint=checkpoint,
-            data=data,
-            run=out,
-            recipe=recipe,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            method=method,
-            device=device,
-            data_root=data_root,
-            resume=resume,
-            weights=weights,
-            overrides=overrides,
-            settings=settings or (),
-            log=log or (),
-        )
+        with SIGNALS.installed():  # SIGTERM stops like Ctrl-C
+            _finetune(
+                processes,
+                checkpoint=checkpoint,
+                data=data,
+                run=out,
+                recipe=recipe,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                method=method,
+                device=device,
+                data_root=data_root,
+                resume=resume,
+                weights=weights,
+                overrides=overrides,
+                settings=settings or (),
+                log=log or (),
+            )
     finally:
         destroy_process_group()
 
@@ -308,14 +316,17 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     """``finetune`` in one process: rank 0 (or the only process) reports, the others train silently."""
     import contextlib
 
-    from ..train.run import METRICS_FILE, prepare_finetune, run_finetune
+    from ..train.run import METRICS_FILE, RunInterrupted, prepare_finetune, run_finetune
     from ..train.run import Progress as Hooks
 
     with console.status("reading data and building the network") if processes.is_main else contextlib.nullcontext():
         plan = prepare_finetune(**options, processes=processes)
     checkpoint, data, out = options["checkpoint"], options["data"], options["run"]
     if not processes.is_main:  # the other torchrun processes train in silence; rank 0 reports and writes
-        run_finetune(plan)
+        try:
+            run_finetune(plan)
+        except RunInterrupted as err:  # rank 0 says how to resume
+            raise typer.Exit(err.exit_code) from None
         return
     r = plan.recipe
     what = (

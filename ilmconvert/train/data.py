@@ -508,16 +508,17 @@ class EpochSampler(Sampler):
     """
 
     def __init__(self, size: int, seed: int, shard: Sampler[int] | None = None) -> None:
-        self.size, self.seed, self.shard, self.epoch = size, seed, shard, 0
+        self.size, self.seed, self.shard, self.epoch, self.skip = size, seed, shard, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the order and seeds of ``epoch`` (0-based)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the order and seeds of ``epoch`` (0-based), leaving out its first ``skip`` images
+        (this process's): the part of the epoch that a run stopped in its middle has trained."""
+        self.epoch, self.skip = epoch, skip
         if self.shard is not None:
             self.shard.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.shard) if self.shard is not None else self.size
+        return (len(self.shard) if self.shard is not None else self.size) - self.skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
@@ -526,7 +527,7 @@ class EpochSampler(Sampler):
         else:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
             order = torch.randperm(self.size, generator=generator).tolist()
-        for index in order:
+        for index in order[self.skip :]:
             yield index, mix_seed(self.seed, epoch, index, 1)
 
 
@@ -550,10 +551,12 @@ def _quiet_when_main_process_left(previous: Callable[..., Any]) -> Callable[...,
 
 
 def _init_worker(worker_id: int) -> None:
-    """DataLoader worker start-up: leave Ctrl-C to the main process, which shuts the workers down
-    (a terminal sends SIGINT to the whole process group), and print no traceback when the main
-    process went away in the middle of receiving a batch."""
+    """DataLoader worker start-up: leave Ctrl-C and SIGTERM to the main process, which finishes
+    its step and shuts the workers down (a terminal sends SIGINT to the whole process group, a
+    scheduler SIGTERM to every process of the job; a worker killed by it would abort the step), and
+    print no traceback when the main process went away in the middle of receiving a batch."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.excepthook = _quiet_when_main_process_left(sys.excepthook)
 
 

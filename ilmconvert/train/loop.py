@@ -27,6 +27,7 @@ from ..errors import IlmconvertError, first_line
 from .data import mix_seed, seeded_globals, to_input
 from .distributed import SINGLE, Distributed
 from .recipes import ConversionSettings, DataSettings, ModelSettings, TrainSettings
+from .stopping import EpochPosition
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -438,6 +439,8 @@ def train_one_epoch(
     batches: Batches | None = None,
     processes: Distributed = SINGLE,
     extras: Extras | None = None,
+    start: EpochPosition | None = None,
+    control: Any = None,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader`` (this process's shard when ``processes`` is distributed).
 
@@ -447,6 +450,12 @@ def train_one_epoch(
     The loss and top-1 are summed on the device and read once per epoch (and every 10th batch for
     the NaN check and the progress bar), so the loop adds no host sync per batch.
 
+    Args:
+        start: continue an epoch stopped at this position (the loader's sampler then leaves out
+            the batches before it, see :func:`seed_epoch`); ``None``: from its first batch.
+        control: a :class:`~ilmconvert.train.stopping.RunControl`, told after every update but the
+            epoch's last (it writes a mid-epoch checkpoint, or stops the epoch).
+
     Returns:
         (``{"train_loss", "train_top1" (percent, against the unmixed labels), "images", "seconds",
         "images_per_s"}``, the update count after the epoch). Loss, top-1 and images are over all
@@ -454,6 +463,7 @@ def train_one_epoch(
 
     Raises:
         TrainError: when the loss becomes NaN or infinite (lower the learning rate).
+        EpochStopped: ``control`` stopped the epoch (a signal arrived).
     """
     batches = batches or Batches()
     extras = extras or Extras()
@@ -461,18 +471,23 @@ def train_one_epoch(
     network.train()
     device = precision.device
     accum = train.grad_accum_steps
-    total = len(loader)
+    first = start.step if start is not None else 0
+    total = first + len(loader)
     partial_from = total - total % accum  # the batches of a last, shorter accumulation window
     clipped = _clipped_parameters(network, train.clip_mode) if train.clip_grad is not None else None
     unwrapped = getattr(network, "module", network)  # DDP / torch.compile wrap the network
     epoch = int(getattr(loader.sampler, "epoch", 0))
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    seen = 0
-    batches.start(total)
+    sums = start.sums[processes.rank] if start is not None else torch.zeros(3, dtype=torch.float64)
+    loss_sum = sums[0].to(device).clone()
+    correct = sums[1].to(device, torch.int64)
+    seen = int(sums[2])
+    batches.start(total - first)
     optimizer.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    for step, (images, labels) in enumerate(loader):
+    begun = time.perf_counter() - (start.seconds if start is not None else 0.0)
+    iterator = iter(loader)
+    if start is not None:  # after the iterator started (which may draw), as the uninterrupted run
+        start.restore_rng(processes.rank, device)
+    for step, (images, labels) in enumerate(iterator, start=first):
         x = to_input(images, data.mean, data.std, device, precision.channels_last)
         y = labels.to(device, non_blocking=True)
         target = y
@@ -502,9 +517,11 @@ def train_one_epoch(
             if not math.isfinite(shown):
                 raise TrainError(f"the training loss became {shown} at update {num_updates}; lower --lr")
         batches.advance(shown)
+        if need_update and control is not None and step + 1 < total:
+            control.update_done(step + 1, num_updates, (loss_sum, correct, seen), device, begun)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - begun
     batches.stop()
     loss_sum, correct, seen = _summed(processes, loss_sum, correct, seen)
     mean_loss = loss_sum / max(1, seen)
@@ -584,8 +601,10 @@ def cpu_threads(device: torch.device, threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None:
-    """Make every random draw of ``epoch`` a pure function of (seed, epoch, rank).
+def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0, skip_batches: int = 0) -> None:
+    """Make every random draw of ``epoch`` a pure function of (seed, epoch, rank); with
+    ``skip_batches``, the loader leaves out the epoch's first batches (a run resumed in the middle
+    of the epoch, whose generator states :meth:`EpochPosition.restore_rng` then puts back).
 
     Seeds torch's global generator (dropout, drop-path and other randomness in the network: per
     process, so with ``rank``), the loader's generator (its workers' start-up seed) and the
@@ -598,4 +617,7 @@ def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None
     if loader.generator is not None:
         loader.generator.manual_seed(mix_seed(seed, epoch, rank, 3))
     if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+        if skip_batches:
+            loader.sampler.set_epoch(epoch, skip=skip_batches * loader.batch_size)
+        else:
+            loader.sampler.set_epoch(epoch)

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import atomic
 from ..errors import IlmconvertError
 
 
@@ -39,13 +40,14 @@ def _save(fig: Any, out: Path) -> Path:
     suffix = out.suffix or ".png"
     tmp = out.with_name(f".{out.name}.tmp{suffix}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, out)
+        with atomic.guard(out):  # a full disk: one WriteError line
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
+            os.replace(tmp, out)
     except (OSError, ValueError) as err:  # ValueError: matplotlib does not know the format
-        tmp.unlink(missing_ok=True)
         raise PlotError(f"cannot write {out}: {getattr(err, 'strerror', None) or err}; choose another --out") from err
     finally:
+        tmp.unlink(missing_ok=True)
         _pyplot().close(fig)
     return out
 

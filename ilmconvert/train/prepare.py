@@ -18,7 +18,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..io import CONFIG_FILE, is_checkpoint, load, load_trainer_state, read_config, recover_checkpoint
+from ..io import (
+    CONFIG_FILE,
+    CheckpointError,
+    is_checkpoint,
+    load,
+    load_trainer_state,
+    read_config,
+    recover_checkpoint,
+)
 from ..models import resolve_preprocessing
 from ..preprocessing import Preprocessing
 from .data import (
@@ -39,7 +47,7 @@ from .recipes import DataSettings, Recipe, load_recipe, parse_recipe
 from .run_folder import LAST, RECIPE_FILE, RunError, RunInterrupted, RunLock, check_new_run, resolve_checkpoint
 
 #: Recipe keys that ``--resume`` may change: they do not change any number the run computes.
-RESUMABLE = ("train.epochs", "data.num_workers", "train.checkpoint_hist")
+RESUMABLE = ("train.epochs", "data.num_workers", "train.checkpoint_hist", "train.checkpoint_interval")
 
 
 @dataclass
@@ -289,6 +297,13 @@ def _resumed_recipe(
     state = load_trainer_state(run / LAST)
     if not state or "epoch" not in state or "optimizer" not in state:
         raise RunError(f"--resume: {run / LAST} has no trainer state; start a new run without --resume")
+    saved_at = (read_config(run / LAST).get("metadata") or {}).get("epoch")
+    if saved_at is not None and saved_at != state["epoch"]:  # a state without the weights' hash (older versions)
+        raise RunError(
+            f"--resume: {run / LAST}/trainer_state.pt is of epoch {state['epoch']} but the weights beside it of "
+            f"epoch {saved_at} (another run's, or an older copy); put back the trainer_state.pt saved with them, "
+            "or start a new run"
+        )
     if state["epoch"] >= resolved.train.epochs:
         raise RunError(
             f"--resume: {run} already finished {state['epoch']} of {resolved.train.epochs} epochs; "
@@ -315,7 +330,10 @@ def _network(
     """
     notes: list[str] = []
     if resumed is not None:
-        network = load(resumed / LAST)
+        try:
+            network = load(resumed / LAST)
+        except CheckpointError as err:  # e.g. a truncated model.safetensors: nothing to continue from
+            raise RunError(f"--resume: {err}; the run cannot continue from it: start a new run") from None
         if fit_classifier(network, num_classes):
             raise RunError(
                 f"--resume: {resumed} was trained on another number of classes than {data} has ({num_classes})"

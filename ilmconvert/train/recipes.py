@@ -125,6 +125,8 @@ class TrainSettings(_Strict):
             parameters; ``norms+head``: those and the classifier (timm ``get_classifier()``).
         checkpoint_hist: keep the checkpoints of the N best epochs as ``RUN/checkpoint-EPOCH/``
             (timm's ``--checkpoint-hist``; 0: none besides last/ and best/).
+        checkpoint_interval: minutes between mid-epoch checkpoints into ``RUN/last/`` (``None``:
+            at the end of each epoch only), from which ``--resume`` continues exactly.
         seed: seeds the network initialization, the data order and augmentation.
         cpu_threads: torch intra-op threads when training on CPU (``None``: torch's default, one
             per core). Small networks train faster on one thread: OpenMP synchronization then
@@ -158,6 +160,7 @@ class TrainSettings(_Strict):
     compile: Union[bool, str] = False
     trainable: Literal["all", "norms", "norms+head"] = "all"
     checkpoint_hist: int = Field(0, ge=0)
+    checkpoint_interval: Optional[float] = Field(None, gt=0)
     seed: int = 0
     cpu_threads: Optional[PositiveInt] = None
 

@@ -13,6 +13,7 @@ The jobs of a run live in their own modules, and are importable from here too:
 from __future__ import annotations
 
 import shutil
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import WriteError
 from ..io import is_checkpoint, save
 from .data import make_loader
 from .evaluation import evaluate_checkpoint
@@ -54,10 +56,11 @@ from .run_folder import (
     check_new_run,
     read_metrics,
     resolve_checkpoint,
-    sigint_held_back,
+    resumed_metrics,
     write_atomic,
     write_metrics,
 )
+from .stopping import SIGNALS, EpochPosition, EpochStopped, RunControl
 
 __all__ = [
     "BEST", "BEST_EMA", "LAST", "LOCK_FILE", "METRICS_FILE", "METRIC_KEYS", "RECIPE_FILE", "RESUMABLE",
@@ -98,17 +101,26 @@ def run_finetune(plan: FinetunePlan, progress: Progress | None = None) -> dict[s
         ``{"epochs": done, "best_top1", "best_epoch", "last": metrics of the final epoch}``.
 
     Raises:
-        RunInterrupted: SIGINT (Ctrl-C); its message is the command that resumes the run.
-        TrainError: the loss diverged. CheckpointError, RunError: the run folder cannot be written.
+        RunInterrupted: SIGINT (Ctrl-C) or SIGTERM, after the update in flight was saved to
+        ``RUN/last``; its message is the command that resumes the run, its ``exit_code`` 130 or 143.
+        WriteError: the disk is full, over quota or read-only; ``RUN/last`` holds the previous
+        checkpoint and the message says how to resume from it. TrainError: the loss diverged.
+        CheckpointError, RunError: the run folder cannot be written or resumed.
     """
     try:
-        with cpu_threads(plan.device, plan.recipe.train.cpu_threads):
+        with cpu_threads(plan.device, plan.recipe.train.cpu_threads), \
+                SIGNALS.deferring(force_repeat=not plan.processes.enabled):
             return _fit(plan, progress)
-    except KeyboardInterrupt:
-        raise _interrupted(plan) from None
-    except BaseException:
+    except KeyboardInterrupt as err:
+        raise _interrupted(plan, getattr(err, "signum", None)) from None
+    except BaseException as err:
         if not _written(plan) and plan.lock is not None:
             plan.lock.discard()  # nothing but the lock was written: leave nothing behind
+        elif isinstance(err, WriteError):
+            raise WriteError(
+                f"cannot write {err.path}: {err.problem}; {plan.run / LAST} is intact: free space, then resume "
+                f"with: {plan.resume_command}", err.path, err.problem,
+            ) from err
         raise
     finally:
         plan.release()
@@ -119,14 +131,24 @@ def _written(plan: FinetunePlan) -> bool:
     return is_checkpoint(plan.run / LAST) and (plan.run / RECIPE_FILE).is_file()
 
 
-def _interrupted(plan: FinetunePlan) -> RunInterrupted:
-    """The error for Ctrl-C during :func:`_fit`: how to resume, or (before RUN was written) that
-    nothing was written; then the lock file and any folder created for it are removed."""
+def _interrupted(plan: FinetunePlan, signum: int | None) -> RunInterrupted:
+    """The error for a stop signal during :func:`_fit`: how to resume, or (before RUN was written)
+    that nothing was written; then the lock file and any folder created for it are removed."""
+    signum = signum if signum is not None else SIGNALS.signum
     if _written(plan):
-        return RunInterrupted(f"interrupted; resume with: {plan.resume_command}")
+        what = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        return RunInterrupted(f"{what}; resume with: {plan.resume_command}", signum)
     if plan.lock is not None:
         plan.lock.discard()
-    return RunInterrupted("interrupted before the run folder was written; nothing was written")
+    return RunInterrupted("interrupted before the run folder was written; nothing was written", signum)
+
+
+class _Stop(KeyboardInterrupt):
+    """Every process stops after the state was saved (``signum``: the signal any of them got)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass
@@ -228,16 +250,31 @@ def _epoch_metrics(epoch: int, trained: dict[str, Any], tested: dict[str, Any], 
     return metrics
 
 
+def _test_epoch(plan: FinetunePlan, network: nn.Module, loader: Any, precision: Precision, progress: Progress,
+                extras: Any, epoch: int, trained: dict[str, Any], optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """After epoch ``epoch + 1``'s training: test the network (and its EMA), step the scheduler's
+    epoch; returns the epoch's metrics."""
+    data_cfg, processes = plan.recipe.data, plan.processes
+    tested = evaluate(network, loader, data_cfg, precision, progress.test(epoch + 1), processes)
+    ema_tested = None
+    if extras.ema is not None:
+        ema_tested = evaluate(extras.ema.module, loader, data_cfg, precision, None, processes)
+    lr = float(optimizer.param_groups[0]["lr"])
+    if scheduler is not None:
+        scheduler.step(epoch + 1)
+    return _epoch_metrics(epoch + 1, trained, tested, lr, ema_tested)
+
+
 def _write_epoch(
     plan: FinetunePlan, network: nn.Module, ema: Any, rows: list[dict[str, Any]], improved: tuple[bool, bool],
     best_top1: float, trainer_state: dict[str, Any], log: RunLog,
 ) -> None:
     """After an epoch (the last of ``rows``): metrics.jsonl and summary.csv, best/ and best_ema/
     when ``improved`` (network, EMA), checkpoint-EPOCH/ with checkpoint_hist, then last/ with
-    ``trainer_state``; Ctrl-C held back meanwhile."""
+    ``trainer_state``; no signal stops the writes."""
     run, metrics = plan.run, rows[-1]
     metadata = _metadata(plan, metrics["epoch"], best_top1, metrics)
-    with sigint_held_back():
+    with SIGNALS.holding():
         write_metrics(run, rows)
         log.rows(rows)
         if improved[0]:
@@ -250,6 +287,40 @@ def _write_epoch(
         save(network, run / LAST, metadata=metadata, trainer_state=trainer_state)
 
 
+def _start_position(plan: FinetunePlan) -> EpochPosition | None:
+    """Where a resumed run stopped inside its epoch (``None``: at an epoch's end, or a new run).
+
+    Raises:
+        RunError: it was saved by another number of processes (the shards would differ).
+    """
+    state = plan.trainer_state or {}
+    position = EpochPosition.from_state(state["position"]) if state.get("position") else None
+    if position is not None and position.world_size != plan.processes.world_size:
+        raise RunError(
+            f"--resume: {plan.run / LAST} was saved inside epoch {plan.start_epoch + 1} by {position.world_size} "
+            f"process(es); resume it with as many (torchrun --nproc_per_node {position.world_size})"
+        )
+    return position
+
+
+def _open_run_folder(plan: FinetunePlan, network: nn.Module, rows: list[dict[str, Any]],
+                     initial: dict[str, Any] | None, log: RunLog) -> None:
+    """Before the first epoch (rank 0): a new run (``initial``: its epoch-0 trainer state) writes
+    ``last/``, ``metrics.jsonl`` and ``recipe.yaml``; a resumed one rewrites ``metrics.jsonl``
+    with the lines ``last/`` holds (dropping later and torn ones)."""
+    run = plan.run
+    with SIGNALS.holding():
+        if initial is None:
+            write_metrics(run, rows)
+        else:
+            run.mkdir(parents=True, exist_ok=True)
+            save(network, run / LAST, metadata=_metadata(plan, 0, -1.0, None), trainer_state=initial)
+            write_metrics(run, rows)
+            write_atomic(run / RECIPE_FILE, plan.recipe.to_yaml())
+        log.rows(rows)
+        _keep_history(run, rows, plan.recipe.train.checkpoint_hist, plan.start_epoch)
+
+
 def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]:
     """Train ``plan.network`` for the recipe's epochs, writing ``RUN`` as it goes.
 
@@ -259,18 +330,22 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
     when the test top-1 improved (``RUN/best_ema`` when the EMA's did), ``RUN/checkpoint-EPOCH``
     with ``checkpoint_hist``, then ``RUN/last`` with the trainer state (optimizer, scheduler, EMA
     weights, grad scaler); a run killed between these writes resumes from the previous ``last``
-    and drops the metric lines after it. Ctrl-C is held back during the writes. Under torchrun
+    and drops the metric lines after it. Inside an epoch, ``RUN/last`` is also written every
+    ``train.checkpoint_interval`` minutes and when a stop signal arrives, with the epoch's
+    :class:`EpochPosition` in its trainer state. No signal interrupts the writes. Under torchrun
     every process trains a ``DistributedDataParallel`` copy on its shard and only rank 0 writes.
 
     Raises:
-        KeyboardInterrupt: Ctrl-C (after the writes in progress); ``run_finetune`` turns it into
-        :class:`RunInterrupted`. TrainError: the loss diverged. CheckpointError, RunError: a
-        checkpoint or file could not be written.
+        KeyboardInterrupt: SIGINT / SIGTERM (after the state was saved, or a second Ctrl-C at
+        once); ``run_finetune`` turns it into :class:`RunInterrupted`. TrainError: the loss
+        diverged. CheckpointError, RunError, WriteError: a checkpoint or file could not be written.
     """
     progress = progress or Progress()
     recipe, run, processes = plan.recipe, plan.run, plan.processes
     main = processes.is_main
     train_cfg, data_cfg = recipe.train, recipe.data
+    state = plan.trainer_state or {}
+    position = _start_position(plan)
     precision = Precision.of(plan.device, train_cfg)
     network = precision.prepare(plan.network)
     set_trainable(network, train_cfg.trainable)
@@ -286,44 +361,47 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
         optimizer, train_cfg, updates_per_epoch(len(train_loader), train_cfg.grad_accum_steps)
     )
     extras = create_extras(network, train_cfg, data_cfg, precision, len(plan.train.classes))
-    state = plan.trainer_state or {}
     num_updates = int(state.get("num_updates", 0))
     best = _Best.of(state)
     if state:
         _restore(state, optimizer, scheduler, extras, train_cfg.epochs)
     if scheduler is not None:  # the same learning rate whether the run starts here or resumes here
         scheduler.step_update(num_updates=num_updates)
-    rows = [r for r in read_metrics(run) if r.get("epoch", 0) <= plan.start_epoch] if state and main else []
+    rows = resumed_metrics(run, plan.start_epoch) if state and main else []
     log = RunLog(run, plan.log, plan.start_epoch) if main else None
     if main:
-        with sigint_held_back():
-            if state:
-                write_metrics(run, rows)  # drop the lines of epochs after last/ (a run killed before saving it)
-            else:
-                run.mkdir(parents=True, exist_ok=True)
-                initial = _trainer_state(0, train_cfg.epochs, 0, best, optimizer, scheduler, extras)
-                save(network, run / LAST, metadata=_metadata(plan, 0, best.top1, None), trainer_state=initial)
-                write_metrics(run, rows)
-                write_atomic(run / RECIPE_FILE, recipe.to_yaml())
-            log.rows(rows)
-            _keep_history(run, rows, train_cfg.checkpoint_hist, plan.start_epoch)
+        initial = None if state else _trainer_state(0, train_cfg.epochs, 0, best, optimizer, scheduler, extras)
+        _open_run_folder(plan, network, rows, initial, log)
 
+    epoch = plan.start_epoch
+
+    def save_position(here: EpochPosition, updates: int) -> None:
+        """``RUN/last`` inside epoch ``epoch + 1``: the weights and trainer state after ``here.step`` batches."""
+        if not main:
+            return
+        inside = {**_trainer_state(epoch, train_cfg.epochs, updates, best, optimizer, scheduler, extras),
+                  "position": here.to_state()}
+        metadata = {**_metadata(plan, epoch, best.top1, rows[-1] if rows else None), "step": here.step}
+        with SIGNALS.holding():
+            save(network, run / LAST, metadata=metadata, trainer_state=inside)
+
+    control = RunControl(processes, train_cfg.checkpoint_interval, save_position)
     metrics: dict[str, Any] = {}
     try:
         for epoch in range(plan.start_epoch, train_cfg.epochs):
-            seed_epoch(train_loader, train_cfg.seed, epoch, processes.rank)
-            trained, num_updates = train_one_epoch(
-                trained_network, train_loader, optimizer, scheduler, train_cfg, data_cfg, precision, num_updates,
-                progress.train(epoch + 1), processes, extras,
-            )
-            tested = evaluate(network, test_loader, data_cfg, precision, progress.test(epoch + 1), processes)
-            ema_tested = None
-            if extras.ema is not None:
-                ema_tested = evaluate(extras.ema.module, test_loader, data_cfg, precision, None, processes)
-            lr = float(optimizer.param_groups[0]["lr"])
-            if scheduler is not None:
-                scheduler.step(epoch + 1)
-            metrics = _epoch_metrics(epoch + 1, trained, tested, lr, ema_tested)
+            seed_epoch(train_loader, train_cfg.seed, epoch, processes.rank, position.step if position else 0)
+            try:
+                trained, num_updates = train_one_epoch(
+                    trained_network, train_loader, optimizer, scheduler, train_cfg, data_cfg, precision, num_updates,
+                    progress.train(epoch + 1), processes, extras, start=position, control=control,
+                )
+            except EpochStopped as stopped:
+                save_position(stopped.position, stopped.num_updates)
+                processes.barrier()  # the others wait for rank 0's write (torchrun ends all when one ends)
+                raise _Stop(control.signum) from None
+            position = None
+            metrics = _test_epoch(plan, network, test_loader, precision, progress, extras, epoch, trained,
+                                  optimizer, scheduler)
             improved, ema_improved = best.update(metrics)
             if main:
                 rows.append(metrics)
@@ -332,7 +410,11 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
                 )
                 _write_epoch(plan, network, extras.ema, rows, (improved, ema_improved), best.top1, trainer_state, log)
                 progress.epoch_done(metrics, improved)
+            control.saved()
+            if epoch + 1 < train_cfg.epochs and control.stop_requested():
+                raise _Stop(control.signum)
     finally:
+        control.close()
         if log is not None:
             log.close()
     processes.barrier()  # RUN is complete when any process returns

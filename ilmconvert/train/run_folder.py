@@ -4,7 +4,8 @@ A run directory ``RUN`` holds::
 
     RUN/recipe.yaml     the resolved recipe (with command-line overrides), read by --resume
     RUN/metrics.jsonl   one JSON object per epoch (see :data:`METRIC_KEYS`)
-    RUN/last/           checkpoint after the latest epoch, with trainer_state.pt for --resume
+    RUN/last/           checkpoint after the latest epoch (or update, when stopped inside one), with
+                        trainer_state.pt for --resume
     RUN/best/           checkpoint with the best test top-1 so far
     RUN/best_ema/       with train.model_ema: the EMA weights with the best EMA test top-1 so far
     RUN/checkpoint-N/   with train.checkpoint_hist: the checkpoints of the best epochs (timm's)
@@ -16,12 +17,13 @@ and ``ilmconvert eval`` read them. Everything that can be wrong with the argumen
 output folder, network) is checked in :func:`~ilmconvert.train.prepare.prepare_finetune`, before anything but the lock
 file is written.
 
-A run can be stopped at any moment (``kill -9``, Ctrl-C) and continued with ``--resume``: the
-resumed run reproduces the uninterrupted one's ``metrics.jsonl`` exactly on CPU (every number but
-the timings), because every epoch's randomness is a function of (seed, epoch, rank) alone (see
+A run can be stopped at any moment (``kill -9``, Ctrl-C, SIGTERM) and continued with ``--resume``:
+the resumed run reproduces the uninterrupted one's ``metrics.jsonl`` exactly on CPU (every number
+but the timings), because every epoch's randomness is a function of (seed, epoch, rank) alone (see
 :func:`~ilmconvert.train.loop.seed_epoch`), ``last/`` exists from the start (epoch 0) and is
-replaced atomically after each epoch, and ``metrics.jsonl`` is rewritten atomically before it.
-Ctrl-C is held back while the run folder is written and then raises :class:`RunInterrupted`.
+replaced atomically after each epoch (and, with ``train.checkpoint_interval``, inside epochs), and
+``metrics.jsonl`` is rewritten atomically before it. Ctrl-C and SIGTERM finish the update in
+flight, save it to ``last/`` and raise :class:`RunInterrupted` (:mod:`.stopping`).
 """
 
 from __future__ import annotations
@@ -29,15 +31,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from .. import atomic
-from ..errors import IlmconvertError
+from ..errors import IlmconvertError, first_line
 from ..io import CONFIG_FILE, existing_ancestor, is_checkpoint, read_config
+from .stopping import SIGNALS
 
 METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
@@ -58,13 +58,17 @@ class RunInUse(RunError):
 
 
 class RunInterrupted(IlmconvertError):
-    """The run was stopped by SIGINT (Ctrl-C); the message says how to resume it, if it can be.
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM; the message says how to resume it, if it can be.
 
-    ``RUN/last`` is then the complete checkpoint of the last finished epoch (Ctrl-C is held back
-    while the run folder is written), and ``--resume`` continues exactly as if it had not stopped.
+    ``RUN/last`` is then complete: the update in flight was finished and saved as a mid-epoch
+    checkpoint (a second Ctrl-C stops at once, from the previous ``last/``), and ``--resume``
+    continues exactly as if the run had not stopped. ``exit_code`` is 128 + the signal's number
+    (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal ended.
     """
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = SIGNALS.exit_code if signum is None else 128 + signum
 
 
 # ------------------------------------------------------------------------------------------ run folder
@@ -86,7 +90,7 @@ def check_new_run(run: Path) -> None:
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     """The per-epoch metrics of a run (``[]`` when there are none yet).
 
-    A last line without its newline (half-written by an older version that was killed) is skipped.
+    A last line without its newline (the line being written when a process died) is skipped.
 
     Raises:
         ValueError: another line is not JSON (``json.JSONDecodeError``).
@@ -104,6 +108,34 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def resumed_metrics(run: Path, epoch: int) -> list[dict[str, Any]]:
+    """The lines of ``RUN/metrics.jsonl`` for epochs 1 to ``epoch`` (those ``last/`` holds), for ``--resume``.
+
+    Lines of later epochs (a run stopped after writing them but before ``last/``) and a torn last
+    line (the line being written when the process died) are dropped: those epochs are trained
+    again, so nothing is lost.
+
+    Raises:
+        RunError: a line that is not JSON, or a missing line of an epoch up to ``epoch`` (its
+            numbers cannot be recomputed); the message names the file and what to do.
+    """
+    path = run / METRICS_FILE
+    try:
+        rows = read_metrics(run)
+    except (OSError, ValueError) as err:
+        raise RunError(
+            f"{path} is damaged ({first_line(err)}): restore it from a copy, or start a new run"
+        ) from None
+    rows = [r for r in rows if isinstance(r, dict) and r.get("epoch", 0) <= epoch]
+    missing = sorted(set(range(1, epoch + 1)) - {r.get("epoch") for r in rows})
+    if missing:
+        raise RunError(
+            f"{path} lacks the line of epoch {', '.join(map(str, missing))} that {run / LAST} holds, and its "
+            "numbers cannot be recomputed: restore metrics.jsonl from a copy, or start a new run"
+        )
+    return rows
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` in one rename: a kill leaves the old or the new file, never half.
 
@@ -118,25 +150,6 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_metrics(run: Path, rows: list[dict[str, Any]]) -> None:
     write_atomic(run / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-@contextlib.contextmanager
-def sigint_held_back() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) while the body runs, then raise the KeyboardInterrupt it would
-    have raised. Only in the main thread (elsewhere Python delivers no signal), and only where
-    SIGINT is not ignored (a job started with ``&`` from a script, or under ``nohup``, inherits an
-    ignored SIGINT and must keep ignoring it); a no-op elsewhere."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-    if caught:
-        raise KeyboardInterrupt
 
 
 class RunLock:

@@ -40,7 +40,7 @@ from .. import methods
 from ..io import is_checkpoint
 from .prepare import prepare_finetune
 from .recipes import load_recipe
-from .run import run_finetune
+from .run import RunInterrupted, run_finetune
 from .sweep_grid import CELLS, Cell, Sweep, SweepError
 from .sweep_results import finished, write_json_atomic, write_summaries, write_text_atomic
 
@@ -206,7 +206,8 @@ def run_sweep(sweep: Sweep, hooks: SweepHooks | None = None) -> dict[str, Any]:
         The summary (as in ``summary.json``).
 
     Raises:
-        RunInterrupted: Ctrl-C; running the same command again resumes. SweepError, RunError,
+        RunInterrupted: Ctrl-C or SIGTERM (the cell in flight saved its state); running the same
+        command again resumes it exactly. SweepError, RunError,
         RecipeError, DataError, TrainError: as ``finetune``.
     """
     hooks = hooks or SweepHooks()
@@ -240,7 +241,15 @@ def run_sweep(sweep: Sweep, hooks: SweepHooks | None = None) -> dict[str, Any]:
                 device=sweep.device,
                 data_root=sweep.data_root,
             )
-        run_finetune(plan, progress)
+        try:
+            run_finetune(plan, progress)
+        except RunInterrupted as err:
+            if "resume with" not in str(err):
+                raise
+            raise RunInterrupted(
+                f"{str(err).split(';')[0]} in cell {cell.name}; resume with the same `ilmconvert sweep` command",
+                err.exit_code - 128,
+            ) from None
         summary = write_summaries(sweep)
         hooks.done(cell, next(r for r in summary["cells"] if r["cell"] == cell.name))
     if summary is None:  # nothing ran: the summaries of the finished cells, written once
