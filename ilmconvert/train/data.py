@@ -365,14 +365,24 @@ def subset_indices(total: int, size: int | None, seed: int) -> list[int]:
 def _torchvision_split(source: DataSource, split: str) -> Any:
     import torchvision
 
+    from .. import online
+
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[source.kind]
     created = _first_missing(Path(source.root))
     try:
+        return cls(str(source.root), train=split == "train", download=False)  # downloaded before
+    except Exception:  # not there yet (torchvision raises RuntimeError), or not whole: download
+        pass
+    url = getattr(cls, "url", None)
+    offline = online.unreachable(url) if url else None  # within seconds, not after urllib's minutes
+    try:
+        if offline is not None:
+            raise ConnectionError(offline)
         return cls(str(source.root), train=split == "train", download=True)
     except Exception as err:  # URLError, socket errors, checksum errors, ...
         _discard_partial_download(Path(source.root), cls, created)
         raise DataError(
-            f"cannot download {source.kind} into {source.root} ({first_line(err)}); offline, pass an "
+            f"cannot download {source.kind} into {source.root} ({offline or first_line(err)}); offline, pass an "
             f"ImageFolder root with train/ and test/ instead (e.g. --data /path/to/{source.kind})"
         ) from None
 
