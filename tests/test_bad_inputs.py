@@ -617,6 +617,17 @@ CASES = [
         ("not a run folder",),
     ),
     Case("eval-subset-0", ("eval", "{s}/ckpt", "--data", "{s}/data", "--subset", "0"), ("--subset",), usage=True),
+    # --- export
+    Case(
+        "export-format-contradicts-extension",
+        ("export", "{s}/ckpt", "--format", "pt2", "--out", "{d}/z.onnx"),
+        ("format pt2 contradicts the file name '{d}/z.onnx'", "'{d}/z.pt2'"),
+    ),
+    Case(
+        "export-unknown-extension",
+        ("export", "{s}/ckpt", "--out", "{d}/z.bin"),
+        ("cannot tell the format from the file name '{d}/z.bin'", ".onnx or .pt2"),
+    ),
     # --- the command line itself
     Case("cli-unknown-option", ("inspect", "timm:convnext_atto", "--bogus"), ("--bogus",), usage=True),
     Case("cli-missing-out", ("swap", "timm:convnext_atto", "--no-pretrained"), ("--out",), usage=True),
