@@ -73,8 +73,8 @@ def render_report(report: Any, title: str) -> None:
     ilm, proxy = method in ("ilm", "ilm+proxy"), method in ("proxy", "ilm+proxy")
     table = Table(title=title, title_justify="left", show_lines=False)
     numbers = ("C", "groups", *(("K", "N", "M") if ilm else ()), *(("activation",) if proxy else ()), "+params")
-    for col in ("module", "source", "becomes", *numbers):
-        table.add_column(col, justify="right" if col in numbers and col != "activation" else "left")
+    for col in ("module", "source", "becomes", *numbers):  # fold, never cut: --include needs the names
+        table.add_column(col, justify="right" if col in numbers and col != "activation" else "left", overflow="fold")
     for c in report.converted:
         k = f"{c.key_group_size}*" if c.key_group_size_adjusted else str(c.key_group_size)
         name = c.name + (f" (+{len(c.aliases)} shared)" if c.aliases else "")
@@ -89,9 +89,8 @@ def render_report(report: Any, title: str) -> None:
         console.print("[dim]* C is not a multiple of the requested K: the largest divisor of C not above K is used.[/]")
     if report.skipped:
         skipped = Table(title="left as they are", title_justify="left")
-        skipped.add_column("module")
-        skipped.add_column("class")
-        skipped.add_column("reason")
+        for col in ("module", "class", "reason"):
+            skipped.add_column(col, overflow="fold")
         for s in report.skipped:
             skipped.add_row(s.name, s.source.rsplit(".", 1)[-1], s.reason)
         console.print(skipped)

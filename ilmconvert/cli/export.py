@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .output import console, expected_errors
+from .output import console, expected_errors, literal
 
 
 @expected_errors
@@ -17,7 +17,12 @@ def export(
     format: Annotated[
         Optional[str],
         typer.Option(
-            "--format", "-f", help="onnx or pt2 (torch.export archive); default: the one --out's extension names."
+            "--format",
+            "-f",
+            help=literal(
+                "onnx (needs pip install 'ilmconvert[onnx]') or pt2 (torch.export archive); default: the one "
+                "--out's extension names."
+            ),
         ),
     ] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", min=7, help="ONNX opset (default 18).")] = None,

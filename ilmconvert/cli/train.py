@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..train.distributed import Distributed
-from .output import console, expected_errors
+from .output import console, expected_errors, literal
 
 DataOpt = Annotated[
     str,
@@ -201,7 +201,7 @@ def finetune(
         Optional[list[str]],
         typer.Option(
             "--log", metavar="tensorboard",
-            help="Also log to TensorBoard (RUN/tensorboard; pip install 'ilmconvert[tensorboard]').",
+            help=literal("Also log to TensorBoard (RUN/tensorboard; pip install 'ilmconvert[tensorboard]')."),
         ),
     ] = None,
     opt: Annotated[Optional[str], _opt("--opt", help="timm optimizer: momentum, sgd, adamw, lamb, ...")] = None,
