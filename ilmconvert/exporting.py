@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import IlmconvertError
+from .models import resolve_preprocessing
 from .version import __version__
 
 FORMATS = ("onnx", "pt2")
@@ -39,13 +40,6 @@ TOLERANCE = 1e-5
 PT2_METADATA_FILE = "ilmconvert.json"
 #: timm's ``pretrained_cfg`` keys that describe the input, copied into the metadata
 PREPROCESSING_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std")
-DEFAULT_PREPROCESSING: dict[str, Any] = {
-    "input_size": [3, 224, 224],
-    "crop_pct": 0.875,
-    "interpolation": "bicubic",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-}
 _ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 
 
@@ -119,10 +113,11 @@ def preprocessing(
 ) -> dict[str, Any]:
     """The input description of ``model``, with timm's ``pretrained_cfg`` names.
 
-    Taken from ``pretrained_cfg`` (a checkpoint's ``config.json`` top-level field), else the
-    model's own ``pretrained_cfg`` attribute (timm models have one), else
-    :data:`DEFAULT_PREPROCESSING` (ImageNet: 3x224x224, bicubic, crop 0.875); key by key.
-    ``input_size`` ``(H, W)`` overrides the height and width.
+    :func:`ilmconvert.models.resolve_preprocessing` with ``pretrained_cfg`` (a checkpoint's
+    ``config.json`` top-level field) as the given values: key by key from it, else the network's
+    library (timm's ``pretrained_cfg``, torchvision's weights transforms), else timm's ImageNet
+    defaults (3 x 224 x 224, bicubic, crop 0.875). ``input_size`` ``(H, W)`` overrides the height
+    and width.
 
     Returns:
         ``{"input_size": [C, H, W], "crop_pct": float, "interpolation": str, "mean": [...],
@@ -131,11 +126,9 @@ def preprocessing(
     Raises:
         ExportError: if ``input_size`` is not two positive integers.
     """
-    sources = [c for c in (pretrained_cfg, getattr(model, "pretrained_cfg", None)) if isinstance(c, dict)]
-    out: dict[str, Any] = {}
-    for key in PREPROCESSING_KEYS:
-        value = next((c[key] for c in sources if c.get(key) is not None), DEFAULT_PREPROCESSING[key])
-        out[key] = list(value) if isinstance(value, (tuple, list)) else value
+    found = resolve_preprocessing(model, config={"pretrained_cfg": pretrained_cfg or {}}, metadata={})
+    cfg = found.pretrained_cfg()
+    out = {key: cfg[key] for key in PREPROCESSING_KEYS}
     out["input_size"] = [int(v) for v in out["input_size"]]
     if input_size is not None:
         if len(input_size) != 2 or any(int(v) < 1 for v in input_size):

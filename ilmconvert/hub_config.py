@@ -24,20 +24,11 @@ from typing import Any
 
 from torch import nn
 
-from .models import ModelSource, _classifier, classifier_size
+from .models import ModelSource, _classifier, classifier_size, resolve_preprocessing
+from .preprocessing import timm_pretrained_cfg
 
-#: The input pipeline keys of timm's ``pretrained_cfg`` that :func:`hub_fields` always fills.
-DATA_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 #: timm's ``pretrained_cfg`` keys that locate the original weights: dropped, as timm's export does.
 _SOURCE_KEYS = ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "state_dict")
-_DEFAULTS: dict[str, Any] = {
-    "input_size": [3, 224, 224],
-    "interpolation": "bilinear",
-    "crop_pct": 0.875,
-    "crop_mode": "center",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-}
 
 
 def _jsonable(value: Any) -> Any:
@@ -46,64 +37,6 @@ def _jsonable(value: Any) -> Any:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError):
         return None
-
-
-def _timm_cfg(model: nn.Module, source: ModelSource) -> dict[str, Any]:
-    """timm's ``pretrained_cfg`` of the recorded tag (the model's own when no tag is recorded),
-    with the preprocessing resolved by ``timm.data.resolve_data_config``."""
-    import timm
-
-    cfg: dict[str, Any] = {}
-    if source.pretrained_tag not in (None, "default"):
-        found = timm.models.get_pretrained_cfg(f"{source.architecture}.{source.pretrained_tag}")
-        cfg = found.to_dict() if found is not None else {}
-    if not cfg:
-        own = getattr(model, "pretrained_cfg", None)
-        cfg = dict(own) if isinstance(own, Mapping) else {}
-    if not cfg:
-        found = timm.models.get_pretrained_cfg(source.architecture)
-        cfg = found.to_dict() if found is not None else {}
-    data = timm.data.resolve_data_config({}, pretrained_cfg=cfg, model=model)
-    cfg.update({k: data[k] for k in DATA_KEYS if k in data})
-    return cfg
-
-
-def _torchvision_cfg(source: ModelSource) -> tuple[dict[str, Any], list[str] | None]:
-    """Preprocessing and class names of the recorded torchvision weights (empty without weights)."""
-    if source.pretrained_tag is None:
-        return {}, None
-    import torchvision
-
-    try:
-        enum = torchvision.models.get_model_weights(source.architecture)
-        weights = enum.DEFAULT if source.pretrained_tag == "default" else enum.verify(source.pretrained_tag)
-        tf = weights.transforms()
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return {}, None
-    crop, resize = int(tf.crop_size[0]), int(tf.resize_size[0])
-    interpolation = getattr(tf.interpolation, "value", str(tf.interpolation))
-    cfg = {
-        "input_size": [3, crop, crop],
-        "interpolation": interpolation,
-        "crop_pct": round(crop / resize, 4),
-        "crop_mode": "center",
-        "mean": list(tf.mean),
-        "std": list(tf.std),
-    }
-    categories = weights.meta.get("categories")
-    return cfg, list(categories) if categories else None
-
-
-def _imagenet_labels(model: nn.Module, num_classes: int | None) -> list[str] | None:
-    """ImageNet synsets (timm's ``ImageNetInfo``) for a pretrained timm ImageNet head, else None."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    try:
-        subset = infer_imagenet_subset(model)
-        names = ImageNetInfo(subset).label_names() if subset else None
-    except Exception:  # unknown subsets or label files: no names rather than a failed save
-        return None
-    return list(names) if names and len(names) == num_classes else None
 
 
 def _global_pool(model: nn.Module) -> str | None:
@@ -120,24 +53,6 @@ def _num_features(model: nn.Module) -> int | None:
         return value
     head = _classifier(model)
     return int(head[2].in_features) if head else None
-
-
-def _finetuned_data(metadata: Mapping[str, Any]) -> tuple[dict[str, Any], list[str] | None]:
-    """Preprocessing and class names a fine-tune recorded (``metadata["data"]``), if any."""
-    data = metadata.get("data")
-    if not isinstance(data, Mapping):
-        return {}, None
-    settings = data.get("settings") if isinstance(data.get("settings"), Mapping) else {}
-    cfg: dict[str, Any] = {}
-    if isinstance(settings.get("image_size"), int):
-        size = settings["image_size"]
-        # the fine-tune's evaluation resizes and center-crops to image_size (ilmconvert/train/data.py)
-        cfg.update(input_size=[3, size, size], crop_pct=1.0, crop_mode="center")
-    for key in ("mean", "std"):
-        if isinstance(settings.get(key), Sequence):
-            cfg[key] = list(settings[key])
-    classes = data.get("classes")
-    return cfg, [str(c) for c in classes] if isinstance(classes, Sequence) and classes else None
 
 
 def hub_fields(
@@ -168,27 +83,16 @@ def hub_fields(
         ValueError: when ``label_names`` does not have one name per class.
     """
     num_classes = classifier_size(model)
-    labels: list[str] | None = None
-    if source.library == "timm":
-        cfg = _timm_cfg(model, source)
-        if source.pretrained_tag is not None and source.weights_file is None:
-            labels = cfg.get("label_names") or _imagenet_labels(model, num_classes)
-    else:
-        cfg, labels = _torchvision_cfg(source)
-    tuned, tuned_labels = _finetuned_data(metadata or {})
-    cfg.update(tuned)
-    labels = tuned_labels or labels
-    cfg.update(dict(pretrained_cfg or {}))
-    if label_names is not None:
-        labels = [str(n) for n in label_names]
-        if num_classes is not None and len(labels) != num_classes:
-            raise ValueError(f"label_names has {len(labels)} names but the network predicts {num_classes} classes")
-    elif labels is not None and len(labels) != num_classes:
-        labels = None  # names of another head
-    defaulted = [f"pretrained_cfg.{k}" for k in DATA_KEYS if cfg.get(k) is None]
-    for key in DATA_KEYS:
-        if cfg.get(key) is None:
-            cfg[key] = _DEFAULTS[key]
+    if label_names is not None and num_classes is not None and len(label_names) != num_classes:
+        raise ValueError(f"label_names has {len(label_names)} names but the network predicts {num_classes} classes")
+    overrides = dict(pretrained_cfg or {})
+    given = {"pretrained_cfg": overrides, "label_names": list(label_names) if label_names is not None else None}
+    prep = resolve_preprocessing(model, source=source, config=given, metadata=metadata or {})
+    cfg = timm_pretrained_cfg(model, source) if source.library == "timm" else {}
+    cfg.update(overrides)
+    cfg.update(prep.pretrained_cfg())
+    labels = list(prep.label_names) if prep.label_names else None
+    defaulted = [f"pretrained_cfg.{k}" for k in prep.defaulted]
     cfg.pop("architecture", None)  # at the top level, as timm's export writes it
     cfg["num_classes"] = num_classes
     cfg.pop("label_names", None)  # written at the top level, as timm does
@@ -216,5 +120,5 @@ def base_model(model: nn.Module, source: ModelSource) -> str | None:
     ``hf_hub_id`` of the recorded tag), or None (random or local weights, torchvision)."""
     if source.library != "timm" or source.pretrained_tag is None or source.weights_file is not None:
         return None
-    hub_id = _timm_cfg(model, source).get("hf_hub_id")
+    hub_id = timm_pretrained_cfg(model, source).get("hf_hub_id")
     return hub_id if isinstance(hub_id, str) and hub_id else None

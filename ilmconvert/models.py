@@ -14,7 +14,7 @@ import difflib
 import hashlib
 import pickle
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import IlmconvertError, first_line
+from .preprocessing import Preprocessing, resolve
 
 LIBRARIES = ("timm", "torchvision")
 
@@ -409,20 +410,35 @@ def source_of(model: nn.Module) -> ModelSource | None:
     return None
 
 
+def resolve_preprocessing(
+    model: nn.Module,
+    *,
+    source: ModelSource | None = None,
+    config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Preprocessing:
+    """The input ``model`` expects (size, mean, std, interpolation, crop_pct, class names): the one
+    resolver that ``eval``, ``export``, ``config.json`` and ``finetune`` read
+    (:func:`ilmconvert.preprocessing.resolve`: a checkpoint's ``config`` / a fine-tune's
+    ``metadata``, else the library's ``pretrained_cfg`` / weights transforms, else timm's ImageNet
+    defaults).
+
+    Args:
+        source: how it was built (default :func:`source_of`).
+        config, metadata: a checkpoint's ``config.json`` (or overrides) and metadata.
+    """
+    return resolve(
+        model, source or source_of(model), config=config, metadata=metadata, num_classes=classifier_size(model)
+    )
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the network expects: timm's ``pretrained_cfg['input_size']``, else (3, 224, 224)."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return tuple(int(v) for v in cfg["input_size"])  # type: ignore[return-value]
-    return (3, 224, 224)
+    """(C, H, W) the network expects (:func:`resolve_preprocessing`; ImageNet's 3 x 224 x 224 when unknown)."""
+    return resolve_preprocessing(model).input_size
 
 
 def preprocessing(model: nn.Module) -> dict[str, Any] | None:
-    """Input side and normalization the network's pretrained weights expect.
-
-    timm: ``timm.data.resolve_data_config`` on the ``pretrained_cfg`` of the recorded tag;
-    torchvision: the weights enum's ``transforms()`` (``crop_size``, ``mean``, ``std``), ImageNet's
-    224 px statistics without weights.
+    """Input side and normalization the network's pretrained weights expect (:func:`resolve_preprocessing`).
 
     Returns:
         ``{"image_size": int (pixels), "mean": (r, g, b), "std": (r, g, b)}`` for [0, 1] RGB, or
@@ -432,23 +448,8 @@ def preprocessing(model: nn.Module) -> dict[str, Any] | None:
     source = source_of(model)
     if source is None or "cifar_stem" in source.adaptations:
         return None
-    import timm
-
-    if source.library == "timm":
-        cfg = None
-        if source.pretrained_tag not in (None, "default"):
-            found = timm.models.get_pretrained_cfg(f"{source.architecture}.{source.pretrained_tag}")
-            cfg = found.to_dict() if found is not None else None
-        data = timm.data.resolve_data_config({}, pretrained_cfg=cfg, model=model)
-        return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
-    if source.pretrained_tag is None:
-        return {"image_size": 224, "mean": timm.data.IMAGENET_DEFAULT_MEAN, "std": timm.data.IMAGENET_DEFAULT_STD}
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(source.architecture)
-    weights = enum.DEFAULT if source.pretrained_tag == "default" else enum.verify(source.pretrained_tag)
-    transform = weights.transforms()
-    return {"image_size": int(transform.crop_size[0]), "mean": tuple(transform.mean), "std": tuple(transform.std)}
+    found = resolve_preprocessing(model, source=source)
+    return {"image_size": found.image_size, "mean": found.mean, "std": found.std}
 
 
 def _classifier(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:

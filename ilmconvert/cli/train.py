@@ -66,6 +66,7 @@ OVERRIDES = {
     "seed": "train.seed",
     "workers": "data.num_workers",
     "pipeline": "data.pipeline",
+    "input_size": "data.image_size",
     "aa": "data.aa",
     "mixup": "data.mixup",
     "cutmix": "data.cutmix",
@@ -246,6 +247,14 @@ def finetune(
         Optional[Literal["cifar", "timm"]], _opt("--pipeline", help="Data pipeline: cifar (cached) or timm.")
     ] = None,
     aa: Annotated[Optional[str], _opt("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")] = None,
+    input_size: Annotated[
+        Optional[int],
+        _opt(
+            "--input-size", min=1,
+            help="Square input side in pixels (data.image_size). Default: the recipe's, else the network's own "
+            "(a pretrained or fine-tuned checkpoint's), else 32.",
+        ),
+    ] = None,
     checkpoint_hist: Annotated[
         Optional[int], _opt("--checkpoint-hist", min=0, help="Keep the checkpoints of the N best epochs.")
     ] = None,
@@ -318,6 +327,7 @@ def _finetune(processes: Distributed, **options: Any) -> None:
         f"{r.train.sched}, device {plan.device.type}"
         + (f" x {processes.world_size} processes" if processes.enabled else "")
         + (f"; resuming after epoch {plan.start_epoch}" if plan.start_epoch else "")
+        + (f"; {plan.input_note}" if plan.input_note else "")
     )
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")

@@ -33,6 +33,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..errors import IlmconvertError, first_line
+from ..models import resolve_preprocessing
+from ..preprocessing import IMAGENET_DEFAULTS, Preprocessing
 from .distributed import SINGLE, Distributed
 from .recipes import DataSettings
 
@@ -304,29 +306,31 @@ def train_transform(settings: DataSettings) -> Callable[[Any], torch.Tensor] | N
     return v2.Compose([v2.RandomCrop(size, padding=max(1, size // 8)), v2.RandomHorizontalFlip()])
 
 
-def resolve_pipeline(settings: DataSettings, network: Any) -> DataSettings:
-    """``settings`` with what the ``timm`` pipeline leaves open taken from the network's
-    ``timm.data.resolve_data_config`` (its ``pretrained_cfg``; ImageNet defaults for others):
-    ``image_size``, ``mean``, ``std`` when the recipe did not set them, ``crop_pct`` and
-    ``interpolation`` when ``None``. ``cifar`` settings are returned as they are."""
-    if settings.pipeline != "timm":
-        return settings
-    from timm.data import resolve_data_config
+def resolve_pipeline(settings: DataSettings, network: Any, found: Preprocessing | None = None) -> DataSettings:
+    """``settings`` with what the recipe left open taken from the network's preprocessing
+    (``found``, default :func:`ilmconvert.models.resolve_preprocessing` of ``network``).
 
-    config = resolve_data_config({}, model=network)
+    ``image_size``, ``mean`` and ``std`` that the recipe did not set come from the network for the
+    ``timm`` pipeline, and for the ``cifar`` pipeline when the network brings its own (pretrained
+    weights or a fine-tune's record, :attr:`Preprocessing.from_weights`): a checkpoint converted
+    from 224-px ImageNet weights is trained at 224 px with ImageNet's statistics, an untrained
+    network at the recipe defaults (32 px, CIFAR-10 statistics). ``crop_pct`` and
+    ``interpolation`` come from the network when ``None`` (``timm`` pipeline only: the ``cifar``
+    pipeline does not use them).
+    """
+    timm_pipeline = settings.pipeline == "timm"
+    found = found or resolve_preprocessing(network)
+    if not timm_pipeline and not found.from_weights:
+        return settings
     given = settings.model_fields_set
     update: dict[str, Any] = {}
-    for key, value in (
-        ("image_size", int(config["input_size"][-1])),
-        ("mean", tuple(config["mean"])),
-        ("std", tuple(config["std"])),
-    ):
+    for key, value in (("image_size", found.image_size), ("mean", found.mean), ("std", found.std)):
         if key not in given:
             update[key] = value
-    if settings.crop_pct is None:
-        update["crop_pct"] = float(config["crop_pct"])
-    if settings.interpolation is None:
-        update["interpolation"] = str(config["interpolation"])
+    if timm_pipeline and settings.crop_pct is None:
+        update["crop_pct"] = found.crop_pct
+    if timm_pipeline and settings.interpolation is None:
+        update["interpolation"] = found.interpolation
     return DataSettings.model_validate(settings.model_dump() | update)
 
 
@@ -341,7 +345,8 @@ def timm_transform(settings: DataSettings, train: bool) -> Callable[[Any], torch
     """
     from timm.data import create_transform
 
-    common = {"input_size": settings.image_size, "interpolation": settings.interpolation or "bilinear",
+    interpolation = settings.interpolation or IMAGENET_DEFAULTS["interpolation"]
+    common = {"input_size": settings.image_size, "interpolation": interpolation,
               "mean": settings.mean, "std": settings.std, "normalize": False}
     try:
         if train:

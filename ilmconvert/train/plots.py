@@ -67,7 +67,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     Raises:
         PlotError: a folder has no metrics, ``labels`` has another length, ``out`` cannot be written.
     """
-    from .run import read_metrics
+    from .run_folder import read_metrics
 
     if not runs:
         raise PlotError("no run folders given; pass one or more folders written by `ilmconvert finetune`")

@@ -262,7 +262,7 @@ class Recipe(_Strict):
         changes.update(parse_settings(settings))
         if not changes:
             return self
-        data = self.model_dump()
+        data = self.model_dump(exclude_unset=True)  # what the recipe leaves open stays open (resolve_pipeline)
         for key, value in changes.items():
             _set_dotted(data, ALIASES.get(key, key), value)
         return _validate(Recipe, data, origin)

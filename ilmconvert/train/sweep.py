@@ -29,25 +29,19 @@ of the Group Normalization paper); ``none`` keeps the recipe's, as the ILM paper
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .recipes import Recipe, load_recipe, parse_recipe
-from .sweep_results import (
-    CELLS,
-    SweepError,
-    finished,
-    write_json_atomic,
-    write_summaries,
-    write_text_atomic,
-)
+from ..io import is_checkpoint
+from .prepare import prepare_finetune
+from .recipes import load_recipe
+from .run import run_finetune
+from .sweep_grid import CELLS, Cell, Sweep, SweepError
+from .sweep_results import finished, write_json_atomic, write_summaries, write_text_atomic
 
 #: The built-in variants: partial recipes (merged over the sweep's recipe). The norm layer names
 #: are timm's (``timm.layers.get_norm_layer``), so they apply to timm networks.
@@ -64,20 +58,6 @@ RECIPES = "recipes"
 _FIXED = ("epochs", "lr_scaling", "data", "recipe")
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One run of the grid: ``variant`` at ``batch_size`` with ``seed``."""
-
-    variant: str
-    batch_size: int
-    seed: int
-
-    @property
-    def name(self) -> str:
-        """The run folder's name, ``VARIANT-bB-sS``."""
-        return f"{self.variant}-b{self.batch_size}-s{self.seed}"
-
-
 @dataclass
 class SweepHooks:
     """Callbacks for a front-end: a cell starts (with ``finetune``'s progress hooks to use), is
@@ -86,59 +66,6 @@ class SweepHooks:
     start: Callable[[Cell, int, int], Any] = lambda cell, index, total: None
     skipped: Callable[[Cell], None] = lambda cell: None
     done: Callable[[Cell, dict[str, Any]], None] = lambda cell, row: None
-
-
-@dataclass
-class Sweep:
-    """A checked sweep: its recipe, variants (as partial recipes) and grid, ready to run."""
-
-    out: Path
-    data: str
-    recipe: Recipe
-    variants: dict[str, dict[str, Any]]
-    batch_sizes: list[int]
-    seeds: list[int]
-    lr_scaling: str
-    reference: str
-    device: str = "auto"
-    data_root: str | Path | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def cells(self) -> list[Cell]:
-        """The grid, seed-major: every (variant, batch size) gets its first seed before any its second."""
-        return [Cell(v, b, s) for s in self.seeds for b in self.batch_sizes for v in self.variants]
-
-    def cell_recipe(self, cell: Cell) -> Recipe:
-        """The recipe of ``cell``: the variant merged over the sweep's recipe, with the cell's batch
-        size, seed and (scaled) learning rate.
-
-        Raises:
-            RecipeError: the merged recipe is invalid (names the variant).
-        """
-        change = {k: v for k, v in self.variants[cell.variant].items() if k != "checkpoint"}
-        data = _merge(self.recipe.model_dump(mode="json"), change)
-        data.pop("variants", None)
-        train = data["train"]
-        base_batch = self.recipe.train.batch_size
-        scale = cell.batch_size / base_batch if self.lr_scaling == "linear" else 1.0
-        train.update(batch_size=cell.batch_size, seed=cell.seed, lr=self.recipe.train.lr * scale)
-        if self.lr_scaling == "linear":
-            train["warmup_lr"] = train["warmup_lr"] * scale
-            train["min_lr"] = train["min_lr"] * scale
-        data["name"] = f"{self.recipe.name or 'recipe'}/{cell.name}"
-        return parse_recipe(yaml.safe_dump(data, sort_keys=False), f"{self.recipe.name} + variant {cell.variant}")
-
-
-def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``change`` merged in, recursively for nested mappings (a copy)."""
-    merged = copy.deepcopy(base)
-    for key, value in change.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def _parse_list(text: str | Sequence[Any], what: str, cast: Callable[[str], Any]) -> list[Any]:
@@ -281,9 +208,6 @@ def run_sweep(sweep: Sweep, hooks: SweepHooks | None = None) -> dict[str, Any]:
         RunInterrupted: Ctrl-C; running the same command again resumes. SweepError, RunError,
         RecipeError, DataError, TrainError: as ``finetune``.
     """
-    from ..io import is_checkpoint
-    from .run import prepare_finetune, run_finetune
-
     hooks = hooks or SweepHooks()
     out = sweep.out
     (out / CELLS).mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 over seeds, and the files they are written to (``results.jsonl``, ``summary.json``, ``summary.md``
 and the two figures). Everything is recomputed from the cell folders, never accumulated.
 
-The functions take the :class:`~ilmconvert.train.sweep.Sweep` and :class:`~ilmconvert.train.sweep.Cell`
-of the module that runs the sweep (typed ``Any`` here: this module is imported by that one).
+The functions take the sweep's grid (:class:`~ilmconvert.train.sweep_grid.Sweep`,
+:class:`~ilmconvert.train.sweep_grid.Cell`); they do not depend on the module that runs it.
 """
 
 from __future__ import annotations
@@ -15,15 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
-from ..errors import IlmconvertError
+from ..io import is_checkpoint, load_trainer_state
 from .recipes import parse_recipe
-
-#: The folder of a sweep that holds the cells' run folders.
-CELLS = "cells"
-
-
-class SweepError(IlmconvertError):
-    """Bad sweep arguments, or a sweep folder that does not match them (one line)."""
+from .run_folder import read_metrics
+from .sweep_grid import CELLS, Cell, Sweep, SweepError
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -39,22 +34,18 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def finished(run: Path, epochs: int) -> bool:
     """The cell's run has trained all ``epochs`` (its ``last/`` trainer state says so)."""
-    from ..io import is_checkpoint, load_trainer_state
-
     if not is_checkpoint(run / "last"):
         return False
     state = load_trainer_state(run / "last") or {}
     return int(state.get("epoch", 0)) >= epochs
 
 
-def cell_result(sweep: Any, cell: Any) -> dict[str, Any] | None:
+def cell_result(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:
     """The ``results.jsonl`` row of a finished cell (``None`` when it is not finished).
 
     Errors are top-1 errors in percent on the test split; ``final_error`` is the last epoch's,
     ``best_error`` the lowest over epochs; ``seconds`` sums the epochs' training and test time.
     """
-    from .run import read_metrics
-
     run = sweep.out / CELLS / cell.name
     epochs = sweep.recipe.train.epochs
     if not finished(run, epochs):
@@ -105,7 +96,7 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
     return mean, float(t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
 
 
-def summarize(sweep: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(sweep: Sweep, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (variant, batch size): mean ± 95 % CI of the final and best test error over seeds, and
     the difference to the reference variant paired by seed (``variant − reference``, so negative
     means fewer errors than the reference)."""
@@ -155,7 +146,7 @@ def summarize(sweep: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_summaries(sweep: Any) -> dict[str, Any]:
+def write_summaries(sweep: Sweep) -> dict[str, Any]:
     """Rewrite ``results.jsonl``, ``summary.json``, ``summary.md`` and the two figures from the
     finished cell folders. Returns the summary."""
     from .plots import plot_error_vs_batch, plot_sweep_curves
