@@ -155,7 +155,7 @@ def test_expected_mistakes_are_one_line_and_write_nothing(tiny_data, tiny_recipe
         (["--recipe", bad, "--data", tiny_data, "--out", run], "unknown key 'train.epochz'"),
         (["--recipe", "no-such-recipe", "--data", tiny_data, "--out", run], "unknown recipe 'no-such-recipe'"),
         (["--data", tiny_data, "--out", run, "--resume"], "not a run folder"),
-        (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--resume"], "only --epochs may change"),
+        ([tmp_path / "ck", "--data", tiny_data, "--out", run, "--resume"], "only --epochs may change"),
         (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--lr", "0"], "train.lr"),
         (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--device", "tpu"], "--device"),
         (

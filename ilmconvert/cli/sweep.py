@@ -14,7 +14,17 @@ from rich.progress import Progress
 from rich.table import Table
 
 from .output import console, expected_errors
-from .train import DataOpt, DataRootOpt, DeviceOpt, _bars, _batches
+from .train import (
+    DATA_OVERRIDES,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    SetOpt,
+    TestSubsetOpt,
+    TrainSubsetOpt,
+    _bars,
+    _batches,
+)
 
 
 def _grid(sweep: Any, results: dict[tuple[str, int], list[float]], running: Any) -> Table:
@@ -60,6 +70,9 @@ def sweep(
     ] = None,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
+    settings: SetOpt = None,
+    train_subset: TrainSubsetOpt = None,
+    test_subset: TestSubsetOpt = None,
 ) -> None:
     """Train every variant x batch size x seed on DATA and compare final test errors with 95 % intervals.
 
@@ -72,6 +85,8 @@ def sweep(
     plan = plan_sweep(
         recipe=recipe, data=data, out=out, variants=variants, batch_sizes=batch_sizes, seeds=seeds,
         epochs=epochs, lr_scaling=lr_scaling, reference=reference, device=device, data_root=data_root,
+        values={DATA_OVERRIDES[k]: v for k, v in (("train_subset", train_subset), ("test_subset", test_subset))},
+        settings=settings or (),
     )  # fmt: skip
     console.print(
         f"[bold]sweep[/] {plan.recipe.name}: {len(plan.variants)} variants x {len(plan.batch_sizes)} batch sizes x "

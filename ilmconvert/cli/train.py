@@ -33,6 +33,29 @@ DataRootOpt = Annotated[
 DeviceOpt = Annotated[
     str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (CUDA when available), cpu or cuda.")
 ]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="Override any recipe key (repeatable): --set train.lr=0.01 --set data.mixup=0.2 (YAML values).",
+    ),
+]
+TrainSubsetOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--train-subset", min=1, show_default=False, rich_help_panel="Recipe overrides",
+        help="Train on a fixed random subset of N training images (data.train_subset).",
+    ),
+]
+TestSubsetOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--test-subset", min=1, show_default=False, rich_help_panel="Recipe overrides",
+        help="Test on a fixed random subset of N test images (data.test_subset).",
+    ),
+]
+#: the data keys with flags of their own on ``finetune`` and ``sweep``: option name -> recipe key
+DATA_OVERRIDES = {"train_subset": "data.train_subset", "test_subset": "data.test_subset"}
 #: every 50 batches a plain progress line when stdout is not a terminal (batch jobs, CI logs)
 PLAIN_EVERY = 50
 
@@ -65,6 +88,7 @@ OVERRIDES = {
     "checkpoint_hist": "train.checkpoint_hist",
     "seed": "train.seed",
     "workers": "data.num_workers",
+    **DATA_OVERRIDES,
     "pipeline": "data.pipeline",
     "input_size": "data.image_size",
     "aa": "data.aa",
@@ -191,13 +215,7 @@ def finetune(
         Optional[Path],
         typer.Option("--weights", help="Local weights for the recipe's network (safetensors or a state dict)."),
     ] = None,
-    settings: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--set", metavar="KEY=VALUE",
-            help="Override any recipe key (repeatable): --set train.lr=0.01 --set data.mixup=0.2 (YAML values).",
-        ),
-    ] = None,
+    settings: SetOpt = None,
     log: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -247,6 +265,8 @@ def finetune(
         Optional[Literal["cifar", "timm"]], _opt("--pipeline", help="Data pipeline: cifar (cached) or timm.")
     ] = None,
     aa: Annotated[Optional[str], _opt("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")] = None,
+    train_subset: TrainSubsetOpt = None,
+    test_subset: TestSubsetOpt = None,
     input_size: Annotated[
         Optional[int],
         _opt(
