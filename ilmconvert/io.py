@@ -20,6 +20,7 @@ import os
 import pickle
 import shutil
 import stat
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -109,7 +110,7 @@ def check_target(directory: str | Path) -> Path:
     """Check that a checkpoint can be written to ``directory`` before any work is done.
 
     The directory must be new, empty or an earlier ilmconvert checkpoint (which is replaced), and
-    its nearest existing ancestor must be writable.
+    its nearest existing ancestor must be writable: a folder is created there and removed again.
 
     Raises:
         CheckpointError: when either does not hold.
@@ -124,6 +125,13 @@ def check_target(directory: str | Path) -> Path:
         raise CheckpointError(
             f"cannot write checkpoint to {target}: {parent} is not writable; choose another directory"
         )
+    try:  # what the permission bits do not tell (root, /proc, a read-only mount): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".ilmconvert-probe-", dir=parent))
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoint to {target}: {parent} takes no new folder ({err.strerror or err}); "
+            "choose another directory"
+        ) from None
     return target
 
 

@@ -177,6 +177,13 @@ def resume_with_pickled_trainer_state(d: Path, s: Path) -> None:
     (run / "last" / "trainer_state.pt").write_bytes(pickle.dumps({"epoch": 1, "optimizer": Payload(d / "MARKER")}))
 
 
+def run_with_recipe(d: Path, s: Path) -> None:
+    """A run folder as finetune leaves it after an epoch (last/, recipe.yaml, metrics.jsonl)."""
+    copy_tree(s / "ckpt", d / "run" / "last")
+    (d / "run" / "recipe.yaml").write_text(TINY_RECIPE)
+    (d / "run" / "metrics.jsonl").write_text("")
+
+
 def run_folder(d: Path, s: Path) -> None:
     copy_tree(s / "ckpt", d / "run" / "best")
     (d / "run" / "metrics.jsonl").write_text("")
@@ -400,6 +407,11 @@ CASES = [
         ("swap", "timm:convnext_atto", "--no-pretrained", "--out", "{d}/afile/out"),
         ("{d}/afile", "not a directory"),
         file("afile", "a file"),
+    ),
+    Case(
+        "out-under-proc",  # writable by its mode bits for root, yet it takes no new folder: found before the work
+        ("swap", "timm:convnext_atto", "--no-pretrained", "--out", "/proc/ilmconvert-test"),
+        ("cannot write checkpoint to /proc/ilmconvert-test", "choose another directory"),
     ),
     # --- checkpoints
     Case("ckpt-flipped-byte", EVAL_CK, ("{d}/ck/model.safetensors is corrupt or truncated",), flip_byte),
@@ -627,6 +639,24 @@ CASES = [
         "export-unknown-extension",
         ("export", "{s}/ckpt", "--out", "{d}/z.bin"),
         ("cannot tell the format from the file name '{d}/z.bin'", ".onnx or .pt2"),
+    ),
+    # --- resume, sweep, the data flags
+    Case(
+        "train-resume-changed-value",
+        (*FT, "--resume", "--set", "train.lr=0.5"),
+        ("--resume cannot change train.lr", "train.lr: 0.05 in the run, 0.5 now"),
+        run_with_recipe,
+    ),
+    Case("train-subset-0", (*FT, "--train-subset", "0"), ("--train-subset",), usage=True),
+    Case(
+        "sweep-set-misspelt-key",
+        ("sweep", "--recipe", "{s}/recipe.yaml", "--data", "{s}/data", "--out", "{d}/sw", "--set", "train.lrr=0.1"),
+        ("unknown key 'train.lrr'", "did you mean 'lr'"),
+    ),
+    Case(
+        "sweep-set-bad-value",
+        ("sweep", "--recipe", "{s}/recipe.yaml", "--data", "{s}/data", "--out", "{d}/sw", "--set", "train.lr=-1"),
+        ("train.lr", "greater than 0"),
     ),
     # --- the command line itself
     Case("cli-unknown-option", ("inspect", "timm:convnext_atto", "--bogus"), ("--bogus",), usage=True),
@@ -921,6 +951,11 @@ def test_load_from_an_unreachable_hub_is_one_error(catalogue: dict[str, Any]) ->
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
     assert done.stdout.startswith("HubError: cannot connect to 127.0.0.1:9"), done.stdout
     assert "org/name is not in the Hub cache" in done.stdout and len(done.stdout.splitlines()) == 1
+
+
+def test_an_unwritable_out_is_refused_before_the_work(catalogue: dict[str, Any]) -> None:
+    """swap checks --out before building and converting: nothing (no table, no PASS line) on stdout."""
+    assert catalogue["results"]["out-under-proc"].stdout == ""
 
 
 def test_nothing_outside_the_case_folders_changed(catalogue: dict[str, Any]) -> None:

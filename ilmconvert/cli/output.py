@@ -74,6 +74,12 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 epoch"``, ``"3 epochs"``, ``"1 batch size"``, ``"2 classes"``: ``n`` and ``noun``, or
+    ``plural`` (default ``noun + "s"``) when n != 1."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def literal(text: str) -> str:
     """``text`` as help that typer renders with rich markup: brackets are shown as written
     (``pip install 'ilmconvert[onnx]'`` would otherwise lose ``[onnx]``, read as a style tag)."""

@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 
-from .output import console, expected_errors
+from .output import console, count, expected_errors
 from .train import (
     DATA_OVERRIDES,
     DataOpt,
@@ -89,8 +89,9 @@ def sweep(
         settings=settings or (),
     )  # fmt: skip
     console.print(
-        f"[bold]sweep[/] {plan.recipe.name}: {len(plan.variants)} variants x {len(plan.batch_sizes)} batch sizes x "
-        f"{len(plan.seeds)} seeds = {len(plan.cells)} cells of {plan.recipe.train.epochs} epochs; "
+        f"[bold]sweep[/] {plan.recipe.name}: {count(len(plan.variants), 'variant')} x "
+        f"{count(len(plan.batch_sizes), 'batch size')} x {count(len(plan.seeds), 'seed')} = "
+        f"{count(len(plan.cells), 'cell')} of {count(plan.recipe.train.epochs, 'epoch')}; "
         f"lr scaling {plan.lr_scaling}; reference {plan.reference}"
     )
     results: dict[tuple[str, int], list[float]] = {}

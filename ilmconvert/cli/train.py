@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..train.distributed import Distributed
-from .output import console, expected_errors, literal
+from .output import console, count, expected_errors, literal
 
 DataOpt = Annotated[
     str,
@@ -343,7 +343,8 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     console.print(
         f"[bold]{r.name or 'recipe'}[/]: {what} on {plan.source.name}: "
         f"{len(plan.train)} train / {len(plan.test)} test images, "
-        f"{len(plan.train.classes)} classes; {r.train.epochs} epochs, batch {r.train.batch_size}, lr {r.train.lr:g}, "
+        f"{count(len(plan.train.classes), 'class', 'classes')}; {count(r.train.epochs, 'epoch')}, "
+        f"batch {r.train.batch_size}, lr {r.train.lr:g}, "
         f"{r.train.sched}, device {plan.device.type}"
         + (f" x {processes.world_size} processes" if processes.enabled else "")
         + (f"; resuming after epoch {plan.start_epoch}" if plan.start_epoch else "")
