@@ -300,3 +300,20 @@ def test_resume_accepts_the_original_command_and_names_a_changed_value(tiny_data
     line = one_error_line(finetune("--recipe", other, *original[2:], "--epochs", "3", "--resume"))
     assert "cannot change train.lr (train.lr: 0.05 in the run, 0.5 now)" in line
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_long_start_up_steps_are_reported_off_a_terminal(tiny_data, tiny_recipe, tmp_path, monkeypatch):
+    """Issue 21: reading the images and building the network print plain lines in a log once they
+    run longer than output.QUIET_S (10 s; here 10 ms), and their time when they end."""
+    from ilmconvert.cli import output
+
+    monkeypatch.setattr(output, "QUIET_S", 0.01)
+    result = finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", tmp_path / "run", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(re.fullmatch(r"building the network after \d+ s", line) for line in lines), result.output
+    assert any(re.fullmatch(r"building the network: done in \d+\.\d s", line) for line in lines)
+    assert any(re.fullmatch(r"reading 72 train images: \d+/72 after \d+ s", line) for line in lines)
+    assert any(re.fullmatch(r"reading 72 train images: done in \d+\.\d s", line) for line in lines)
+    first = next(i for i, line in enumerate(lines) if " train / " in line)
+    assert all("after" not in line for line in lines[first:])  # all steps ended before training

@@ -14,9 +14,12 @@ exit code (2 unless it says otherwise, e.g. 130 for an interrupted run) and no t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
@@ -72,6 +75,86 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail("interrupted", code=EXIT_INTERRUPTED)
 
     return wrapper
+
+
+#: seconds a start-up step runs before a log (off a terminal) hears of it, and between its lines
+QUIET_S = 10.0
+
+
+class _PlainSteps:
+    """``steps(step, done, total)`` off a terminal: nothing for a step that ends within
+    :data:`QUIET_S` (an expected mistake stays one line), else ``reading 32,000 train images:
+    8,192/32,000 after 10 s`` every :data:`QUIET_S` and ``...: done in 25.3 s`` at its end."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        with self.lock:
+            state = self.running.get(step)
+            if state is None:
+                state = self.running[step] = {"start": time.perf_counter(), "shown": False}
+                self._arm(step, state)
+            state.update(done=done, total=total)
+            if done < total:
+                return
+            del self.running[step]
+            state["timer"].cancel()
+        if state["shown"]:
+            console.print(f"{step}: done in {time.perf_counter() - state['start']:.1f} s", highlight=False)
+
+    def _arm(self, step: str, state: dict[str, Any]) -> None:
+        state["timer"] = threading.Timer(QUIET_S, self._tell, (step,))
+        state["timer"].daemon = True
+        state["timer"].start()
+
+    def _tell(self, step: str) -> None:
+        with self.lock:
+            state = self.running.get(step)
+            if state is None:
+                return
+            state["shown"] = True
+            self._arm(step, state)
+            done, total, seconds = state["done"], state["total"], time.perf_counter() - state["start"]
+        counted = f": {done:,}/{total:,}" if total > 1 else ""
+        console.print(f"{step}{counted} after {seconds:.0f} s", highlight=False)
+
+    def close(self) -> None:
+        with self.lock:
+            for state in self.running.values():
+                state["timer"].cancel()
+            self.running.clear()
+
+
+@contextlib.contextmanager
+def steps() -> Iterator[Callable[[str, int, int], None]]:
+    """A ``steps(step, done, total)`` reporter for long start-up steps (reading images, building the
+    network): on a terminal a transient rich progress bar per step; off a terminal (a log) plain
+    lines for a step that runs longer than :data:`QUIET_S` (:class:`_PlainSteps`)."""
+    if not console.is_terminal:
+        plain = _PlainSteps()
+        try:
+            yield plain
+        finally:
+            plain.close()
+        return
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"))
+    bars = Progress(*columns, TimeElapsedColumn(), console=console, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def rich(step: str, done: int, total: int) -> None:
+        if step not in tasks:
+            tasks[step] = bars.add_task(step, total=total if total > 1 else None, count="")
+        if total > 1:
+            bars.update(tasks[step], completed=done, count=f"{done:,}/{total:,}")
+        if done >= total:
+            bars.remove_task(tasks.pop(step))
+
+    with bars:
+        yield rich
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:

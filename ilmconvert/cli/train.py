@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..train.distributed import Distributed
-from .output import console, count, expected_errors, literal
+from .output import console, count, expected_errors, literal, steps
 
 DataOpt = Annotated[
     str,
@@ -328,8 +328,8 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     from ..train.run import METRICS_FILE, prepare_finetune, run_finetune
     from ..train.run import Progress as Hooks
 
-    with console.status("reading data and building the network") if processes.is_main else contextlib.nullcontext():
-        plan = prepare_finetune(**options, processes=processes)
+    with steps() if processes.is_main else contextlib.nullcontext(None) as report:
+        plan = prepare_finetune(**options, processes=processes, steps=report)
     checkpoint, data, out = options["checkpoint"], options["data"], options["run"]
     if not processes.is_main:  # the other torchrun processes train in silence; rank 0 reports and writes
         run_finetune(plan)
@@ -352,6 +352,9 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     )
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
+    if r.train.compile:
+        epoch = plan.start_epoch + 1
+        console.print(f"compiling the network (torch.compile): the first batches of epoch {epoch} are slow")
 
     with _bars() as bars:
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -84,13 +84,29 @@ class FinetunePlan:
             self.lock.release()
 
 
-def _open_splits(recipe: Recipe, source: DataSource) -> tuple[ImageSet, ImageSet]:
+#: ``steps(step, done, total)``: progress of a long start-up step, for a front-end to show
+StepReport = Callable[[str, int, int], None]
+
+
+def _no_report(step: str, done: int, total: int) -> None:
+    pass
+
+
+def _open_splits(recipe: Recipe, source: DataSource, steps: StepReport = _no_report) -> tuple[ImageSet, ImageSet]:
     settings, seed = recipe.data, recipe.train.seed
+
+    def reading(split: str) -> Callable[[int, int], None]:
+        return lambda done, total: steps(f"reading {total:,} {split} images", done, total)
+
     test = open_split(
-        source, "test", settings, subset=settings.test_subset, seed=seed + 1, transform=test_transform(settings)
-    )
+        source, "test", settings, subset=settings.test_subset, seed=seed + 1, transform=test_transform(settings),
+        progress=reading("test"),
+    )  # fmt: skip
     transform = train_transform(settings)
-    train = open_split(source, "train", settings, subset=settings.train_subset, seed=seed, transform=transform)
+    train = open_split(
+        source, "train", settings, subset=settings.train_subset, seed=seed, transform=transform,
+        progress=reading("train"),
+    )  # fmt: skip
     check_same_classes(train, test, source)
     return train, test
 
@@ -125,6 +141,7 @@ def prepare_finetune(
     settings: Sequence[str] = (),
     weights: str | Path | None = None,
     log: Sequence[str] = (),
+    steps: StepReport | None = None,
 ) -> FinetunePlan:
     """Check the arguments, read the data and build (or load) the network; writes nothing but the lock.
 
@@ -151,6 +168,9 @@ def prepare_finetune(
         settings: ``KEY=VALUE`` strings (``--set``), see :meth:`Recipe.with_overrides`.
         weights: a local weights file for the recipe's network (instead of its pretrained weights).
         log: extra loggers: ``tensorboard`` (needs the ``tensorboard`` package).
+        steps: called as ``steps(step, done, total)`` during the long start-up steps, e.g.
+            ``("reading 32,000 train images", 256, 32000)``, ``("building the network", 0, 1)``:
+            first with ``done`` 0, last with ``done == total``.
         processes: under torchrun, this process's rank (see :mod:`.distributed`): joins the
             process group and takes the device ``cuda:LOCAL_RANK``; rank 0 downloads data first.
 
@@ -197,11 +217,15 @@ def prepare_finetune(
         with processes.main_first():  # one download of cifar10 / cifar100
             source = resolve_data(data, data_root)
             classes = list_classes(source)
+            report = steps or _no_report
+            building = "loading the network" if resume or checkpoint is not None else "building the network"
+            report(building, 0, 1)
             network, notes = _network(resolved, run if resume else None, checkpoint, data, len(classes), weights)
+            report(building, 1, 1)
             found = resolve_preprocessing(network, config=read_config(checkpoint) if checkpoint is not None else None)
             settings_before = resolved.data
             resolved = resolved.model_copy(update={"data": resolve_pipeline(resolved.data, network, found)})
-            train, test = _open_splits(resolved, source)
+            train, test = _open_splits(resolved, source, report)
         if checkpoint is not None and resolved.train.batch_size > len(train):
             notes.append(f"batch size {resolved.train.batch_size} is larger than the {len(train)} training images")
     except BaseException as err:
