@@ -111,6 +111,22 @@ def download(spec: str) -> Path:
     return Path(path)
 
 
+def require_online(repo_id: str) -> None:
+    """Check that something can be pushed to ``repo_id`` now: the Hub answers (found out within
+    seconds, :mod:`ilmconvert.online`) and ``HF_HUB_OFFLINE`` is not set.
+
+    Raises:
+        HubError: either does not hold (one line).
+    """
+    from huggingface_hub import constants
+
+    offline = online.hub_unreachable()  # within seconds, not after a minute of retries
+    if offline is not None:
+        raise HubError(f"{offline}, so nothing can be pushed to {repo_id}; check the network and retry")
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"HF_HUB_OFFLINE=1 is set, so nothing can be pushed to {repo_id}: unset it and retry")
+
+
 def upload(
     directory: str | Path,
     repo_id: str,
@@ -134,17 +150,13 @@ def upload(
         HubError: a malformed ``repo_id``; offline (``HF_HUB_OFFLINE=1``); not logged in; the
             Hub refused (no write access) or cannot be reached.
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     repo_id, rev = parse_hub_spec(repo_id)
     if rev is not None:
         raise HubError(f"pass the branch of {repo_id} as revision, not as @{rev}")
-    offline = online.hub_unreachable()  # within seconds, not after a minute of retries
-    if offline is not None:
-        raise HubError(f"{offline}, so nothing can be pushed to {repo_id}; check the network and retry")
-    if constants.HF_HUB_OFFLINE:
-        raise HubError(f"HF_HUB_OFFLINE=1 is set, so nothing can be pushed to {repo_id}: unset it and retry")
+    require_online(repo_id)
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)

@@ -410,7 +410,8 @@ def push(
 ) -> str:
     """Upload a checkpoint folder to the Hugging Face Hub model repository ``repo_id``.
 
-    The folder is checked first (``config.json`` and the sha256 of ``model.safetensors``), its
+    The folder is checked first (``config.json`` and the sha256 of ``model.safetensors``), then
+    that the Hub can be reached (:func:`ilmconvert.hub.require_online`), its
     ``README.md`` model card is written again with ``repo_id`` in the load snippet (atomically;
     the weights and ``config.json`` are not touched), then every file is uploaded in one commit
     (``HfApi.upload_folder``; the repository is created if needed). ``trainer_state.pt`` stays local.
@@ -442,6 +443,7 @@ def push(
     if not weights.is_file() or sha256_of(weights) != config["weights_sha256"]:
         raise CheckpointError(f"{weights} is missing, corrupt or truncated; write the checkpoint again")
     repo, _ = hub.parse_hub_spec(repo_id)
+    hub.require_online(repo)  # before the card is written again
     card = model_card.render(config, base_model=config.get("base_model"), repo_id=repo)
     try:
         atomic.write_text(directory / CARD_FILE, card)

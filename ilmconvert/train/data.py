@@ -18,6 +18,7 @@ With ``data.pipeline: timm`` the images are read at their own size and go throug
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -124,8 +125,7 @@ def _decode(path: str, size: int) -> np.ndarray:
         return np.array(image)  # a writable copy
 
 
-#: images between two calls of an :class:`ImageSet`'s ``progress``
-PROGRESS_EVERY = 256
+PROGRESS_EVERY = 256  #: images between two calls of an :class:`ImageSet`'s ``progress``
 
 
 def _each(fn: Callable[[Any], Any], items: Sequence[Any], progress: Optional[Callable[[int, int], None]]) -> list[Any]:
@@ -393,10 +393,8 @@ def _torchvision_split(source: DataSource, split: str) -> Any:
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[source.kind]
     created = _first_missing(Path(source.root))
-    try:
+    with contextlib.suppress(Exception):  # not there yet (torchvision raises RuntimeError) or not whole
         return cls(str(source.root), train=split == "train", download=False)  # downloaded before
-    except Exception:  # not there yet (torchvision raises RuntimeError), or not whole: download
-        pass
     url = getattr(cls, "url", None)
     offline = online.unreachable(url) if url else None  # within seconds, not after urllib's minutes
     try:
