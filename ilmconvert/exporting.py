@@ -49,6 +49,33 @@ class ExportError(IlmconvertError):
     """An export that cannot start: bad format, batch, size or model, or onnxruntime missing (exit 2)."""
 
 
+def format_for(path: str | os.PathLike[str], format: str | None = None) -> str:
+    """The format to write ``path`` in: ``format`` when given, else the one its extension names
+    (``.onnx``: ONNX, ``.pt2``: a ``torch.export`` archive).
+
+    Raises:
+        ExportError: an unknown ``format``; a ``format`` that contradicts the extension (``pt2``
+            for ``model.onnx``); no ``format`` and an extension that names none.
+    """
+    suffix = Path(path).suffix.lower()
+    named = suffix[1:] if suffix[1:] in FORMATS else None
+    if format is None:
+        if named is None:
+            raise ExportError(
+                f"cannot tell the format from the file name {str(path)!r}: name it .onnx or .pt2, or give "
+                f"the format ({' or '.join(FORMATS)})"
+            )
+        return named
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if named is not None and named != format:
+        raise ExportError(
+            f"format {format} contradicts the file name {str(path)!r} ({suffix} is {named}): write to "
+            f"{str(Path(path).with_suffix('.' + format))!r}, or leave the format out to write {named}"
+        )
+    return format
+
+
 class ParityError(ExportError):
     """The written file does not compute what the PyTorch model does; the file was removed (exit 1)."""
 
@@ -136,7 +163,7 @@ def export(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
-    format: str = "onnx",
+    format: str | None = None,
     exporter: str = "dynamo",
     opset: int | None = None,
     batch: int | str = "dynamic",
@@ -161,7 +188,8 @@ def export(
     Args:
         model: a float32 network taking one image batch ``(B, C, H, W)``.
         path: the file to write (replaced if it exists).
-        format: ``"onnx"`` or ``"pt2"``.
+        format: ``"onnx"`` or ``"pt2"``; default: the one ``path``'s extension names
+            (:func:`format_for`).
         exporter: ONNX only: ``"dynamo"`` (``torch.onnx.export(dynamo=True)``, on ``torch.export``)
             or ``"torchscript"`` (``dynamo=False``, on ``torch.jit.trace``).
         opset: ONNX opset (18 or newer by default; the exporters accept what they support).
@@ -177,13 +205,13 @@ def export(
         An :class:`ExportResult` (the parity figures are empty when ``check`` is False).
 
     Raises:
-        ExportError: bad ``format`` / ``exporter`` / ``batch`` / ``input_size``, a model that is
+        ExportError: bad ``format`` (or one that contradicts ``path``'s extension, or none given
+            nor named by it) / ``exporter`` / ``batch`` / ``input_size``, a model that is
             not float32, onnxruntime missing for ``onnx``, or the exporter failing.
         ParityError: the written file does not match (nothing is left at ``path``).
         WriteError: the file system is full, over quota or read-only (nothing is left at ``path``).
     """
-    if format not in FORMATS:
-        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    format = format_for(path, format)
     if format == "onnx" and exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     batches = _check_batches(batch)

@@ -3,7 +3,8 @@
 A thin layer over ``huggingface_hub`` (``snapshot_download``, ``HfApi.create_repo`` /
 ``create_branch`` / ``upload_folder``) that turns its exceptions into one-line
 :class:`HubError` messages saying what failed and what to do (offline, not found, no token,
-refused). It knows nothing about what a checkpoint holds: :func:`ilmconvert.io.load` and
+refused). Whether the Hub can be reached is found out first, within seconds
+(:mod:`ilmconvert.online`). It knows nothing about what a checkpoint holds: :func:`ilmconvert.io.load` and
 :func:`ilmconvert.io.push` check the folder (docs/design.md §5).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from . import online
 from .errors import IlmconvertError, first_line
 
 PREFIX = "hf-hub:"
@@ -59,7 +61,8 @@ def download(spec: str) -> Path:
         The snapshot folder (read-only by convention: it lives in the shared cache).
 
     Raises:
-        HubError: a malformed name; offline with the revision not cached; repository or revision
+        HubError: a malformed name; offline (``HF_HUB_OFFLINE=1``, or the Hub not answering
+            within seconds) with the revision not cached; repository or revision
             not found (or private without a token, or gated); the Hub unreachable.
     """
     from huggingface_hub import constants, snapshot_download
@@ -73,6 +76,7 @@ def download(spec: str) -> Path:
     repo_id, revision = parse_hub_spec(spec)
     name = _named(repo_id, revision)
     fetch = f"`hf download {repo_id}{f' --revision {revision}' if revision else ''}`"
+    offline = online.hub_unreachable()  # within seconds; then only the cache is read
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=list(CHECKPOINT_FILES))
     except GatedRepoError as err:
@@ -88,6 +92,11 @@ def download(spec: str) -> Path:
     except RevisionNotFoundError as err:
         raise HubError(f"{repo_id} has no revision {revision!r} on the Hub; check the branch, tag or commit") from err
     except LocalEntryNotFoundError as err:
+        if offline is not None:
+            raise HubError(
+                f"{offline}, and {name} is not in the Hub cache ({constants.HF_HUB_CACHE}); check the "
+                f"network, or download it elsewhere with {fetch} and copy the cache"
+            ) from err
         if constants.HF_HUB_OFFLINE:
             raise HubError(
                 f"HF_HUB_OFFLINE=1 is set and {name} is not in the Hub cache ({constants.HF_HUB_CACHE}): "
@@ -100,6 +109,22 @@ def download(spec: str) -> Path:
     except Exception as err:  # HTTP and connection errors of the client's HTTP library
         raise HubError(f"cannot download {name} from the Hub ({first_line(err)}); check the network and retry") from err
     return Path(path)
+
+
+def require_online(repo_id: str) -> None:
+    """Check that something can be pushed to ``repo_id`` now: the Hub answers (found out within
+    seconds, :mod:`ilmconvert.online`) and ``HF_HUB_OFFLINE`` is not set.
+
+    Raises:
+        HubError: either does not hold (one line).
+    """
+    from huggingface_hub import constants
+
+    offline = online.hub_unreachable()  # within seconds, not after a minute of retries
+    if offline is not None:
+        raise HubError(f"{offline}, so nothing can be pushed to {repo_id}; check the network and retry")
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"HF_HUB_OFFLINE=1 is set, so nothing can be pushed to {repo_id}: unset it and retry")
 
 
 def upload(
@@ -125,14 +150,13 @@ def upload(
         HubError: a malformed ``repo_id``; offline (``HF_HUB_OFFLINE=1``); not logged in; the
             Hub refused (no write access) or cannot be reached.
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     repo_id, rev = parse_hub_spec(repo_id)
     if rev is not None:
         raise HubError(f"pass the branch of {repo_id} as revision, not as @{rev}")
-    if constants.HF_HUB_OFFLINE:
-        raise HubError(f"HF_HUB_OFFLINE=1 is set, so nothing can be pushed to {repo_id}: unset it and retry")
+    require_online(repo_id)
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)

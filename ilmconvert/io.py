@@ -21,6 +21,7 @@ import os
 import pickle
 import shutil
 import stat
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -115,7 +116,7 @@ def check_target(directory: str | Path) -> Path:
     """Check that a checkpoint can be written to ``directory`` before any work is done.
 
     The directory must be new, empty or an earlier ilmconvert checkpoint (which is replaced), and
-    its nearest existing ancestor must be writable.
+    its nearest existing ancestor must be writable: a folder is created there and removed again.
 
     Raises:
         CheckpointError: when either does not hold.
@@ -130,6 +131,13 @@ def check_target(directory: str | Path) -> Path:
         raise CheckpointError(
             f"cannot write checkpoint to {target}: {parent} is not writable; choose another directory"
         )
+    try:  # what the permission bits do not tell (root, /proc, a read-only mount): try it
+        os.rmdir(tempfile.mkdtemp(prefix=".ilmconvert-probe-", dir=parent))
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write checkpoint to {target}: {parent} takes no new folder ({err.strerror or err}); "
+            "choose another directory"
+        ) from None
     return target
 
 
@@ -425,7 +433,8 @@ def push(
 ) -> str:
     """Upload a checkpoint folder to the Hugging Face Hub model repository ``repo_id``.
 
-    The folder is checked first (``config.json`` and the sha256 of ``model.safetensors``), its
+    The folder is checked first (``config.json`` and the sha256 of ``model.safetensors``), then
+    that the Hub can be reached (:func:`ilmconvert.hub.require_online`), its
     ``README.md`` model card is written again with ``repo_id`` in the load snippet (atomically;
     the weights and ``config.json`` are not touched), then every file is uploaded in one commit
     (``HfApi.upload_folder``; the repository is created if needed). ``trainer_state.pt`` stays local.
@@ -457,6 +466,7 @@ def push(
     if not weights.is_file() or sha256_of(weights) != config["weights_sha256"]:
         raise CheckpointError(f"{weights} is missing, corrupt or truncated; write the checkpoint again")
     repo, _ = hub.parse_hub_spec(repo_id)
+    hub.require_online(repo)  # before the card is written again
     card = model_card.render(config, base_model=config.get("base_model"), repo_id=repo)
     try:
         atomic.write_text(directory / CARD_FILE, card)

@@ -231,17 +231,69 @@ def create_model(
         _check_tag(library, name, tag)
         if source.pretrained_tag is None:
             source.pretrained_tag = "default"
+        hub_offline = _check_download(source, spec)  # within seconds, not after a minute of retries
         try:
             model = _construct(source, pretrained=True)
         except Exception as err:  # the libraries raise many types for "no network"
-            raise ModelSourceError(
-                f"cannot get pretrained weights for {spec} ({first_line(err)}); offline, pass "
-                "--weights FILE (safetensors or a state dict) or --no-pretrained (in a recipe: pretrained: false)"
-            ) from err
+            raise _no_pretrained_weights(spec, hub_offline or first_line(err)) from err
         model.ilm_source = source
     if num_classes is not None and num_classes != classifier_size(model):
         resize_classifier(model, num_classes)
     return model
+
+
+def _no_pretrained_weights(spec: str, why: str) -> ModelSourceError:
+    return ModelSourceError(
+        f"cannot get pretrained weights for {spec} ({why}); offline, pass "
+        "--weights FILE (safetensors or a state dict) or --no-pretrained (in a recipe: pretrained: false)"
+    )
+
+
+def _check_download(source: ModelSource, spec: str) -> str | None:
+    """Find out within seconds (:mod:`ilmconvert.online`) whether the pretrained weights of
+    ``source`` can be downloaded, instead of after the libraries' minute of retries.
+
+    Weights on the Hugging Face Hub (timm's ``hf_hub_id``) may still be in the Hub cache: when the
+    Hub cannot be reached, ``huggingface_hub`` is switched to offline mode (it then reads the cache
+    at once) and the reason is returned, for the message if the cache has them not. Other weights
+    (a URL such as torchvision's download.pytorch.org) are needed from their host unless torch's
+    hub cache holds the file.
+
+    Returns:
+        Why the Hub cannot be reached, or ``None`` (it can, or the weights are not on the Hub).
+
+    Raises:
+        ModelSourceError: URL weights neither cached nor reachable.
+    """
+    from urllib.parse import urlsplit
+
+    from . import online
+
+    if source.library == "timm":
+        import timm
+
+        tag = "" if source.pretrained_tag in (None, "default") else f".{source.pretrained_tag}"
+        cfg = timm.models.get_pretrained_cfg(source.architecture + tag)
+        if cfg is not None and cfg.hf_hub_id:
+            from huggingface_hub import constants
+
+            reason = online.hub_unreachable()
+            return f"{reason}; not in the Hub cache {constants.HF_HUB_CACHE}" if reason else None
+        url = cfg.url if cfg is not None else None
+    else:
+        import torchvision
+
+        try:
+            enum = torchvision.models.get_model_weights(source.architecture)
+            url = enum.verify("DEFAULT" if source.pretrained_tag in (None, "default") else source.pretrained_tag).url
+        except (ValueError, KeyError, AttributeError):
+            return None  # torchvision's own error will say it
+    if not url or (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(url).path).name).is_file():
+        return None
+    reason = online.unreachable(url)
+    if reason is not None:
+        raise _no_pretrained_weights(spec, f"{reason}; not in torch's hub cache {torch.hub.get_dir()}")
+    return None
 
 
 def sha256_of(path: str | Path) -> str:

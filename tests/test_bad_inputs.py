@@ -177,6 +177,13 @@ def resume_with_pickled_trainer_state(d: Path, s: Path) -> None:
     (run / "last" / "trainer_state.pt").write_bytes(pickle.dumps({"epoch": 1, "optimizer": Payload(d / "MARKER")}))
 
 
+def run_with_recipe(d: Path, s: Path) -> None:
+    """A run folder as finetune leaves it after an epoch (last/, recipe.yaml, metrics.jsonl)."""
+    copy_tree(s / "ckpt", d / "run" / "last")
+    (d / "run" / "recipe.yaml").write_text(TINY_RECIPE)
+    (d / "run" / "metrics.jsonl").write_text("")
+
+
 def run_folder(d: Path, s: Path) -> None:
     copy_tree(s / "ckpt", d / "run" / "best")
     (d / "run" / "metrics.jsonl").write_text("")
@@ -255,6 +262,7 @@ class Case:
     setup: Optional[Callable[[Path, Path], None]] = None
     usage: bool = False
     writes_run: bool = False
+    env: tuple[tuple[str, str], ...] = ()
 
 
 OUT = ("--out", "{d}/out")
@@ -399,6 +407,11 @@ CASES = [
         ("swap", "timm:convnext_atto", "--no-pretrained", "--out", "{d}/afile/out"),
         ("{d}/afile", "not a directory"),
         file("afile", "a file"),
+    ),
+    Case(
+        "out-under-proc",  # writable by its mode bits for root, yet it takes no new folder: found before the work
+        ("swap", "timm:convnext_atto", "--no-pretrained", "--out", "/proc/ilmconvert-test"),
+        ("cannot write checkpoint to /proc/ilmconvert-test", "choose another directory"),
     ),
     # --- checkpoints
     Case("ckpt-flipped-byte", EVAL_CK, ("{d}/ck/model.safetensors is corrupt or truncated",), flip_byte),
@@ -616,11 +629,82 @@ CASES = [
         ("not a run folder",),
     ),
     Case("eval-subset-0", ("eval", "{s}/ckpt", "--data", "{s}/data", "--subset", "0"), ("--subset",), usage=True),
+    # --- export
+    Case(
+        "export-format-contradicts-extension",
+        ("export", "{s}/ckpt", "--format", "pt2", "--out", "{d}/z.onnx"),
+        ("format pt2 contradicts the file name '{d}/z.onnx'", "'{d}/z.pt2'"),
+    ),
+    Case(
+        "export-unknown-extension",
+        ("export", "{s}/ckpt", "--out", "{d}/z.bin"),
+        ("cannot tell the format from the file name '{d}/z.bin'", ".onnx or .pt2"),
+    ),
+    # --- resume, sweep, the data flags
+    Case(
+        "train-resume-changed-value",
+        (*FT, "--resume", "--set", "train.lr=0.5"),
+        ("--resume cannot change train.lr", "train.lr: 0.05 in the run, 0.5 now"),
+        run_with_recipe,
+    ),
+    Case("train-subset-0", (*FT, "--train-subset", "0"), ("--train-subset",), usage=True),
+    Case(
+        "sweep-set-misspelt-key",
+        ("sweep", "--recipe", "{s}/recipe.yaml", "--data", "{s}/data", "--out", "{d}/sw", "--set", "train.lrr=0.1"),
+        ("unknown key 'train.lrr'", "did you mean 'lr'"),
+    ),
+    Case(
+        "sweep-set-bad-value",
+        ("sweep", "--recipe", "{s}/recipe.yaml", "--data", "{s}/data", "--out", "{d}/sw", "--set", "train.lr=-1"),
+        ("train.lr", "greater than 0"),
+    ),
     # --- the command line itself
     Case("cli-unknown-option", ("inspect", "timm:convnext_atto", "--bogus"), ("--bogus",), usage=True),
     Case("cli-missing-out", ("swap", "timm:convnext_atto", "--no-pretrained"), ("--out",), usage=True),
     Case("cli-missing-data", ("finetune", "--out", "{d}/run"), ("--data",), usage=True),
     Case("cli-unknown-command", ("swapp", "timm:convnext_atto"), ("swapp",), usage=True),
+]
+
+
+# --- no network and no HF_HUB_OFFLINE: the unreachable host is found out within seconds, then one line.
+# Nothing listens on port 9 (discard) of the loopback: every connection is refused at once. The Hub is
+# pointed there with HF_ENDPOINT; torchvision's and CIFAR's fixed hosts are reached through a proxy there.
+UNREACHABLE = "http://127.0.0.1:9"
+OFFLINE_TIMEOUT_S = 120  # a safety bound: the Hub's retries alone took over 45 s per command before the check
+HUB_DOWN = (("HF_ENDPOINT", UNREACHABLE),)
+PROXY_DOWN = (("HTTPS_PROXY", UNREACHABLE), ("HTTP_PROXY", UNREACHABLE), ("NO_PROXY", ""))
+OFFLINE_CASES = [
+    Case(
+        "offline-swap-timm-hub",
+        ("swap", "timm:convnext_atto", *OUT),
+        ("cannot get pretrained weights for timm:convnext_atto", "cannot connect to 127.0.0.1:9", "Hub cache"),
+        env=HUB_DOWN,
+    ),
+    Case(
+        "offline-swap-torchvision",
+        ("swap", "torchvision:resnet18", "--include-batchnorm", *OUT),
+        ("cannot get pretrained weights for torchvision:resnet18", "proxy 127.0.0.1:9 for download.pytorch.org"),
+        env=PROXY_DOWN,
+    ),
+    Case(
+        "offline-finetune-pretrained-recipe",
+        FT_R,
+        ("cannot get pretrained weights for timm:resnet18", "cannot connect to 127.0.0.1:9", "pretrained: false"),
+        recipe(TINY_RECIPE.replace("model:\n", "model:\n  pretrained: true\n")),
+        env=HUB_DOWN,
+    ),
+    Case(
+        "offline-finetune-cifar10-download",
+        ("finetune", "--recipe", "{s}/recipe.yaml", "--data", "cifar10", "--out", "{d}/run", "--device", "cpu"),
+        ("cannot download cifar10", "proxy 127.0.0.1:9 for www.cs.toronto.edu", "ImageFolder"),
+        env=PROXY_DOWN,
+    ),
+    Case(
+        "offline-push",
+        ("push", "{s}/ckpt", "org/name"),
+        ("cannot connect to 127.0.0.1:9", "nothing can be pushed to org/name"),
+        env=HUB_DOWN,
+    ),
 ]
 
 
@@ -782,11 +866,44 @@ def error_line(result: Result) -> str:
     return lines[0]
 
 
+def offline_environment(catalogue: dict[str, Any], case: Case) -> dict[str, str]:
+    """The catalogue's environment without HF_HUB_OFFLINE (and without proxies unless the case sets
+    them), with a Hub cache of its own, plus the case's variables."""
+    dropped = {"HF_HUB_OFFLINE", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"}
+    env = {k: v for k, v in catalogue["env"].items() if k.upper() not in dropped}
+    return {**env, "HF_HOME": str(catalogue["base"] / "hf-home"), **dict(case.env)}
+
+
+@pytest.fixture(scope="module")
+def offline_catalogue(catalogue: dict[str, Any]) -> dict[str, Result]:
+    """Run :data:`OFFLINE_CASES` as plain ``python -m ilmconvert`` processes (huggingface_hub reads
+    HF_ENDPOINT when it is imported, so a zygote that imported it cannot serve them), two at a time.
+    """
+    base, shared = catalogue["base"], catalogue["shared"]
+
+    def run(case: Case) -> Result:
+        d = base / "cases" / case.id
+        d.mkdir(parents=True)
+        if case.setup is not None:
+            case.setup(d, shared)
+        before = snapshot(d)
+        done = subprocess.run(
+            [sys.executable, "-m", "ilmconvert", *(expand(a, d, shared) for a in case.args)],
+            cwd=d,
+            env=offline_environment(catalogue, case),
+            capture_output=True,
+            text=True,
+            timeout=OFFLINE_TIMEOUT_S,
+        )
+        return Result(done.returncode, done.stdout, done.stderr, before, snapshot(d))
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip([c.id for c in OFFLINE_CASES], pool.map(run, OFFLINE_CASES)))
+
+
 # ------------------------------------------------------------------------------------------ tests
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, catalogue: dict[str, Any]) -> None:
-    result: Result = catalogue["results"][case.id]
-    d, s = catalogue["base"] / "cases" / case.id, catalogue["shared"]
+def check_case(case: Case, result: Result, d: Path, s: Path) -> None:
+    """One ``error: ...`` line naming ``case.expect``, exit code 2, nothing written (or only the run)."""
     line = error_line(result)
     for fragment in case.expect:
         assert expand(fragment, d, s) in line, line
@@ -797,6 +914,48 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, catalogue: 
     else:
         assert result.after == result.before, f"the case changed its folder: {line}"
     assert not (d / "MARKER").exists(), "the pickled payload ran"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, catalogue: dict[str, Any]) -> None:
+    check_case(case, catalogue["results"][case.id], catalogue["base"] / "cases" / case.id, catalogue["shared"])
+
+
+@pytest.mark.parametrize("case", OFFLINE_CASES, ids=[c.id for c in OFFLINE_CASES])
+def test_unreachable_network_is_one_line_without_hf_hub_offline(
+    case: Case, catalogue: dict[str, Any], offline_catalogue: dict[str, Result]
+) -> None:
+    result = offline_catalogue[case.id]
+    check_case(case, result, catalogue["base"] / "cases" / case.id, catalogue["shared"])
+    assert "Retrying" not in result.stdout + result.stderr
+
+
+def test_load_from_an_unreachable_hub_is_one_error(catalogue: dict[str, Any]) -> None:
+    """``ilmconvert.load("hf-hub:...")`` in a process without HF_HUB_OFFLINE and with the Hub
+    unreachable raises one HubError at once, without huggingface_hub's retries."""
+    code = (
+        "import ilmconvert\n"
+        "from ilmconvert.hub import HubError\n"
+        "try:\n    ilmconvert.load('hf-hub:org/name')\n"
+        "except HubError as err:\n    print(f'HubError: {err}')\n"
+    )
+    case = Case("offline-load", (), (), env=HUB_DOWN)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=catalogue["base"],
+        env=offline_environment(catalogue, case),
+        capture_output=True,
+        text=True,
+        timeout=OFFLINE_TIMEOUT_S,
+    )
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    assert done.stdout.startswith("HubError: cannot connect to 127.0.0.1:9"), done.stdout
+    assert "org/name is not in the Hub cache" in done.stdout and len(done.stdout.splitlines()) == 1
+
+
+def test_an_unwritable_out_is_refused_before_the_work(catalogue: dict[str, Any]) -> None:
+    """swap checks --out before building and converting: nothing (no table, no PASS line) on stdout."""
+    assert catalogue["results"]["out-under-proc"].stdout == ""
 
 
 def test_nothing_outside_the_case_folders_changed(catalogue: dict[str, Any]) -> None:

@@ -155,7 +155,7 @@ def test_expected_mistakes_are_one_line_and_write_nothing(tiny_data, tiny_recipe
         (["--recipe", bad, "--data", tiny_data, "--out", run], "unknown key 'train.epochz'"),
         (["--recipe", "no-such-recipe", "--data", tiny_data, "--out", run], "unknown recipe 'no-such-recipe'"),
         (["--data", tiny_data, "--out", run, "--resume"], "not a run folder"),
-        (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--resume"], "only --epochs may change"),
+        ([tmp_path / "ck", "--data", tiny_data, "--out", run, "--resume"], "only --epochs may change"),
         (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--lr", "0"], "train.lr"),
         (["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--device", "tpu"], "--device"),
         (
@@ -274,3 +274,46 @@ def test_world_size_without_torchrun_is_one_line(tiny_data, tiny_recipe, tmp_pat
     assert "must be integers" in one_error_line(
         finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", tmp_path / "run")
     )
+
+
+def test_resume_accepts_the_original_command_and_names_a_changed_value(tiny_data, tiny_recipe, tmp_path):
+    """Issue 21: the first command given again with --resume (its --recipe, --set and data flags
+    unchanged) continues the run; a changed value is refused with the key and both values."""
+    import yaml
+
+    run = tmp_path / "run"
+    original = ["--recipe", tiny_recipe, "--data", tiny_data, "--out", run, "--train-subset", "30"]
+    original += ["--set", "data.test_subset=20"]
+    result = finetune(*original, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "30 train / 20 test images, 3 classes; 1 epoch," in " ".join(result.output.split())
+    data = yaml.safe_load((run / "recipe.yaml").read_text())["data"]
+    assert (data["train_subset"], data["test_subset"]) == (30, 20)
+    result = finetune(*original, "--epochs", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    changed = [*original[:-1], "data.test_subset=10", "--epochs", "3", "--resume"]
+    line = one_error_line(finetune(*changed))
+    assert "cannot change data.test_subset (data.test_subset: 20 in the run, 10 now)" in line
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY_RECIPE.replace("lr: 0.05", "lr: 0.5"))
+    line = one_error_line(finetune("--recipe", other, *original[2:], "--epochs", "3", "--resume"))
+    assert "cannot change train.lr (train.lr: 0.05 in the run, 0.5 now)" in line
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_long_start_up_steps_are_reported_off_a_terminal(tiny_data, tiny_recipe, tmp_path, monkeypatch):
+    """Issue 21: reading the images and building the network print plain lines in a log once they
+    run longer than output.QUIET_S (10 s; here 10 ms), and their time when they end."""
+    from ilmconvert.cli import output
+
+    monkeypatch.setattr(output, "QUIET_S", 0.01)
+    result = finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", tmp_path / "run", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(re.fullmatch(r"building the network after \d+ s", line) for line in lines), result.output
+    assert any(re.fullmatch(r"building the network: done in \d+\.\d s", line) for line in lines)
+    assert any(re.fullmatch(r"reading 72 train images: \d+/72 after \d+ s", line) for line in lines)
+    assert any(re.fullmatch(r"reading 72 train images: done in \d+\.\d s", line) for line in lines)
+    first = next(i for i, line in enumerate(lines) if " train / " in line)
+    assert all("after" not in line for line in lines[first:])  # all steps ended before training

@@ -191,10 +191,23 @@ def test_cli_exports_onnx_and_pt2_with_the_checkpoints_input_description(checkpo
     assert "bit for bit" in result.output and (tmp_path / "m.pt2").is_file()
 
 
+def test_cli_takes_the_format_from_the_extension(checkpoint, tmp_path):
+    import torch
+
+    result = _cli(checkpoint, "--out", tmp_path / "m.pt2")
+    assert result.exit_code == 0, result.output
+    assert "torch.export.load vs PyTorch" in result.output
+    torch.export.load(tmp_path / "m.pt2")  # a torch.export archive, not ONNX
+    result = _cli(checkpoint, "--out", tmp_path / "m.bin")
+    assert result.exit_code == 2 and "cannot tell the format from the file name" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt2"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["--format", "tflite"], "--format must be one of onnx, pt2"),
+        (["--format", "pt2"], "format pt2 contradicts the file name"),
         (["--batch", "0"], "--batch must be 'dynamic' or a positive integer"),
         (["--batch", "many"], "--batch must be 'dynamic' or a positive integer"),
         (["--exporter", "fx"], "exporter must be one of dynamo, torchscript"),

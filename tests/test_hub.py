@@ -278,6 +278,7 @@ def fake_hub(monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr("ilmconvert.online.hub_unreachable", lambda: None)  # the fake Hub answers
     FakeApi.calls, FakeApi.fail = [], None
     return FakeApi
 

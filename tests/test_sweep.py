@@ -183,3 +183,44 @@ def test_a_variant_can_fine_tune_a_checkpoint(tmp_path):
     (tmp_path / "other").mkdir()
     with pytest.raises(S.SweepError, match="is not a checkpoint folder"):
         _plan(tmp_path / "other", data, text=text.replace(str(tmp_path / "ckpt"), str(tmp_path)), variants="converted")
+
+
+def test_cli_sweep_takes_set_and_the_data_flags_and_counts_in_the_singular(tmp_path):
+    """Issue 21: sweep --set / --train-subset / --test-subset reach every cell's recipe; one of
+    each reads '1 variant x 1 batch size x 1 seed = 1 cell of 1 epoch'."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from ilmconvert.cli import app
+
+    data = make_image_folder(tmp_path / "data", n_train=8, n_test=4)
+    (tmp_path / "r.yaml").write_text(SWEEP_RECIPE.replace("train_subset: 192, test_subset: 96, ", ""))
+    args = ["sweep", "--recipe", str(tmp_path / "r.yaml"), "--data", str(data), "--out", str(tmp_path / "s")]
+    args += ["--variants", "gn", "--batch-sizes", "4", "--seeds", "0", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--train-subset", "12", "--test-subset", "6", "--set", "train.lr=0.02"])
+    assert result.exit_code == 0, result.output
+    assert "1 variant x 1 batch size x 1 seed = 1 cell of 1 epoch;" in " ".join(result.output.split())
+    cell = yaml.safe_load((tmp_path / "s" / "cells" / "gn-b4-s0" / "recipe.yaml").read_text())
+    assert (cell["data"]["train_subset"], cell["data"]["test_subset"]) == (12, 6)
+    assert cell["train"]["lr"] == pytest.approx(0.02 * 4 / 16)  # --set, then the linear lr scaling
+
+
+def test_plot_labels_a_narrow_error_axis_with_plain_numbers(tmp_path, monkeypatch):
+    """Issue 21: the log error axis of `ilmconvert plot` reads 76.5, not 7.65×10^1."""
+    import matplotlib
+    from typer.testing import CliRunner
+
+    from ilmconvert.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [
+        {"epoch": e, "train_loss": 2.0, "test_loss": 2.1, "top1": top1, "top5": 80.0, "lr": 0.1, "train_top1": 20.0}
+        for e, top1 in ((1, 23.40), (2, 23.52), (3, 23.55))
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setitem(matplotlib.rcParams, "svg.fonttype", "none")  # labels as <text>, not glyph paths
+    result = CliRunner().invoke(app, ["plot", str(run), "--out", str(tmp_path / "c.svg")])
+    assert result.exit_code == 0, result.output
+    svg = (tmp_path / "c.svg").read_text()
+    assert "76.5" in svg and "times" not in svg and "×" not in svg

@@ -70,8 +70,8 @@ def render_report(report: Any, title: str) -> None:
     columns = method.report_columns if method is not None else ()
     table = Table(title=title, title_justify="left", show_lines=False)
     numbers = ("C", "groups", *columns, "+params")
-    for col in ("module", "source", "becomes", *numbers):
-        table.add_column(col, justify="right" if col in numbers and col != "activation" else "left")
+    for col in ("module", "source", "becomes", *numbers):  # fold, never cut: --include needs the names
+        table.add_column(col, justify="right" if col in numbers and col != "activation" else "left", overflow="fold")
     for c in report.converted:
         absorbed = f" ({', '.join(c.absorbed)} -> Identity)" if c.absorbed else ""
         cells = {
@@ -90,9 +90,8 @@ def render_report(report: Any, title: str) -> None:
         console.print("[dim]* C is not a multiple of the requested K: the largest divisor of C not above K is used.[/]")
     if report.skipped:
         skipped = Table(title="left as they are", title_justify="left")
-        skipped.add_column("module")
-        skipped.add_column("class")
-        skipped.add_column("reason")
+        for col in ("module", "class", "reason"):
+            skipped.add_column(col, overflow="fold")
         for s in report.skipped:
             skipped.add_row(s.name, s.source.rsplit(".", 1)[-1], s.reason)
         console.print(skipped)

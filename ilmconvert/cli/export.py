@@ -7,14 +7,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from .output import console, expected_errors
+from .output import console, expected_errors, literal
 
 
 @expected_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder written by swap / finetune / ilmconvert.save.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="File to write (.onnx or .pt2).")],
-    format: Annotated[str, typer.Option("--format", "-f", help="onnx or pt2 (torch.export archive).")] = "onnx",
+    format: Annotated[
+        Optional[str],
+        typer.Option(
+            "--format",
+            "-f",
+            help=literal(
+                "onnx (needs pip install 'ilmconvert[onnx]') or pt2 (torch.export archive); default: the one "
+                "--out's extension names."
+            ),
+        ),
+    ] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", min=7, help="ONNX opset (default 18).")] = None,
     batch: Annotated[
         str, typer.Option("--batch", help="dynamic: a dynamic batch axis (checked at 1 and 3); N: fixed batch N.")
@@ -34,11 +44,12 @@ def export(
     config.json (timm's pretrained_cfg names) and go into the file's metadata. A failed check
     removes the file and exits 1.
     """
-    from ..exporting import FORMATS, ExportError, export, require_onnx
+    from ..exporting import FORMATS, ExportError, export, format_for, require_onnx
     from ..io import load, read_config
 
-    if format not in FORMATS:
+    if format is not None and format not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    format = format_for(out, format)  # before loading anything: the name and the format agree
     if batch != "dynamic" and not (batch.isdigit() and int(batch) >= 1):
         raise ExportError(f"--batch must be 'dynamic' or a positive integer, got {batch!r}")
     if format == "onnx":

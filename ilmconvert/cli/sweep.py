@@ -13,8 +13,18 @@ from rich.live import Live
 from rich.progress import Progress
 from rich.table import Table
 
-from .output import console, expected_errors
-from .train import DataOpt, DataRootOpt, DeviceOpt, _bars, _batches
+from .output import console, count, expected_errors
+from .train import (
+    DATA_OVERRIDES,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    SetOpt,
+    TestSubsetOpt,
+    TrainSubsetOpt,
+    _bars,
+    _batches,
+)
 
 
 def _grid(sweep: Any, results: dict[tuple[str, int], list[float]], running: Any) -> Table:
@@ -60,6 +70,9 @@ def sweep(
     ] = None,
     device: DeviceOpt = "auto",
     data_root: DataRootOpt = None,
+    settings: SetOpt = None,
+    train_subset: TrainSubsetOpt = None,
+    test_subset: TestSubsetOpt = None,
 ) -> None:
     """Train every variant x batch size x seed on DATA and compare final test errors with 95 % intervals.
 
@@ -73,10 +86,13 @@ def sweep(
     plan = plan_sweep(
         recipe=recipe, data=data, out=out, variants=variants, batch_sizes=batch_sizes, seeds=seeds,
         epochs=epochs, lr_scaling=lr_scaling, reference=reference, device=device, data_root=data_root,
+        values={DATA_OVERRIDES[k]: v for k, v in (("train_subset", train_subset), ("test_subset", test_subset))},
+        settings=settings or (),
     )  # fmt: skip
     console.print(
-        f"[bold]sweep[/] {plan.recipe.name}: {len(plan.variants)} variants x {len(plan.batch_sizes)} batch sizes x "
-        f"{len(plan.seeds)} seeds = {len(plan.cells)} cells of {plan.recipe.train.epochs} epochs; "
+        f"[bold]sweep[/] {plan.recipe.name}: {count(len(plan.variants), 'variant')} x "
+        f"{count(len(plan.batch_sizes), 'batch size')} x {count(len(plan.seeds), 'seed')} = "
+        f"{count(len(plan.cells), 'cell')} of {count(plan.recipe.train.epochs, 'epoch')}; "
         f"lr scaling {plan.lr_scaling}; reference {plan.reference}"
     )
     results: dict[tuple[str, int], list[float]] = {}

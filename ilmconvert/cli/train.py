@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .. import methods
 from ..train.distributed import Distributed
-from .output import console, expected_errors
+from .output import console, count, expected_errors, literal, steps
 
 #: ``--method``'s choices: the registered methods (:mod:`ilmconvert.methods`).
 MethodChoice = Literal[methods.names()]  # type: ignore[valid-type]
@@ -40,6 +40,29 @@ DataRootOpt = Annotated[
 DeviceOpt = Annotated[
     str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (CUDA when available), cpu or cuda.")
 ]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set", metavar="KEY=VALUE",
+        help="Override any recipe key (repeatable): --set train.lr=0.01 --set data.mixup=0.2 (YAML values).",
+    ),
+]
+TrainSubsetOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--train-subset", min=1, show_default=False, rich_help_panel="Recipe overrides",
+        help="Train on a fixed random subset of N training images (data.train_subset).",
+    ),
+]
+TestSubsetOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--test-subset", min=1, show_default=False, rich_help_panel="Recipe overrides",
+        help="Test on a fixed random subset of N test images (data.test_subset).",
+    ),
+]
+#: the data keys with flags of their own on ``finetune`` and ``sweep``: option name -> recipe key
+DATA_OVERRIDES = {"train_subset": "data.train_subset", "test_subset": "data.test_subset"}
 #: every 50 batches a plain progress line when stdout is not a terminal (batch jobs, CI logs)
 PLAIN_EVERY = 50
 
@@ -73,6 +96,7 @@ OVERRIDES = {
     "checkpoint_interval": "train.checkpoint_interval",
     "seed": "train.seed",
     "workers": "data.num_workers",
+    **DATA_OVERRIDES,
     "pipeline": "data.pipeline",
     "input_size": "data.image_size",
     "aa": "data.aa",
@@ -196,18 +220,12 @@ def finetune(
         Optional[Path],
         typer.Option("--weights", help="Local weights for the recipe's network (safetensors or a state dict)."),
     ] = None,
-    settings: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--set", metavar="KEY=VALUE",
-            help="Override any recipe key (repeatable): --set train.lr=0.01 --set data.mixup=0.2 (YAML values).",
-        ),
-    ] = None,
+    settings: SetOpt = None,
     log: Annotated[
         Optional[list[str]],
         typer.Option(
             "--log", metavar="tensorboard",
-            help="Also log to TensorBoard (RUN/tensorboard; pip install 'ilmconvert[tensorboard]').",
+            help=literal("Also log to TensorBoard (RUN/tensorboard; pip install 'ilmconvert[tensorboard]')."),
         ),
     ] = None,
     opt: Annotated[Optional[str], _opt("--opt", help="timm optimizer: momentum, sgd, adamw, lamb, ...")] = None,
@@ -252,6 +270,8 @@ def finetune(
         Optional[Literal["cifar", "timm"]], _opt("--pipeline", help="Data pipeline: cifar (cached) or timm.")
     ] = None,
     aa: Annotated[Optional[str], _opt("--aa", help="timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")] = None,
+    train_subset: TrainSubsetOpt = None,
+    test_subset: TestSubsetOpt = None,
     input_size: Annotated[
         Optional[int],
         _opt(
@@ -319,8 +339,8 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     from ..train.run import METRICS_FILE, RunInterrupted, prepare_finetune, run_finetune
     from ..train.run import Progress as Hooks
 
-    with console.status("reading data and building the network") if processes.is_main else contextlib.nullcontext():
-        plan = prepare_finetune(**options, processes=processes)
+    with steps() if processes.is_main else contextlib.nullcontext(None) as report:
+        plan = prepare_finetune(**options, processes=processes, steps=report)
     checkpoint, data, out = options["checkpoint"], options["data"], options["run"]
     if not processes.is_main:  # the other torchrun processes train in silence; rank 0 reports and writes
         try:
@@ -337,7 +357,8 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     console.print(
         f"[bold]{r.name or 'recipe'}[/]: {what} on {plan.source.name}: "
         f"{len(plan.train)} train / {len(plan.test)} test images, "
-        f"{len(plan.train.classes)} classes; {r.train.epochs} epochs, batch {r.train.batch_size}, lr {r.train.lr:g}, "
+        f"{count(len(plan.train.classes), 'class', 'classes')}; {count(r.train.epochs, 'epoch')}, "
+        f"batch {r.train.batch_size}, lr {r.train.lr:g}, "
         f"{r.train.sched}, device {plan.device.type}"
         + (f" x {processes.world_size} processes" if processes.enabled else "")
         + (f"; resuming after epoch {plan.start_epoch}" if plan.start_epoch else "")
@@ -345,6 +366,9 @@ def _finetune(processes: Distributed, **options: Any) -> None:
     )
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {note}")
+    if r.train.compile:
+        epoch = plan.start_epoch + 1
+        console.print(f"compiling the network (torch.compile): the first batches of epoch {epoch} are slow")
 
     with _bars() as bars:
 

@@ -18,6 +18,7 @@ With ``data.pipeline: timm`` the images are read at their own size and go throug
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -124,6 +125,24 @@ def _decode(path: str, size: int) -> np.ndarray:
         return np.array(image)  # a writable copy
 
 
+PROGRESS_EVERY = 256  #: images between two calls of an :class:`ImageSet`'s ``progress``
+
+
+def _each(fn: Callable[[Any], Any], items: Sequence[Any], progress: Optional[Callable[[int, int], None]]) -> list[Any]:
+    """``[fn(item) for item in items]`` on a thread pool (PIL decodes without the GIL), in order,
+    calling ``progress(done, total)`` at the start, every :data:`PROGRESS_EVERY` items and at the end."""
+    total = len(items)
+    results: list[Any] = []
+    if progress is not None and total:
+        progress(0, total)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for result in pool.map(fn, items, chunksize=PROGRESS_EVERY):
+            results.append(result)
+            if progress is not None and (len(results) % PROGRESS_EVERY == 0 or len(results) == total):
+                progress(len(results), total)
+    return results
+
+
 class ImageSet(Dataset):
     """Labelled images as uint8 ``(3, H, W)`` tensors, decoded on demand or all at once.
 
@@ -137,6 +156,8 @@ class ImageSet(Dataset):
         raw: give ``transform`` the RGB PIL image at its own size (timm's transforms, which end
             in a uint8 tensor) instead of a uint8 tensor at ``image_size``; nothing is cached,
             and a seeded ``transform`` also sees Python's and NumPy's generators seeded.
+        progress: called as ``progress(done, total)`` while the files are decoded (or their
+            headers checked): at the start, every :data:`PROGRESS_EVERY` images and at the end.
 
     ``ds[i]`` returns ``(image uint8 (3, H, W), label int)``. ``ds[(i, seed)]`` (what
     :class:`EpochSampler` yields) runs ``transform`` with torch's CPU generator seeded with
@@ -156,6 +177,7 @@ class ImageSet(Dataset):
         transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         cache: bool = True,
         raw: bool = False,
+        progress: Optional[Callable[[int, int], None]] = None,
     ) -> None:
         self.raw = raw
         cache = cache and not raw
@@ -166,10 +188,9 @@ class ImageSet(Dataset):
         self.transform = transform
         self.images: torch.Tensor | None = None
         if cache:
-            self.images = self._decode_all()
+            self.images = self._decode_all(progress)
         else:  # read each file's header now: a broken file must stop the run before it starts
-            with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-                list(pool.map(self._check, self.items, chunksize=256))
+            _each(self._check, self.items, progress)
 
     def _load(self, item: Any) -> np.ndarray:
         if isinstance(item, np.ndarray):
@@ -190,11 +211,9 @@ class ImageSet(Dataset):
         except Exception as err:
             raise DataError(_undecodable(item, err)) from err
 
-    def _decode_all(self) -> torch.Tensor:
+    def _decode_all(self, progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
         """All images as one uint8 tensor (N, 3, H, W); PIL decodes without the GIL, so threads help."""
-        workers = min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(workers) as pool:
-            arrays = list(pool.map(self._load, self.items, chunksize=256))
+        arrays = _each(self._load, self.items, progress)
         if not arrays:
             return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
@@ -370,14 +389,22 @@ def subset_indices(total: int, size: int | None, seed: int) -> list[int]:
 def _torchvision_split(source: DataSource, split: str) -> Any:
     import torchvision
 
+    from .. import online
+
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[source.kind]
     created = _first_missing(Path(source.root))
+    with contextlib.suppress(Exception):  # not there yet (torchvision raises RuntimeError) or not whole
+        return cls(str(source.root), train=split == "train", download=False)  # downloaded before
+    url = getattr(cls, "url", None)
+    offline = online.unreachable(url) if url else None  # within seconds, not after urllib's minutes
     try:
+        if offline is not None:
+            raise ConnectionError(offline)
         return cls(str(source.root), train=split == "train", download=True)
     except Exception as err:  # URLError, socket errors, checksum errors, ...
         _discard_partial_download(Path(source.root), cls, created)
         raise DataError(
-            f"cannot download {source.kind} into {source.root} ({first_line(err)}); offline, pass an "
+            f"cannot download {source.kind} into {source.root} ({offline or first_line(err)}); offline, pass an "
             f"ImageFolder root with train/ and test/ instead (e.g. --data /path/to/{source.kind})"
         ) from None
 
@@ -414,12 +441,14 @@ def open_split(
     subset: int | None = None,
     seed: int = 0,
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> ImageSet:
     """The ``train`` or ``test`` split of ``source`` as an :class:`ImageSet`.
 
     Args:
         subset: keep a fixed random subset of this many images (``seed`` picks it).
         transform: per-image augmentation (see :func:`train_transform`).
+        progress: ``progress(done, total)`` while the images are read (see :class:`ImageSet`).
 
     Raises:
         DataError: missing / empty folders, undecodable images, impossible download.
@@ -443,7 +472,10 @@ def open_split(
         labels = [int(dataset.targets[i]) for i in indices]
         classes = dataset.classes
     raw = settings.pipeline == "timm"
-    return ImageSet(items, labels, classes, settings.image_size, transform=transform, cache=settings.cache, raw=raw)
+    return ImageSet(
+        items, labels, classes, settings.image_size,
+        transform=transform, cache=settings.cache, raw=raw, progress=progress,
+    )  # fmt: skip
 
 
 def test_transform(settings: DataSettings) -> Callable[[Any], torch.Tensor] | None:

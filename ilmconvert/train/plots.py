@@ -52,6 +52,19 @@ def _save(fig: Any, out: Path) -> Path:
     return out
 
 
+def _plain_log_labels(axis: Any) -> None:
+    """Label a log axis with plain numbers (``76.5``, ``20``, ``0.1``) instead of matplotlib's
+    scientific notation (``7.65×10^1``), on the same ticks it would label."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(Plain())
+    axis.set_minor_formatter(Plain(labelOnlyBase=False))
+
+
 def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Draw the learning curves of the run folders ``runs`` into one figure at ``out``.
 
@@ -100,6 +113,7 @@ def plot_runs(runs: Sequence[str | Path], out: str | Path, labels: Sequence[str]
     ax_loss.set(title="loss (solid: train, dashed: test)", xlabel="epoch", ylabel="cross-entropy")
     ax_top1.set(title="test top-1", xlabel="epoch", ylabel="top-1 (%)")
     ax_error.set(title="test error", xlabel="epoch", ylabel="top-1 error (%)", yscale="log")
+    _plain_log_labels(ax_error.yaxis)
     ax_lr.set(title="learning rate (after the epoch)", xlabel="epoch", ylabel="lr")
     for ax in axes.flat:
         ax.grid(alpha=0.3)

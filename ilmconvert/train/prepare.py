@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -92,13 +92,29 @@ class FinetunePlan:
             self.lock.release()
 
 
-def _open_splits(recipe: Recipe, source: DataSource) -> tuple[ImageSet, ImageSet]:
+#: ``steps(step, done, total)``: progress of a long start-up step, for a front-end to show
+StepReport = Callable[[str, int, int], None]
+
+
+def _no_report(step: str, done: int, total: int) -> None:
+    pass
+
+
+def _open_splits(recipe: Recipe, source: DataSource, steps: StepReport = _no_report) -> tuple[ImageSet, ImageSet]:
     settings, seed = recipe.data, recipe.train.seed
+
+    def reading(split: str) -> Callable[[int, int], None]:
+        return lambda done, total: steps(f"reading {total:,} {split} images", done, total)
+
     test = open_split(
-        source, "test", settings, subset=settings.test_subset, seed=seed + 1, transform=test_transform(settings)
-    )
+        source, "test", settings, subset=settings.test_subset, seed=seed + 1, transform=test_transform(settings),
+        progress=reading("test"),
+    )  # fmt: skip
     transform = train_transform(settings)
-    train = open_split(source, "train", settings, subset=settings.train_subset, seed=seed, transform=transform)
+    train = open_split(
+        source, "train", settings, subset=settings.train_subset, seed=seed, transform=transform,
+        progress=reading("train"),
+    )  # fmt: skip
     check_same_classes(train, test, source)
     return train, test
 
@@ -133,6 +149,7 @@ def prepare_finetune(
     settings: Sequence[str] = (),
     weights: str | Path | None = None,
     log: Sequence[str] = (),
+    steps: StepReport | None = None,
 ) -> FinetunePlan:
     """Check the arguments, read the data and build (or load) the network; writes nothing but the lock.
 
@@ -159,6 +176,9 @@ def prepare_finetune(
         settings: ``KEY=VALUE`` strings (``--set``), see :meth:`Recipe.with_overrides`.
         weights: a local weights file for the recipe's network (instead of its pretrained weights).
         log: extra loggers: ``tensorboard`` (needs the ``tensorboard`` package).
+        steps: called as ``steps(step, done, total)`` during the long start-up steps, e.g.
+            ``("reading 32,000 train images", 256, 32000)``, ``("building the network", 0, 1)``:
+            first with ``done`` 0, last with ``done == total``.
         processes: under torchrun, this process's rank (see :mod:`.distributed`): joins the
             process group and takes the device ``cuda:LOCAL_RANK``; rank 0 downloads data first.
 
@@ -170,9 +190,10 @@ def prepare_finetune(
     """
     run = Path(run).expanduser()
     torch_device = init_process_group(processes, select_device(device))
-    if resume and (recipe, checkpoint, weights) != (None,) * 3:
+    if resume and (checkpoint, weights) != (None,) * 2:
         raise RunError(
-            "--resume continues RUN with its own recipe (RUN/recipe.yaml) and network; only --epochs may change, "
+            f"--resume continues RUN with its own network (RUN/{LAST}): leave out "
+            f"{'DIR' if checkpoint is not None else '--weights'}; only --epochs may change, "
             f"and the settings that change no number ({', '.join(RESUMABLE[1:])})"
         )
     check_log(log)
@@ -180,7 +201,7 @@ def prepare_finetune(
     lock = RunLock.acquire(run) if processes.is_main else None
     try:
         if resume:
-            resolved, state = _resumed_recipe(run, changes, overrides, settings)
+            resolved, state = _resumed_recipe(run, changes, overrides, settings, recipe)
         else:
             resolved = load_recipe(recipe or default_recipe).with_overrides(
                 **changes, values=overrides, settings=settings
@@ -204,11 +225,15 @@ def prepare_finetune(
         with processes.main_first():  # one download of cifar10 / cifar100
             source = resolve_data(data, data_root)
             classes = list_classes(source)
+            report = steps or _no_report
+            building = "loading the network" if resume or checkpoint is not None else "building the network"
+            report(building, 0, 1)
             network, notes = _network(resolved, run if resume else None, checkpoint, data, len(classes), weights)
+            report(building, 1, 1)
             found = resolve_preprocessing(network, config=read_config(checkpoint) if checkpoint is not None else None)
             settings_before = resolved.data
             resolved = resolved.model_copy(update={"data": resolve_pipeline(resolved.data, network, found)})
-            train, test = _open_splits(resolved, source)
+            train, test = _open_splits(resolved, source, report)
         if checkpoint is not None and resolved.train.batch_size > len(train):
             notes.append(f"batch size {resolved.train.batch_size} is larger than the {len(train)} training images")
     except BaseException as err:
@@ -269,14 +294,46 @@ def changed_keys(before: Recipe, after: Recipe) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def _shown(value: Any) -> str:
+    """A recipe value as YAML writes it (``0.05``, ``null``, ``[0.9, 0.999]``, ``adamw``)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _refuse_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
+    """Refuse a ``--resume`` that changes a flat recipe key outside :data:`RESUMABLE` (keys missing
+    from ``after`` are not compared), naming each key with its value in the run and the new one.
+
+    Raises:
+        RunError: such a change.
+    """
+    refused = [k for k in sorted(after) if k not in RESUMABLE and before.get(k) != after[k]]
+    if refused:
+        values = "; ".join(f"{k}: {_shown(before.get(k))} in the run, {_shown(after[k])} now" for k in refused)
+        raise RunError(
+            f"--resume cannot change {', '.join(refused)} ({values}): the run would no longer continue exactly; "
+            f"only {', '.join(RESUMABLE)} may change (start a new run for the others)"
+        )
+
+
 def _resumed_recipe(
-    run: Path, changes: Mapping[str, Any], overrides: Mapping[str, Any] | None, settings: Sequence[str]
+    run: Path,
+    changes: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None,
+    settings: Sequence[str],
+    recipe: str | Path | None = None,
 ) -> tuple[Recipe, dict[str, Any]]:
     """The recipe (with the allowed changes) and trainer state of the run folder ``run`` for ``--resume``.
 
+    The run continues with its own ``recipe.yaml``. Options given again with the values the run
+    has (the original command re-run with ``--resume``: ``--recipe``, ``--set``, overrides) change
+    nothing and are accepted; ``recipe`` is compared on the keys it (with the overrides) sets.
+
     Raises:
         RunError: ``run`` is not a resumable run folder; a change of a key outside :data:`RESUMABLE`
-            (the message names it); or the run is finished (``epochs`` not larger).
+            (the message names it, the run's value and the new one); or the run is finished
+            (``epochs`` not larger).
         RecipeError, CheckpointError: its recipe or trainer state cannot be read.
     """
     recover_checkpoint(run / LAST)  # a kill in the middle of replacing last/ leaves it beside
@@ -288,12 +345,12 @@ def _resumed_recipe(
         )
     saved = parse_recipe((run / RECIPE_FILE).read_text(), str(run / RECIPE_FILE))
     resolved = saved.with_overrides(**changes, values=overrides, settings=settings)
-    refused = [k for k in changed_keys(saved, resolved) if k not in RESUMABLE]
-    if refused:
-        raise RunError(
-            f"--resume cannot change {', '.join(refused)}: the run would no longer continue exactly; "
-            f"only {', '.join(RESUMABLE)} may change (start a new run for the others)"
-        )
+    before, after = _flat(saved.model_dump(mode="json")), _flat(resolved.model_dump(mode="json"))
+    _refuse_changes(before, {k: after.get(k) for k in changed_keys(saved, resolved)})
+    if recipe is not None:  # what the named recipe (with the same overrides) sets must be what the run has
+        named = load_recipe(recipe).with_overrides(**changes, values=overrides, settings=settings)
+        given = _flat(named.model_dump(mode="json", exclude_unset=True))
+        _refuse_changes(after, {k: v for k, v in given.items() if k not in ("name", "description")})
     state = load_trainer_state(run / LAST)
     if not state or "epoch" not in state or "optimizer" not in state:
         raise RunError(f"--resume: {run / LAST} has no trainer state; start a new run without --resume")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,8 @@ def plan_sweep(
     reference: str | None = None,
     device: str = "auto",
     data_root: str | Path | None = None,
+    values: Mapping[str, Any] | None = None,
+    settings: Sequence[str] = (),
 ) -> Sweep:
     """Check the sweep's arguments and its folder; write nothing.
 
@@ -105,17 +107,18 @@ def plan_sweep(
             and learning-rate scaling: the grid may grow, finished cells are kept).
         variants, batch_sizes, seeds: comma-separated lists (or sequences).
         epochs: override the recipe's epochs.
+        values, settings: override recipe keys, as ``finetune`` does (:meth:`Recipe.with_overrides`:
+            dotted keys mapped to values, ``KEY=VALUE`` strings of ``--set``); every cell shares them.
         lr_scaling: ``linear`` (lr × B / recipe batch size) or ``none``.
         reference: the variant that the others are compared with, paired by seed (default ``gn``
             when swept, else the first variant).
 
     Raises:
         SweepError: bad lists, unknown variant (the known ones are listed), a folder of another
-            sweep. RecipeError: the recipe or a variant's merged recipe is invalid.
+            sweep. RecipeError: the recipe or a variant's merged recipe is invalid, or a bad
+            ``--set`` (unknown key, with a did-you-mean; bad value).
     """
-    base = load_recipe(recipe)
-    if epochs is not None:
-        base = base.with_overrides(epochs=epochs)
+    base = load_recipe(recipe).with_overrides(epochs=epochs, values=values, settings=settings)
     known = BUILTIN_VARIANTS | base.variants
     names = _parse_list(variants, "variants", str)
     for name in names:

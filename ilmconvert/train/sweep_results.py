@@ -179,7 +179,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# Sweep: {summary['recipe']} on {summary['data']}",
         "",
-        f"{summary['cells_finished']} of {summary['cells_planned']} cells finished; {summary['epochs']} epochs; "
+        f"{summary['cells_finished']} of {summary['cells_planned']} cells finished; {summary['epochs']} "
+        f"epoch{'' if summary['epochs'] == 1 else 's'}; "
         f"learning rate {summary['recipe_lr']:g} at batch {summary['recipe_batch_size']}, scaling "
         f"`{summary['lr_scaling']}`; {summary['seconds_total'] / 60:.1f} min of training and testing in all.",
         "Top-1 test error in %, mean ± half-width of the 95 % Student t interval over seeds (n seeds).",
