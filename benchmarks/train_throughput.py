@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ilmconvert  # noqa: E402
 from ilmconvert.train import loop as L  # noqa: E402
-from ilmconvert.train.data import ImageSet, make_loader, to_input, train_transform  # noqa: E402
+from ilmconvert.train.data import ImageSet, train_transform  # noqa: E402
+from ilmconvert.train.loader import make_loader, to_input  # noqa: E402
 from ilmconvert.train.recipes import DataSettings, TrainSettings  # noqa: E402
 
 TINY = {"norm_layer": "groupnorm", "channels": [32, 64, 128, 256], "stem_width": 32, "layers": [1, 1, 1, 1]}

@@ -115,7 +115,7 @@ def test_a_second_finetune_on_a_run_in_use_is_refused_and_changes_nothing(setup,
 _HANG_UP = """
 import os, socket, sys, time
 from multiprocessing import resource_sharer
-from ilmconvert.train import data
+from ilmconvert.train import loader as data
 if sys.argv[1] == "worker":
     data._init_worker(0)
 address, _ = resource_sharer.DupFd(0)._id

@@ -15,7 +15,8 @@ import ilmconvert
 from helpers import TINY_RECIPE, make_image_folder, relative_difference, tiny_converted_network
 from ilmconvert.cli import app
 from ilmconvert.train import loop as L
-from ilmconvert.train.data import ImageSet, make_loader
+from ilmconvert.train.data import ImageSet
+from ilmconvert.train.loader import make_loader
 from ilmconvert.train.recipes import DataSettings, TrainSettings, load_recipe, parse_recipe
 from ilmconvert.train.run import prepare_finetune, read_metrics, run_finetune
 

@@ -12,7 +12,8 @@ from torch import nn
 from ..errors import first_line
 from ..io import load, read_config
 from ..models import classifier_size, resolve_preprocessing, source_of
-from .data import make_loader, open_split, resolve_data, resolve_pipeline, test_transform
+from .data import open_split, resolve_data, resolve_pipeline, test_transform
+from .loader import make_loader
 from .loop import Batches, Precision, cpu_threads, evaluate, select_device
 from .recipes import DataSettings
 from .run_folder import RunError, resolve_checkpoint

@@ -24,8 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import IlmconvertError, first_line
-from .data import mix_seed, seeded_globals, to_input
+from .data import seeded_globals
 from .distributed import SINGLE, Distributed
+from .loader import mix_seed, to_input
 from .recipes import ConversionSettings, DataSettings, ModelSettings, TrainSettings
 from .stopping import EpochPosition
 
@@ -608,7 +609,7 @@ def seed_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0, skip_ba
 
     Seeds torch's global generator (dropout, drop-path and other randomness in the network: per
     process, so with ``rank``), the loader's generator (its workers' start-up seed) and the
-    epoch of the loader's sampler (:class:`~ilmconvert.train.data.EpochSampler`: data order and
+    epoch of the loader's sampler (:class:`~ilmconvert.train.loader.EpochSampler`: data order and
     each image's augmentation; the same for every rank). Nothing drawn before the epoch (network
     initialization, earlier epochs, loader workers' state) then changes it, so an epoch run after
     ``--resume`` replays the uninterrupted run's epoch exactly.

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..atomic import WriteError
 from ..io import is_checkpoint, save
-from .data import make_loader
 from .evaluation import evaluate_checkpoint
+from .loader import make_loader
 from .logs import RunLog
 from .loop import (
     Batches,
