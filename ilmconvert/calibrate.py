@@ -414,8 +414,15 @@ def calibrate(
     layers = calibrated_layers(model, original, groups)
     original.eval()
     report = CalibrationReport(len(fit_images), len(held_images), heldout_indices=heldout_indices)
-    report.settings = {"groups": groups, "epochs": epochs, "time_budget": time_budget, "batch_size": batch_size,
-                       "micro_batch": micro_batch, "lr": lr, "seed": seed}
+    report.settings = {
+        "groups": groups,
+        "epochs": epochs,
+        "time_budget": time_budget,
+        "batch_size": batch_size,
+        "micro_batch": micro_batch,
+        "lr": lr,
+        "seed": seed,
+    }
     bar = _progress() if progress else None
     with bar or _nothing():
         reference = outputs(original, held_images)
@@ -427,8 +434,16 @@ def calibrate(
         report.layers = [LayerFit(layer.name, layer.bn.num_features, layer.groups, layer.fit_error) for layer in layers]
         if epochs > 0:
             report.distillation = distill(
-                model, layers, fit_images, fit_reference, epochs=epochs, time_budget=time_budget,
-                batch_size=batch_size, lr=lr, seed=seed, progress=bar,
+                model,
+                layers,
+                fit_images,
+                fit_reference,
+                epochs=epochs,
+                time_budget=time_budget,
+                batch_size=batch_size,
+                lr=lr,
+                seed=seed,
+                progress=bar,
             )
             report.stages["distilled"] = figures(outputs(model, held_images), reference)
         model.train(was)
@@ -442,8 +457,9 @@ def calibrate(
 def _progress() -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    )
 
 
 def _nothing() -> Any:

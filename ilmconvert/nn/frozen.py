@@ -9,8 +9,7 @@ per-instance rescaling (docs/design.md §1), an instance being one sample: at pr
 ``omega = w`` and ``beta = b`` bit for bit, so the converted network computes the original's eval
 function (docs/design.md §2, ``batchnorm="frozen"``).
 
-:class:`FrozenBatchNorm` is the plain baseline (``method="none", batchnorm="frozen"``): timm's
-``freeze_batch_norm_2d`` as a conversion target.
+The plain baselines without ILM (``method="none"``) are in :mod:`ilmconvert.nn.baselines`.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from .layers import UnsupportedNormError, _ActMixin, _FromNorm
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _running_statistics(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def running_statistics(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(running_mean, running_var)`` of a BatchNorm, or :class:`UnsupportedNormError`."""
     if not isinstance(norm, _BatchNorm):
         raise UnsupportedNormError(f"{type(norm).__name__} is not a BatchNorm: nothing to freeze")
@@ -67,7 +66,7 @@ class ILMFrozenBatchNorm(_FromNorm, ILMNorm):
 
     @classmethod
     def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
-        _running_statistics(norm)
+        running_statistics(norm)
         return {"num_features": norm.num_features, "eps": norm.eps}
 
     @classmethod
@@ -78,7 +77,7 @@ class ILMFrozenBatchNorm(_FromNorm, ILMNorm):
             UnsupportedNormError: ``norm`` is not a BatchNorm or has no running statistics.
         """
         layer = super().from_norm(norm, **kwargs)
-        mean, var = _running_statistics(norm)
+        mean, var = running_statistics(norm)
         with torch.no_grad():
             layer.running_mean.copy_(mean)
             layer.running_var.copy_(var)
@@ -96,28 +95,3 @@ class ILMFrozenBatchNorm(_FromNorm, ILMNorm):
 
 class ILMFrozenBatchNormAct(_ActMixin, ILMFrozenBatchNorm):
     """:class:`ILMFrozenBatchNorm` followed by the drop and activation of timm's ``BatchNormAct2d``."""
-
-
-class FrozenBatchNorm:
-    """Conversion target of the plain baseline ``method="none", batchnorm="frozen"``.
-
-    ``from_norm`` is timm's ``freeze_batch_norm_2d`` on one module: ``BatchNorm2d`` becomes
-    ``FrozenBatchNorm2d`` and ``BatchNormAct2d`` becomes ``FrozenBatchNormAct2d`` (activation and
-    drop kept), computing ``x * scale + shift`` with the running statistics in training mode too.
-    """
-
-    @classmethod
-    def from_norm(cls, norm: nn.Module, **_: Any) -> nn.Module:
-        """The frozen copy of ``norm`` (its running statistics are shared, as timm does).
-
-        Raises:
-            UnsupportedNormError: ``norm`` is not a 2-d BatchNorm with running statistics
-                (timm's frozen layers are 4-d only).
-        """
-        from timm.layers import freeze_batch_norm_2d
-
-        _running_statistics(norm)
-        frozen = freeze_batch_norm_2d(norm)
-        if frozen is norm:
-            raise UnsupportedNormError(f"timm's freeze_batch_norm_2d takes 2-d BatchNorm only, not {type(norm).__name__}")
-        return frozen

@@ -452,10 +452,12 @@ class _ProxyFromNorm:
         return layer
 
 
-def _group_norm_of_batchnorm(norm: _BatchNorm, factory: dict[str, Any]) -> nn.GroupNorm:
+def _group_norm_of_batchnorm(
+    norm: _BatchNorm, factory: dict[str, Any], batchnorm_groups: int = BATCHNORM_GROUPS
+) -> nn.GroupNorm:
     """``nn.GroupNorm`` (G = 32 or the largest divisor of C not above 32) with the BatchNorm's affine."""
     channels = norm.num_features
-    groups = resolve_key_group_size(channels, BATCHNORM_GROUPS)
+    groups = resolve_key_group_size(channels, batchnorm_groups)
     gn = nn.GroupNorm(groups, channels, norm.eps, affine=norm.affine, **factory)
     if norm.affine:
         with torch.no_grad():
