@@ -112,4 +112,4 @@ def as_batches(images: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
         raise CalibrationError("no calibration images were given")
     if len({tuple(b.shape[1:]) for b in batches}) > 1:
         raise CalibrationError("calibration batches differ in image shape; give images of one size")
-    return torch.cat([b.float() for b in batches])
+    return torch.cat([b if b.is_floating_point() else b.float() for b in batches])

@@ -105,6 +105,7 @@ def _images(n: int = 64, seed: int = 1) -> torch.Tensor:
 
 
 def _converted(net: nn.Module, method: str) -> nn.Module:
+    torch.manual_seed(0)  # ILM's W1 keeps nn.Linear's random init
     new = copy.deepcopy(net)
     ilmconvert.convert(new, batchnorm="gn", method=method)
     return new
@@ -115,7 +116,7 @@ def test_closed_form_recovers_batchnorm_exactly_where_groupnorm_can():
     standardizes as BatchNorm does, and the fit must return BN's own affine. Every other G sees the
     same statistics in every sample (an affine map of BN's standardization), so "auto" recovers the
     function exactly too, with some G."""
-    c = 8
+    c = 64  # converted with G = 32: not BN's standardization before the fit
     bn = _trained_bn(nn.BatchNorm2d(c), 5).double()
     net = nn.Sequential(bn, nn.Flatten()).double().eval()
     z = torch.randn(40, c, 5, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
