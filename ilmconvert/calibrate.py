@@ -365,6 +365,7 @@ def calibrate(
     *,
     heldout: torch.Tensor | Iterable[torch.Tensor] | None = None,
     heldout_fraction: float = 0.125,
+    heldout_reference: torch.Tensor | None = None,
     groups: str | int | None = "auto",
     epochs: int = 4,
     time_budget: float = 300.0,
@@ -384,6 +385,7 @@ def calibrate(
             ``(images, labels)``); see :func:`ilmconvert.calibration_images.load_images`.
         heldout: images to measure on; by default ``heldout_fraction`` of ``images`` is split off
             (seeded) and never used in the fit.
+        heldout_reference: ``original``'s outputs on ``heldout``, when already computed.
         groups: ``"auto"`` (each layer's G among the divisors of C, by fit error), a number (the
             largest divisor of C not above it), or ``None`` (keep each layer's G).
         epochs: distillation epochs over the fit images (0: closed form only).
@@ -425,7 +427,7 @@ def calibrate(
     }
     bar = _progress() if progress else None
     with bar or _nothing():
-        reference = outputs(original, held_images)
+        reference = heldout_reference if heldout_reference is not None else outputs(original, held_images)
         report.stages["before"] = figures(outputs(model, held_images), reference)
         was = model.training
         model.eval()

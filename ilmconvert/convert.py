@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from .batchnorm_modes import batchnorm_mapping, check_batchnorm
 from .errors import IlmconvertError
 from .nn import (
     ILMGroupNorm,
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 NORM_KINDS: dict[str, str] = {"gn": "GroupNorm", "in": "InstanceNorm", "ln": "LayerNorm"}
 #: Adapter kinds: the selectable norm kinds and ``"bn"`` (BatchNorm, opt-in, function-changing).
 ADAPTER_KINDS: tuple[str, ...] = (*NORM_KINDS, "bn")
-BATCHNORM_MODES: tuple[str, ...] = ("gn",)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: Conversion methods: ILM Norm (the default), Proxy Norm (GN / LN + PN-Act, docs/design.md §8) and
 #: ``none``, the unconverted baseline (nothing is replaced; only the report is attached).
@@ -370,8 +370,8 @@ def _check_settings(
         raise ConversionError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if init not in INITS:
         raise ConversionError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-    if batchnorm is not None and batchnorm not in BATCHNORM_MODES:
-        raise ConversionError(f"batchnorm must be None or one of {', '.join(BATCHNORM_MODES)}; got {batchnorm!r}")
+    if check_batchnorm(batchnorm, method):
+        raise ConversionError(check_batchnorm(batchnorm, method))
     if key_group_size < 1 or reduction < 1:
         raise ConversionError(f"key_group_size ({key_group_size}) and reduction ({reduction}) must be >= 1")
     return kinds
@@ -438,7 +438,7 @@ def swap_module(
         num_key_groups=getattr(new, "num_key_groups", 0),
         embedding_size=getattr(new, "embedding_size", 0),
         params_added=sum(p.numel() for p in new.parameters()) - old_params,
-        function_changing=adapter.function_changing,
+        function_changing=adapter.function_changing and not getattr(adapter.target, "preserves_function", False),
         key_group_size_adjusted=isinstance(new, ILMNorm) and new.key_group_size != key_group_size,
         activation=type(new.act).__name__ if isinstance(new, (ProxyNormAct, ILMProxyGroupNormAct)) else "",
     )
@@ -661,12 +661,13 @@ def convert(
         "method": method,
     }
     report = ConversionReport(settings=settings, params_before=_count_parameters(model))
-    if method == "none":
+    if method == "none" and batchnorm is None:
         report.params_after = report.params_before
         model.ilm_conversion = report
         return report
     if mapping is None:
-        mapping = {"ilm": _default, "proxy": proxy_mapping, "ilm+proxy": ilm_proxy_mapping}[method]()
+        mapping = {"ilm": _default, "proxy": proxy_mapping, "ilm+proxy": ilm_proxy_mapping, "none": dict}[method]()
+        mapping = batchnorm_mapping(dict(mapping), method, batchnorm)
     unshared = _unshare(model, mapping)
     try:
         planned = _plan(model, mapping, kinds, include, exclude, batchnorm, method, report)

@@ -27,6 +27,9 @@ class FrozenBatchNorm:
     drop kept), computing ``x * scale + shift`` with the running statistics in training mode too.
     """
 
+    #: the conversion keeps the function (the report does not mark it function-changing)
+    preserves_function = True
+
     @classmethod
     def from_norm(cls, norm: nn.Module, **_: Any) -> nn.Module:
         """The frozen copy of ``norm`` (its running statistics are shared, as timm does).

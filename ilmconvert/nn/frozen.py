@@ -57,6 +57,8 @@ class ILMFrozenBatchNorm(_FromNorm, ILMNorm):
 
     pooled = True
     standardization = None
+    #: the conversion keeps the function (the report does not mark it function-changing)
+    preserves_function = True
 
     def __init__(self, num_features: int, eps: float = 1e-5, **kwargs: Any) -> None:
         super().__init__(num_features, eps, **kwargs)
