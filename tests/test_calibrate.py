@@ -220,3 +220,31 @@ def test_weights_by_position_refuses_count_and_shape_mismatch():
     assert "likely cause" in load_state_dict_checked(target, fewer)
     counters = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     assert load_state_dict_by_position(target, counters) == ""  # BN's counters aside
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("batchnorm, method", [("frozen", "ilm"), ("frozen", "none"), ("gn", "ilm"), ("gn", "none")])
+def test_frozen_and_calibrated_checkpoints_reload_bit_exactly(tmp_path, batchnorm, method):
+    from ilmconvert.models import create_model
+
+    torch.manual_seed(0)
+    original = create_model("timm:resnet10t", pretrained=False, num_classes=10)
+    original.train()
+    with torch.no_grad():  # running statistics that are not BN's initial 0 / 1
+        original(_images(16, 2) * 1.5)
+    original.eval()
+    net = copy.deepcopy(original)
+    report = ilmconvert.convert(net, batchnorm=batchnorm, method=method)
+    assert report.function_changing == (batchnorm == "gn")
+    x = _images(4, 3)
+    if batchnorm == "gn":
+        calibrate(net, original, _images(24), epochs=1, batch_size=8)
+        assert any(r.norm_groups != 32 for r in net.ilm_conversion.converted if r.channels >= 64)
+    else:
+        with torch.no_grad():
+            assert (net(x) - original(x)).abs().max() <= 1e-5 * original(x).abs().max()
+    ilmconvert.save(net, tmp_path / "ck")
+    loaded = ilmconvert.load(tmp_path / "ck")
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
