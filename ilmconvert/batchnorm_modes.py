@@ -29,15 +29,17 @@ def check_batchnorm(batchnorm: str | None, method: str) -> str:
     return ""
 
 
-def batchnorm_mapping(mapping: dict, method: str, batchnorm: str | None) -> dict:
+def batchnorm_mapping(mapping: dict, method: str, batchnorm: str | None, adapter_class: type) -> dict:
     """``mapping`` (a fresh copy, changed in place) with the BatchNorm entries of ``batchnorm``'s mode.
 
     For ``"frozen"`` the ILM targets of the ``"bn"`` entries become their frozen counterparts; for
-    ``method="none"`` (where ``mapping`` is empty) the plain baselines are added.
+    ``method="none"`` (where ``mapping`` is empty) the plain baselines are added, as
+    ``adapter_class(kind, target)`` (:class:`ilmconvert.convert.NormAdapter`).
     """
+    from dataclasses import replace
+
     from timm.layers import BatchNormAct2d
 
-    from .convert import NormAdapter
     from .nn import ILMGroupNorm, ILMGroupNormAct
     from .nn.baselines import FrozenBatchNorm, PlainGroupNorm
     from .nn.frozen import ILMFrozenBatchNorm, ILMFrozenBatchNormAct
@@ -47,10 +49,10 @@ def batchnorm_mapping(mapping: dict, method: str, batchnorm: str | None) -> dict
     if method == "none":
         target = FrozenBatchNorm if batchnorm == "frozen" else PlainGroupNorm
         sources = (nn.BatchNorm2d, BatchNormAct2d) if batchnorm == "frozen" else (*_BATCHNORMS, BatchNormAct2d)
-        mapping.update({source: NormAdapter("bn", target) for source in sources})
+        mapping.update({source: adapter_class("bn", target) for source in sources})
     elif batchnorm == "frozen":
         frozen = {ILMGroupNorm: ILMFrozenBatchNorm, ILMGroupNormAct: ILMFrozenBatchNormAct}
         for source, adapter in list(mapping.items()):
             if adapter.kind == "bn" and adapter.target in frozen:
-                mapping[source] = NormAdapter("bn", frozen[adapter.target], dict(adapter.layout))
+                mapping[source] = replace(adapter, target=frozen[adapter.target])
     return mapping

@@ -373,7 +373,7 @@ def calibrate(
     micro_batch: int = 16,
     lr: float = 1e-3,
     seed: int = 0,
-    progress: bool = False,
+    progress: Any = None,
 ) -> CalibrationReport:
     """Fit ``model``'s layers that replaced BatchNorm so that it reproduces ``original`` (in place).
 
@@ -393,7 +393,8 @@ def calibrate(
         batch_size: distillation batch size; micro_batch: closed-form micro-batch size.
         lr: Adam's learning rate for distillation.
         seed: seed of the split and of the distillation order.
-        progress: show rich progress bars.
+        progress: where to show progress, e.g. a started ``rich.progress.Progress`` (anything with
+            ``add_task(description, total=)`` and ``advance(task, amount)``); None: silent.
 
     Returns:
         The :class:`CalibrationReport` (also stored as ``model.ilm_calibration``); the conversion
@@ -425,46 +426,30 @@ def calibrate(
         "lr": lr,
         "seed": seed,
     }
-    bar = _progress() if progress else None
-    with bar or _nothing():
-        reference = heldout_reference if heldout_reference is not None else outputs(original, held_images)
-        report.stages["before"] = figures(outputs(model, held_images), reference)
-        was = model.training
-        model.eval()
-        fit_reference = closed_form(model, original, layers, fit_images, micro_batch, bar)
-        report.stages["closed_form"] = figures(outputs(model, held_images), reference)
-        report.layers = [LayerFit(layer.name, layer.bn.num_features, layer.groups, layer.fit_error) for layer in layers]
-        if epochs > 0:
-            report.distillation = distill(
-                model,
-                layers,
-                fit_images,
-                fit_reference,
-                epochs=epochs,
-                time_budget=time_budget,
-                batch_size=batch_size,
-                lr=lr,
-                seed=seed,
-                progress=bar,
-            )
-            report.stages["distilled"] = figures(outputs(model, held_images), reference)
-        model.train(was)
+    reference = heldout_reference if heldout_reference is not None else outputs(original, held_images)
+    report.stages["before"] = figures(outputs(model, held_images), reference)
+    was = model.training
+    model.eval()
+    fit_reference = closed_form(model, original, layers, fit_images, micro_batch, progress)
+    report.stages["closed_form"] = figures(outputs(model, held_images), reference)
+    report.layers = [LayerFit(layer.name, layer.bn.num_features, layer.groups, layer.fit_error) for layer in layers]
+    if epochs > 0:
+        report.distillation = distill(
+            model,
+            layers,
+            fit_images,
+            fit_reference,
+            epochs=epochs,
+            time_budget=time_budget,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            progress=progress,
+        )
+        report.stages["distilled"] = figures(outputs(model, held_images), reference)
+    model.train(was)
     rows = {row.name: row for row in model.ilm_conversion.converted}
     for layer in layers:
         rows[layer.name].norm_groups = layer.groups
     model.ilm_calibration = report
     return report
-
-
-def _progress() -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-    )
-
-
-def _nothing() -> Any:
-    from contextlib import nullcontext
-
-    return nullcontext()

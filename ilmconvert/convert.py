@@ -667,7 +667,7 @@ def convert(
         return report
     if mapping is None:
         mapping = {"ilm": _default, "proxy": proxy_mapping, "ilm+proxy": ilm_proxy_mapping, "none": dict}[method]()
-        mapping = batchnorm_mapping(dict(mapping), method, batchnorm)
+        mapping = batchnorm_mapping(dict(mapping), method, batchnorm, NormAdapter)
     unshared = _unshare(model, mapping)
     try:
         planned = _plan(model, mapping, kinds, include, exclude, batchnorm, method, report)

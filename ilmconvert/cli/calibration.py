@@ -56,6 +56,16 @@ def check_calibration(calibrate: Any, batchnorm: str | None) -> None:
         )
 
 
+def calibration_progress() -> Any:
+    """The rich progress bars :func:`ilmconvert.calibrate.calibrate` advances (closed form, distillation)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )
+
+
 def render_calibration(report: Any) -> None:
     """Print a :class:`~ilmconvert.calibrate.CalibrationReport`: the held-out stages and the worst fits."""
     table = Table(

@@ -10,7 +10,13 @@ import typer
 from rich.table import Table
 
 from ..errors import IlmconvertError
-from .calibration import batchnorm_mode, calibration_groups, check_calibration, render_calibration
+from .calibration import (
+    batchnorm_mode,
+    calibration_groups,
+    calibration_progress,
+    check_calibration,
+    render_calibration,
+)
 from .output import console, expected_errors, fail
 
 # ------------------------------------------------------------------------------------- shared options
@@ -273,9 +279,11 @@ def swap(
     if original is not None:
         from ..calibrate import calibrate as fit
 
-        calibrated = fit(
-            network, original, images, groups=group_choice, time_budget=calibration_time, seed=seed, progress=True
-        )
+        with calibration_progress() as progress:
+            calibrated = fit(
+                network, original, images, groups=group_choice, time_budget=calibration_time, seed=seed,
+                progress=progress,
+            )
         render_calibration(calibrated)
         metadata["calibration"] = calibrated.to_dict()
     save(network, out, metadata=metadata)
