@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the benchmarks package
+
+from benchmarks.zoo.checks import first_line, reinit_zero_linears  # noqa: E402
 
 #: (spec, method, constructor kwargs); small variants, one or more per family
 SUBSET = [
@@ -60,11 +63,6 @@ SUBSET = [
 RUNS = (("onnx_dynamo", "onnx", "dynamo"), ("onnx_torchscript", "onnx", "torchscript"), ("pt2", "pt2", "dynamo"))
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
-
-
 def run_one(spec: str, method: str, kwargs: dict) -> dict:
     """Convert ``spec`` with ``method`` and export it three ways; one record."""
     import onnx
@@ -74,10 +72,7 @@ def run_one(spec: str, method: str, kwargs: dict) -> dict:
 
     torch.manual_seed(0)
     model = ilmconvert.create_model(spec, pretrained=False, **kwargs)
-    with torch.no_grad():  # zero-initialized heads (torchvision's ViT) would make every parity 0
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear) and not m.weight.any():
-                m.weight.normal_(0, 0.02)
+    reinit_zero_linears(model)  # zero-initialized heads (torchvision's ViT) would make every parity 0
     report = ilmconvert.convert(model, method=method)
     record: dict = {"spec": spec, "method": method, "converted": len(report.converted)}
     record["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
@@ -87,7 +82,7 @@ def run_one(spec: str, method: str, kwargs: dict) -> dict:
             try:
                 result = ilmconvert.export(model, path, format=fmt, exporter=exporter)
             except Exception as err:
-                record[key] = {"ok": False, "error": _first_line(err)}
+                record[key] = {"ok": False, "error": first_line(err)}
             else:
                 row = {"ok": True, "seconds": round(result.seconds, 2), "parity": result.parity}
                 if fmt == "onnx":
@@ -172,7 +167,7 @@ def main() -> None:
             try:
                 record = run_one(spec, method, kwargs)
             except Exception as err:  # conversion or construction failed: recorded, the sweep goes on
-                record = {"spec": spec, "method": method, "error": _first_line(err)}
+                record = {"spec": spec, "method": method, "error": first_line(err)}
             f.write(json.dumps(record) + "\n")
             f.flush()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ilmconvert  # noqa: E402
+from benchmarks.zoo.checks import batch_dependence, check_save_load  # noqa: E402
 
 
 def check(name: str, method: str, reload_max_params: float) -> dict:
@@ -42,15 +42,9 @@ def check(name: str, method: str, reload_max_params: float) -> dict:
         record["plain_group_norms"] = sum(c.target == "GroupNorm" for c in report.converted)
         record["retraced_modules"] = len({c.note for c in report.converted if "re-traced" in c.note})
         x = torch.randn(2, 3, size, size)
-        with torch.no_grad():
-            y = model(x)
-            alone = model(x[:1])
-        record["batch_dependence"] = float((y[:1] - alone).abs().max() / y.abs().max().clamp_min(1e-12))
+        record["batch_dependence"] = batch_dependence(model, x)
         if sum(p.numel() for p in model.parameters()) <= reload_max_params:
-            with tempfile.TemporaryDirectory() as tmp:
-                ilmconvert.save(model, Path(tmp) / "ck")
-                with torch.no_grad():
-                    record["reload_exact"] = bool(torch.equal(ilmconvert.load(Path(tmp) / "ck")(x), y))
+            record["reload_exact"] = check_save_load(model, (x,))[0]
     except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
         record["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     record["seconds"] = round(time.perf_counter() - start, 1)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from benchmarks.zoo.checks import randomize_norm_affines, reinit_zero_linears  # noqa: F401 (re-exported)
 from ilmconvert.nn import ILMNorm
 
 NORM_TYPES = (nn.GroupNorm, nn.LayerNorm, _InstanceNorm, _BatchNorm, ILMNorm)
@@ -53,32 +54,14 @@ def randomize(module: nn.Module, seed: int, scale: float = 0.5) -> None:
     For every norm (GN / LN / IN / BN, timm's subclasses) and ILM layer in ``module`` (``module``
     itself included): ``weight ~ 1 + scale * N(0, 1)``, ``bias ~ scale * N(0, 1)``; for ILM layers
     also the encoder / decoder weights W1, W2, W3 ``~ scale * N(0, 1)``. Other modules (convs,
-    linears) keep their values. Deterministic in ``seed``; works in any dtype.
+    linears) keep their values. Deterministic in ``seed``; works in any dtype. This is the zoo
+    sweep's ``randomize_norm_affines`` (benchmarks/zoo/checks.py) with BatchNorms and ILM weights added.
     """
-    g = torch.Generator().manual_seed(seed)
 
-    def fill(p: torch.Tensor | None, mean: float) -> None:
-        if isinstance(p, torch.Tensor):
-            p.copy_(mean + scale * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    def ilm_weights(m: nn.Module) -> list[torch.Tensor]:
+        return [fc.weight for fc in (m.encoder, m.decoder_mu, m.decoder_gamma)] if isinstance(m, ILMNorm) else []
 
-    with torch.no_grad():
-        for m in module.modules():
-            if not isinstance(m, NORM_TYPES):
-                continue
-            fill(getattr(m, "weight", None), 1.0)
-            fill(getattr(m, "bias", None), 0.0)
-            if isinstance(m, ILMNorm):
-                for fc in (m.encoder, m.decoder_mu, m.decoder_gamma):
-                    fill(fc.weight, 0.0)
-
-
-def reinit_zero_linears(model: nn.Module) -> None:
-    """Give zero-initialized linears (torchvision's ViT classifier) N(0, 0.02) weights, so that
-    outputs depend on the network and comparisons of outputs mean something."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and not m.weight.any():
-                m.weight.normal_(0, 0.02)
+    randomize_norm_affines(module, seed, scale, types=NORM_TYPES, extra=ilm_weights)
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

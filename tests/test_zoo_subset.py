@@ -1,6 +1,7 @@
 """A fast, representative subset of the zoo sweep (benchmarks/zoo_sweep.py): one small network per
-registered source class, checked like the sweep does: float64 preservation <= 1e-10 with random
-norm affines, finite gradients for every ILM parameter, save -> load bit-exact."""
+registered source class, checked with the sweep's own checks (benchmarks/zoo/checks.py): float64
+preservation <= 1e-10 with random norm affines, finite gradients for every ILM parameter, save -> load
+bit-exact."""
 
 from __future__ import annotations
 
@@ -9,7 +10,18 @@ import torch
 from torch import nn
 
 import ilmconvert
-from helpers import randomize, reinit_zero_linears
+from benchmarks.zoo.checks import (
+    build,
+    check_backward,
+    check_preservation,
+    check_save_load,
+    class_path,
+    forward_outputs,
+    make_inputs,
+    output_difference,
+    randomize_norm_affines,
+    reinit_zero_linears,
+)
 from ilmconvert.nn import ILMLayerNormActFp32, ILMLayerNormFp32, ILMNorm
 
 #: (spec, constructor kwargs, input side, source classes it covers)
@@ -51,51 +63,31 @@ ROUND_TRIP = {
 }
 
 
-def _qual(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 @pytest.mark.parametrize("spec,kwargs,side,classes", SUBSET, ids=[s[0] for s in SUBSET])
-def test_subset_converts_preserves_trains_and_round_trips(spec, kwargs, side, classes, tmp_path):
+def test_subset_converts_preserves_trains_and_round_trips(spec, kwargs, side, classes):
     torch.manual_seed(0)
-    model = ilmconvert.create_model(spec, pretrained=False, **kwargs).double().eval()
-    randomize(model, seed=1)
+    model = build(spec, kwargs).double().eval()
+    randomize_norm_affines(model, seed=1)
     reinit_zero_linears(model)
-    x = torch.randn(2, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        before = model(x)
+    args = (torch.randn(2, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),)
+    before = forward_outputs(model, args)
 
     report = ilmconvert.convert(model, init="preserve")
     converted = {c.source for c in report.converted}
     assert classes <= converted, f"{classes - converted} not converted"
     skipped = [s for s in report.skipped if "BatchNorm" not in s.source]  # BN is opt-in, see test_batchnorm.py
     assert not skipped, [(s.source, s.reason) for s in skipped]
-    with torch.no_grad():
-        after = model(x)
-    rel = float((after - before).abs().max() / before.abs().max())
-    assert rel <= 1e-10
+    assert check_preservation(model, args, before).rel_diff <= 1e-10
 
-    model.train()
-    out = model(x)
-    (out.float() ** 2).mean().backward()
-    layers = [m for m in model.modules() if isinstance(m, ILMNorm)]
-    used = [m for m in layers if m.weight.grad is not None]
-    assert len(used) >= len(layers) - 1  # a model may hold a norm its forward never reaches
-    for m in used:
-        for p in m.parameters():
-            assert p.grad is not None and torch.isfinite(p.grad).all()
+    grads = check_backward(model, args)
+    assert grads.layers and grads.unused <= 1  # a model may hold a norm its forward never reaches
+    assert not grads.nonfinite, grads.nonfinite  # every parameter of every layer reached has a finite gradient
     # the decoders are zero at preserve init, but they receive a gradient: the association is learnable
-    assert any(m.decoder_gamma.weight.grad.abs().sum() > 0 for m in used)
+    assert grads.decoders_learning > 0
 
     if spec in ROUND_TRIP:
-        model.zero_grad(set_to_none=True)
-        model.eval().float()
-        with torch.no_grad():
-            ref = model(x.float())
-        ilmconvert.save(model, tmp_path / "ckpt")
-        loaded = ilmconvert.load(tmp_path / "ckpt")
-        with torch.no_grad():
-            assert torch.equal(loaded(x.float()), ref)
+        exact, _ = check_save_load(model, args)  # load() rebuilds the network from the checkpoint alone
+        assert exact
 
 
 def test_subset_covers_every_registered_instance_norm_class():
@@ -103,7 +95,7 @@ def test_subset_covers_every_registered_instance_norm_class():
     mapping = ilmconvert.default_mapping()
     fp32 = {k for k, a in mapping.items() if issubclass(a.target, (ILMLayerNormFp32, ILMLayerNormActFp32))}
     instance = {nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d}
-    need = {_qual(k) for k, a in mapping.items() if a.kind != "bn" and k not in fp32 and k not in instance}
+    need = {class_path(k) for k, a in mapping.items() if a.kind != "bn" and k not in fp32 and k not in instance}
     # nn.InstanceNorm*d is covered by tests/test_convert.py; the Fp32 variants by the test below;
     # GroupNorm1Act and LayerNormAct (1d) occur in no timm architecture's default configuration.
     need -= {"timm.layers.norm_act.GroupNorm1Act", "timm.layers.norm_act.LayerNormAct"}
@@ -135,7 +127,7 @@ class _Fp32Net(nn.Module):
 def test_fp32_norms_keep_statistics_in_float32_and_the_input_dtype(dtype):
     torch.manual_seed(0)
     model = _Fp32Net().to(dtype).eval()
-    randomize(model, seed=1)
+    randomize_norm_affines(model, seed=1)
     x = torch.randn(2, 3, 8, 8).to(dtype)
     with torch.no_grad():
         before = model(x)
@@ -147,8 +139,7 @@ def test_fp32_norms_keep_statistics_in_float32_and_the_input_dtype(dtype):
     assert after.dtype == dtype
     # the original computes in float32 whatever the input: so does ILM (float32 rounding only)
     tol = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2e-2}[dtype]
-    rel = float((after.double() - before.double()).abs().max() / before.double().abs().max())
-    assert rel <= tol
+    assert output_difference([before], [after])[1] <= tol
 
 
 def test_metaformer_no_bias_norms_have_no_b_beta():
@@ -165,21 +156,13 @@ def test_raft_instance_norms_convert_preserve_and_train():
     B_β = 0, both learnable) inside a two-frame optical-flow network. torchvision builds RAFT's coordinate grid with
     ``.float()``, so the check is in float32 (criterion 1e-4, as in the zoo sweep)."""
     torch.manual_seed(0)
-    model = ilmconvert.create_model("torchvision:raft_small", pretrained=False).eval()
-    g = torch.Generator().manual_seed(0)
-    frames = (torch.randn(1, 3, 128, 128, generator=g), torch.randn(1, 3, 128, 128, generator=g))
-    with torch.no_grad():
-        before = model(*frames, num_flow_updates=2)[-1]
+    model = build("torchvision:raft_small").eval()
+    frames = make_inputs("flow", (1, 3, 128, 128), torch.Generator().manual_seed(0), torch.float32, "cpu")
+    before = forward_outputs(model, frames, "flow")
     report = ilmconvert.convert(model)
     assert {c.source for c in report.converted} == {"torch.nn.modules.instancenorm.InstanceNorm2d"}
     assert len(report.converted) + sum(len(c.aliases) for c in report.converted) == 21
-    with torch.no_grad():
-        after = model(*frames, num_flow_updates=2)[-1]
-    assert float((after - before).abs().max() / before.abs().max()) <= 1e-4
+    assert check_preservation(model, frames, before, "flow").rel_diff <= 1e-4
 
-    model.train()
-    (model(*frames, num_flow_updates=2)[-1] ** 2).mean().backward()
-    layers = [m for m in model.modules() if isinstance(m, ILMNorm)]
-    assert layers and all(
-        m.encoder.weight.grad is not None and torch.isfinite(m.encoder.weight.grad).all() for m in layers
-    )
+    grads = check_backward(model, frames, "flow")
+    assert grads.layers and not grads.unused and not grads.nonfinite
