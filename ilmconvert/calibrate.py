@@ -59,12 +59,19 @@ class StageFigures:
 @dataclass
 class LayerFit:
     """One calibrated layer: its G and the closed-form fit error ``1 - R^2`` (residual over total
-    sum of squares of the original BN output, summed over channels, on the fit images)."""
+    sum of squares of the original BN output, summed over channels, on the fit images).
+
+    ``fit_error`` is measured on the inputs that arrive through the converted layers before it (what
+    the network computes); ``isolated_error`` on the original network's own input to that BN, at
+    its best G: what GroupNorm standardization with a per-channel affine cannot reproduce at that
+    layer even with exact inputs (the layer's own limit, errors upstream aside).
+    """
 
     name: str
     channels: int
     groups: int
     fit_error: float
+    isolated_error: float = math.nan
 
 
 @dataclass
@@ -93,6 +100,15 @@ class CalibrationReport:
 
 # ------------------------------------------------------------------------------------- layers
 @dataclass
+class _Sums:
+    """Running sums of the least-squares fit, per channel: ``t``, ``tt`` and, per candidate G,
+    ``z{G}``, ``zz{G}``, ``zt{G}`` (float64 ``(C,)``); ``count`` = values per channel."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    count: float = 0.0
+
+
+@dataclass
 class _Layer:
     """A layer to calibrate: the new module, the original BatchNorm and the running sums."""
 
@@ -101,10 +117,13 @@ class _Layer:
     bn: _BatchNorm
     candidates: list[int]
     targets: list[torch.Tensor] = field(default_factory=list)
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    count: float = 0.0
+    sums: _Sums = field(default_factory=lambda: _Sums())
+    isolated: _Sums = field(default_factory=lambda: _Sums())
     groups: int = 0
     fit_error: float = math.nan
+
+    def isolated_error(self) -> float:
+        return min(_solve(self.isolated, g)[2] for g in self.candidates) if self.isolated.count else math.nan
 
 
 def _divisors(n: int) -> list[int]:
@@ -161,12 +180,12 @@ def _channel_moments(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ..
     return xm, xv, tm, tv, cov, x.shape[-1]
 
 
-def _accumulate(layer: _Layer, x: torch.Tensor, t: torch.Tensor) -> None:
+def _accumulate(layer: _Layer, into: _Sums, x: torch.Tensor, t: torch.Tensor) -> None:
     """Add one micro-batch's sums for every candidate G (GroupNorm's grouping of the moments)."""
     xm, xv, tm, tv, cov, positions = _channel_moments(x, t)
     eps = float(getattr(layer.new, "norm_eps", getattr(layer.new, "eps", 1e-5)))
     b, c = xm.shape
-    sums = layer.sums
+    sums = into.sums
     sums["t"] = sums.get("t", 0) + positions * tm.sum(0)
     sums["tt"] = sums.get("tt", 0) + positions * (tv + tm**2).sum(0)
     for g in layer.candidates:
@@ -177,12 +196,12 @@ def _accumulate(layer: _Layer, x: torch.Tensor, t: torch.Tensor) -> None:
         sums[f"z{g}"] = sums.get(f"z{g}", 0) + positions * (r * d).sum(0)
         sums[f"zz{g}"] = sums.get(f"zz{g}", 0) + positions * (r**2 * (xv + d**2)).sum(0)
         sums[f"zt{g}"] = sums.get(f"zt{g}", 0) + positions * (r * (cov + d * tm)).sum(0)
-    layer.count += b * positions
+    into.count += b * positions
 
 
-def _solve(layer: _Layer, g: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _solve(into: _Sums, g: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Least-squares ``(w, b)`` per channel for G = ``g`` and the layer's fit error ``1 - R^2``."""
-    s, n = layer.sums, layer.count
+    s, n = into.sums, into.count
     mz, mt = s[f"z{g}"] / n, s["t"] / n
     var_z = (s[f"zz{g}"] / n - mz**2).clamp_min(0)
     cov = s[f"zt{g}"] / n - mz * mt
@@ -219,7 +238,7 @@ def set_affine(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> No
 
 def _refit(layer: _Layer) -> None:
     """Pick the best G on the sums so far and set the layer's G and affine."""
-    fits = {g: _solve(layer, g) for g in layer.candidates}
+    fits = {g: _solve(layer.sums, g) for g in layer.candidates}
     best = min(layer.candidates, key=lambda g: fits[g][2])
     layer.groups, layer.fit_error = best, fits[best][2]
     layer.new.num_groups = best
@@ -235,9 +254,10 @@ def closed_form(
 
         def capture(module: nn.Module, args: tuple, layer: _Layer = layer) -> None:
             layer.targets.append(_bn_output(module, args[0]))
+            _accumulate(layer, layer.isolated, args[0], layer.targets[-1])
 
         def fit(module: nn.Module, args: tuple, layer: _Layer = layer) -> None:
-            _accumulate(layer, args[0], layer.targets.pop(0))
+            _accumulate(layer, layer.sums, args[0], layer.targets.pop(0))
             _refit(layer)
 
         handles += [layer.bn.register_forward_pre_hook(capture), layer.new.register_forward_pre_hook(fit)]
@@ -432,7 +452,10 @@ def calibrate(
     model.eval()
     fit_reference = closed_form(model, original, layers, fit_images, micro_batch, progress)
     report.stages["closed_form"] = figures(outputs(model, held_images), reference)
-    report.layers = [LayerFit(layer.name, layer.bn.num_features, layer.groups, layer.fit_error) for layer in layers]
+    report.layers = [
+        LayerFit(layer.name, layer.bn.num_features, layer.groups, layer.fit_error, layer.isolated_error())
+        for layer in layers
+    ]
     if epochs > 0:
         report.distillation = distill(
             model,

@@ -78,10 +78,11 @@ def render_calibration(report: Any) -> None:
         table.add_row(stage, f"{numbers.relative_change:.3f}", f"{100 * numbers.top1_agreement:.1f} %")
     console.print(table)
     worst = Table(title="largest fit errors (1 - R², closed form)", title_justify="left")
-    for col in ("module", "C", "G", "fit error"):
+    for col in ("module", "C", "G", "fit error", "with exact inputs"):
         worst.add_column(col, justify="left" if col == "module" else "right")
     for layer in report.worst_layers():
-        worst.add_row(layer.name, str(layer.channels), str(layer.groups), f"{layer.fit_error:.3f}")
+        numbers = (str(layer.channels), str(layer.groups), f"{layer.fit_error:.3f}", f"{layer.isolated_error:.3f}")
+        worst.add_row(layer.name, *numbers)
     console.print(worst)
     d = report.distillation
     if d:
