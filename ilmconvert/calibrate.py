@@ -143,8 +143,8 @@ def calibrated_layers(model: nn.Module, original: nn.Module, groups: str | int |
     """The layers of ``model`` that replaced a BatchNorm of ``original``, in the conversion's order.
 
     Raises:
-        CalibrationError: ``model`` was not converted with ``batchnorm="gn"``, or a replaced module
-            has no affine or group count to fit.
+        CalibrationError: ``model`` was not converted with ``batchnorm="gn"`` and ``init="preserve"``,
+            or a replaced module has no affine or group count to fit.
     """
     report = getattr(model, "ilm_conversion", None)
     rows = [r for r in getattr(report, "converted", []) if r.function_changing]
@@ -152,6 +152,10 @@ def calibrated_layers(model: nn.Module, original: nn.Module, groups: str | int |
         raise CalibrationError(
             "nothing to calibrate: the network has no layer that replaced a BatchNorm; convert it with "
             "batchnorm='gn' (CLI: --batchnorm gn)"
+        )
+    if report.settings.get("init", "preserve") != "preserve":
+        raise CalibrationError(
+            "calibration fits preserve-initialized layers (W2 = W3 = 0); convert with init='preserve'"
         )
     layers = []
     for row in rows:
