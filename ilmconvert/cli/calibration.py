@@ -43,12 +43,14 @@ def calibration_groups(groups: str, calibrating: bool) -> str | int | None:
     return int(groups)
 
 
-def check_calibration(calibrate: Any, batchnorm: str | None) -> None:
-    """``--calibrate`` needs ``--batchnorm gn``.
+def check_calibration(calibrate: Any, batchnorm: str | None, init: str) -> None:
+    """``--calibrate`` needs ``--batchnorm gn`` and ``--init preserve``.
 
     Raises:
         IlmconvertError: otherwise.
     """
+    if calibrate is not None and init != "preserve":
+        raise IlmconvertError("--calibrate fits preserve-initialized layers; drop --init paper")
     if calibrate is not None and batchnorm != "gn":
         raise IlmconvertError(
             "--calibrate fits the layers that replace BatchNorm's standardization: add --batchnorm gn "

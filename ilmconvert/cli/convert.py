@@ -235,7 +235,7 @@ def swap(
     if method not in METHODS:
         raise IlmconvertError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     mode = batchnorm_mode(batchnorm, include_batchnorm)
-    check_calibration(calibrate, mode)
+    check_calibration(calibrate, mode, init)
     group_choice = calibration_groups(groups, calibrate is not None)
     if weights_by_position and weights is None:
         raise IlmconvertError("--weights-by-position applies to --weights FILE; add it")
