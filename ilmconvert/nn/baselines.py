@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .frozen import running_statistics
@@ -40,8 +41,9 @@ class FrozenBatchNorm:
         """
         from timm.layers import freeze_batch_norm_2d
 
-        running_statistics(norm)
-        frozen = freeze_batch_norm_2d(norm)
+        mean, _ = running_statistics(norm)
+        with torch.device(mean.device):  # timm assigns .data: build on the norm's device (meta too)
+            frozen = freeze_batch_norm_2d(norm)
         if frozen is norm:
             raise UnsupportedNormError(
                 f"timm's freeze_batch_norm_2d takes 2-d BatchNorm only, not {type(norm).__name__}"
