@@ -115,7 +115,7 @@ def render_report(report: Any, title: str) -> None:
         console.print(skipped)
     console.print(
         f"converted [bold]{len(report.converted)}[/] modules, skipped {len(report.skipped)}; parameters "
-        f"{report.params_before:,} -> {report.params_after:,} ([bold]+{report.increase_percent:.3f} %[/])"
+        f"{report.params_before:,} -> {report.params_after:,} ([bold]{report.increase_percent:+.3f} %[/])"
     )
     if report.function_changing:
         console.print(
