@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from . import methods
+from .batchnorm_modes import BATCHNORM_MODES, batchnorm_mapping, check_batchnorm  # noqa: F401
 from .errors import IlmconvertError
 from .methods import (  # noqa: F401  (the mapping API, re-exported where it used to live)
     ADAPTER_KINDS,
@@ -42,7 +43,6 @@ from .nn.from_norm import NoActivationError, UnsupportedNormError, describe_repl
 if TYPE_CHECKING:
     from .pairing import Unshared
 
-BATCHNORM_MODES: tuple[str, ...] = ("gn",)
 
 
 class ConversionError(IlmconvertError):
@@ -195,8 +195,9 @@ def _check_settings(
         raise ConversionError(str(err)) from None
     if init not in INITS:
         raise ConversionError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-    if batchnorm is not None and batchnorm not in BATCHNORM_MODES:
-        raise ConversionError(f"batchnorm must be None or one of {', '.join(BATCHNORM_MODES)}; got {batchnorm!r}")
+    problem = check_batchnorm(batchnorm, method)
+    if problem:
+        raise ConversionError(problem)
     if key_group_size < 1 or reduction < 1:
         raise ConversionError(f"key_group_size ({key_group_size}) and reduction ({reduction}) must be >= 1")
     return kinds, spec
@@ -264,7 +265,7 @@ def swap_module(
         source=_qualified_class(module),
         target=type(new).__name__,
         params_added=sum(p.numel() for p in new.parameters()) - old_params,
-        function_changing=adapter.function_changing,
+        function_changing=adapter.function_changing and not getattr(adapter.target, "preserves_function", False),
         **_row_fields(new),
     )
     return new, row
@@ -493,12 +494,12 @@ def convert(
         "method": method,
     }
     report = ConversionReport(settings=settings, params_before=_count_parameters(model))
-    if not spec.converts:  # the unconverted baseline: nothing replaced, the report attached all the same
+    if not spec.converts and batchnorm is None:  # the unconverted baseline: nothing replaced, the report attached
         report.params_after = report.params_before
         model.ilm_conversion = report
         return report
     if mapping is None:
-        mapping = methods.mapping(method)
+        mapping = batchnorm_mapping(methods.mapping(method), method, batchnorm, NormAdapter)
     unshared = _unshare(model, mapping)
     try:
         planned = _plan(model, mapping, kinds, include, exclude, batchnorm, spec, report)

@@ -385,6 +385,7 @@ def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool 
             f"the rebuilt {source.spec()} converts different modules than {directory / CONFIG_FILE} records "
             f"({len(report.converted)} vs {len(expected)}); were the library versions changed?"
         )
+    _restore_group_counts(model, report, config["conversion"].get("converted", []))
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
@@ -396,6 +397,18 @@ def load(directory: str | Path, *, model: nn.Module | None = None, verify: bool 
         raise CheckpointError(f"{weights} does not match {source.spec()}: {problems}")
     model.ilm_source = source
     return model.eval()
+
+
+def _restore_group_counts(model: nn.Module, report: ConversionReport, rows: list[dict[str, Any]]) -> None:
+    """Give every converted layer the group count G its row records (calibration may have chosen
+    another G than the conversion's default, docs/calibration.md); G is not in the state dict."""
+    for row, fresh in zip(rows, report.converted):
+        module = model.get_submodule(fresh.name)
+        groups = row.get("norm_groups")
+        if isinstance(groups, int) and hasattr(module, "num_groups") and module.num_groups != groups:
+            if module.num_channels % groups:
+                raise CheckpointError(f"{fresh.name}: G = {groups} does not divide its {module.num_channels} channels")
+            module.num_groups = fresh.norm_groups = groups
 
 
 def upgrade_v1_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

@@ -187,6 +187,7 @@ def create_model(
     weights: str | Path | None = None,
     num_classes: int | None = None,
     device: torch.device | str | None = None,
+    weights_by_position: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Create a network from ``spec`` with pretrained, local or fresh weights.
@@ -199,6 +200,8 @@ def create_model(
         num_classes: classifier size. A weights file with a head of that size is loaded whole;
             otherwise (and for pretrained weights) the head is re-initialized, as timm does.
         device: ``"meta"`` builds the structure only.
+        weights_by_position: load ``weights`` by the order of its tensors instead of their names
+            (:func:`load_state_dict_by_position`), for a file from another implementation.
         **kwargs: passed to the library's constructor (must be JSON-serializable to be saved).
 
     Returns:
@@ -216,13 +219,14 @@ def create_model(
         if num_classes is not None:
             source.kwargs["num_classes"] = num_classes
         model = build(source, device=device)
+        load = load_state_dict_by_position if weights_by_position else load_state_dict_checked
         if state is not None:
-            problems = load_state_dict_checked(model, state)
+            problems = load(model, state)
             if problems and num_classes is not None:
                 # the file may hold another head (e.g. the library's default): load it, then resize
                 del source.kwargs["num_classes"]
                 model = build(source, device=device)
-                problems = load_state_dict_checked(model, state)
+                problems = load(model, state)
             if problems:
                 raise ModelSourceError(f"weights file {weights} does not fit {spec}: {problems}")
             source.weights_file, source.weights_sha256 = str(weights), sha256_of(weights)
@@ -393,7 +397,56 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor]) ->
         parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
     if result.unexpected_keys:
         parts.append(f"{len(result.unexpected_keys)} unexpected key(s) (e.g. {result.unexpected_keys[0]})")
+    if missing and result.unexpected_keys:
+        if not _positional_mismatch(own, state):
+            parts.append(
+                "the names come from another implementation but the tensors match the network's one to one "
+                "in order and shape (e.g. an EfficientNet-PyTorch port): pass --weights-by-position "
+                "(API: weights_by_position=True)"
+            )
+        else:
+            parts.append("likely cause: weights of another architecture, or names from another implementation")
     return ", ".join(parts)
+
+
+def _positional_tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """``state``'s entries in order, without BatchNorm's ``num_batches_tracked`` counters."""
+    return [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+
+
+def _positional_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """"" when ``state``'s tensors match ``own``'s one to one in order and shape, else why not."""
+    mine, theirs = _positional_tensors(own), _positional_tensors(state)
+    if len(mine) != len(theirs):
+        return (
+            f"the file holds {len(theirs)} tensors and the network {len(mine)} "
+            "(num_batches_tracked aside): they cannot match by position"
+        )
+    for i, ((k, a), (j, b)) in enumerate(zip(mine, theirs)):
+        if a.shape != b.shape:
+            return (
+                f"tensor {i} differs in shape: {j} {tuple(b.shape)} in the file, {k} {tuple(a.shape)} "
+                "in the network; they do not match by position"
+            )
+    return ""
+
+
+def load_state_dict_by_position(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Load ``state`` into ``model`` by the order of its tensors, whatever their names.
+
+    For weights from another implementation of the same architecture (EfficientNet-PyTorch ports
+    of the EfficientNets, older checkpoints): the i-th tensor of ``state`` goes to the i-th entry
+    of ``model.state_dict()``, after checking that both hold the same number of tensors and that
+    every shape matches (BatchNorm's ``num_batches_tracked`` counters aside; the network keeps its
+    own). Returns "" or one line describing the mismatch (then nothing is loaded).
+    """
+    own = model.state_dict()
+    problem = _positional_mismatch(own, state)
+    if problem:
+        return problem
+    renamed = {k: v for (k, _), (_, v) in zip(_positional_tensors(own), _positional_tensors(state))}
+    renamed.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked")})
+    return load_state_dict_checked(model, renamed)
 
 
 # ---------------------------------------------------------------------------------------- description

@@ -246,6 +246,29 @@ def recipe(text: str) -> Callable[[Path, Path], None]:
     return file("r.yaml", text)
 
 
+def calibration_folder(images: int = 0, broken: bool = False, other: bool = False) -> Callable[[Path, Path], None]:
+    """``{d}/imgs`` with ``images`` PNGs (in a class folder), a broken ``.jpg`` and / or a text file."""
+
+    def setup(d: Path, s: Path) -> None:
+        (d / "imgs").mkdir()
+        if images:
+            write_images(d / "imgs", ("a",), n=images)
+        if broken:
+            (d / "imgs" / "broken.jpg").write_bytes(b"this is not an image\n" * 10)
+        if other:
+            (d / "imgs" / "notes.txt").write_text("no image here\n")
+
+    return setup
+
+
+def renamed_weights(d: Path, s: Path) -> None:
+    """resnet10t's weights with foreign names and one tensor fewer: they cannot match by position."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(s / "resnet10t.safetensors"))
+    save_file({f"port.{i}": v for i, v in enumerate(list(state.values())[:-1])}, str(d / "w.safetensors"))
+
+
 # ------------------------------------------------------------------------------------------ cases
 @dataclass(frozen=True)
 class Case:
@@ -267,6 +290,7 @@ class Case:
 
 OUT = ("--out", "{d}/out")
 ATTO = ("swap", "timm:convnext_atto", "--no-pretrained", *OUT)
+R10 = ("swap", "timm:resnet10t", "--no-pretrained", *OUT)
 FT = ("finetune", "--recipe", "{s}/recipe.yaml", "--data", "{s}/data", "--out", "{d}/run", "--device", "cpu")
 FT_R = ("finetune", "--recipe", "{d}/r.yaml", "--data", "{s}/data", "--out", "{d}/run", "--device", "cpu")
 EVAL_CK = ("eval", "{d}/ck", "--data", "{s}/data", "--device", "cpu")
@@ -318,6 +342,66 @@ CASES = [
         "model-no-convertible-norm",
         ("swap", "timm:resnet10t", "--no-pretrained", *OUT),
         ("nothing to convert", "BatchNorm", "--include-batchnorm"),
+    ),
+    # --- BatchNorm modes, calibration and weights by position
+    Case(
+        "calibrate-without-batchnorm-gn",
+        (*R10, "--calibrate", "{d}/imgs"),
+        ("--calibrate", "--batchnorm gn"),
+        calibration_folder(images=4),
+    ),
+    Case(
+        "calibrate-frozen",
+        (*R10, "--batchnorm", "frozen", "--calibrate", "{d}/imgs"),
+        ("--calibrate", "--batchnorm gn"),
+        calibration_folder(images=4),
+    ),
+    Case(
+        "calibrate-empty-folder",
+        (*R10, "--batchnorm", "gn", "--calibrate", "{d}/imgs"),
+        ("{d}/imgs holds no image",),
+        calibration_folder(),
+    ),
+    Case(
+        "calibrate-imageless-folder",
+        (*R10, "--batchnorm", "gn", "--calibrate", "{d}/imgs"),
+        ("{d}/imgs holds no image",),
+        calibration_folder(other=True),
+    ),
+    Case(
+        "calibrate-not-a-folder",
+        (*R10, "--batchnorm", "gn", "--calibrate", "{d}/nope"),
+        ("{d}/nope is not a directory",),
+    ),
+    Case(
+        "calibrate-too-few-images",
+        (*R10, "--batchnorm", "gn", "--calibrate", "{d}/imgs", "--calibration-images", "10"),
+        ("holds 3 images, fewer than the 10 asked",),
+        calibration_folder(images=3),
+    ),
+    Case(
+        "calibrate-unreadable-image",
+        (*R10, "--batchnorm", "gn", "--calibrate", "{d}/imgs", "--calibration-images", "3"),
+        ("cannot read image {d}/imgs/broken.jpg",),
+        calibration_folder(images=2, broken=True),
+    ),
+    Case(
+        "calibrate-groups-not-a-number",
+        (*R10, "--batchnorm", "gn", "--calibrate", "{d}/imgs", "--groups", "many"),
+        ("--groups must be auto or a positive integer",),
+        calibration_folder(images=4),
+    ),
+    Case("batchnorm-unknown", (*R10, "--batchnorm", "ln"), ("--batchnorm must be one of gn, frozen",)),
+    Case(
+        "batchnorm-frozen-with-proxy",
+        (*R10, "--batchnorm", "frozen", "--method", "proxy"),
+        ("batchnorm='frozen'", "use method 'ilm' or 'none'"),
+    ),
+    Case(
+        "weights-by-position-count-mismatch",
+        ("swap", "timm:resnet10t", "--weights", "{d}/w.safetensors", "--weights-by-position", *OUT),
+        ("cannot match by position",),
+        renamed_weights,
     ),
     Case(
         "model-include-matches-nothing",

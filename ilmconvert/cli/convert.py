@@ -11,6 +11,13 @@ from rich.table import Table
 
 from .. import methods
 from ..errors import IlmconvertError
+from .calibration import (
+    batchnorm_mode,
+    calibration_groups,
+    calibration_progress,
+    check_calibration,
+    render_calibration,
+)
 from .output import console, expected_errors, fail
 
 # ------------------------------------------------------------------------------------- shared options
@@ -32,6 +39,17 @@ BatchNormOpt = Annotated[
         help="Also convert BatchNorm to GroupNorm standardization + ILM / PN (changes the function: fine-tune).",
     ),
 ]
+BatchNormModeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--batchnorm",
+        metavar="gn|frozen",
+        help=(
+            "Convert BatchNorm too. gn: GroupNorm standardization (= --include-batchnorm; changes the function, "
+            "see --calibrate); frozen: BN's running statistics, fixed (same function, batch-independent)."
+        ),
+    ),
+]
 MethodOpt = Annotated[
     str,
     typer.Option(
@@ -48,7 +66,7 @@ def _conversion_kwargs(
     reduction: int,
     include: list[str] | None,
     exclude: list[str] | None,
-    include_batchnorm: bool,
+    batchnorm: str | None,
     method: str,
     init: str = "preserve",
 ) -> dict[str, Any]:
@@ -60,7 +78,7 @@ def _conversion_kwargs(
         "reduction": reduction,
         "include": include or None,
         "exclude": exclude or None,
-        "batchnorm": "gn" if include_batchnorm else None,
+        "batchnorm": batchnorm,
     }
 
 
@@ -97,7 +115,7 @@ def render_report(report: Any, title: str) -> None:
         console.print(skipped)
     console.print(
         f"converted [bold]{len(report.converted)}[/] modules, skipped {len(report.skipped)}; parameters "
-        f"{report.params_before:,} -> {report.params_after:,} ([bold]+{report.increase_percent:.3f} %[/])"
+        f"{report.params_before:,} -> {report.params_after:,} ([bold]{report.increase_percent:+.3f} %[/])"
     )
     if report.function_changing:
         console.print(
@@ -117,6 +135,7 @@ def inspect(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_batchnorm: BatchNormOpt = False,
+    batchnorm: BatchNormModeOpt = None,
     method: MethodOpt = methods.DEFAULT,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -124,10 +143,9 @@ def inspect(
     from ..convert import convert
     from ..models import create_model
 
+    mode = batchnorm_mode(batchnorm, include_batchnorm)
     network = create_model(model, pretrained=False, device="meta")
-    report = convert(
-        network, **_conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm, method)
-    )
+    report = convert(network, **_conversion_kwargs(norms, key_group_size, reduction, include, exclude, mode, method))
     if as_json:
         print(json.dumps({"model": model, **report.to_dict()}, indent=2))
     else:
@@ -170,13 +188,39 @@ def swap(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     include_batchnorm: BatchNormOpt = False,
+    batchnorm: BatchNormModeOpt = None,
     method: MethodOpt = methods.DEFAULT,
+    weights_by_position: Annotated[
+        bool,
+        typer.Option(
+            "--weights-by-position",
+            help="Load --weights by the order of its tensors, not their names (after checking count and shapes).",
+        ),
+    ] = False,
+    calibrate: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--calibrate",
+            help="Folder of unlabeled images (recursive; an ImageFolder works): fit the layers that replace "
+            "BatchNorm so the network reproduces the original (needs --batchnorm gn).",
+        ),
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", min=2, help="Images taken from --calibrate (1/8 held out).")
+    ] = 1024,
+    groups: Annotated[
+        str, typer.Option("--groups", metavar="auto|G", help="Group count of each calibrated layer: auto or G.")
+    ] = "auto",
+    calibration_time: Annotated[
+        float, typer.Option("--calibration-time", min=0, help="Seconds of distillation at most (after the fit).")
+    ] = 300.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random check batch and of the new ILM weights.")] = 0,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the summary lines, not the per-module table.")
     ] = False,
 ) -> None:
     """Convert MODEL's norms to ILM (or Proxy Norm), verify the function is preserved on a random batch, save it."""
+    import copy
     import dataclasses
 
     import torch
@@ -189,11 +233,26 @@ def swap(
         raise IlmconvertError(f"--init must be preserve or paper, got {init!r}")
     if method not in methods.names():
         raise IlmconvertError(f"--method must be one of {', '.join(methods.names())}, got {method!r}")
+    mode = batchnorm_mode(batchnorm, include_batchnorm)
+    check_calibration(calibrate, mode, init)
+    group_choice = calibration_groups(groups, calibrate is not None)
+    if weights_by_position and weights is None:
+        raise IlmconvertError("--weights-by-position applies to --weights FILE; add it")
     check_target(out)
     torch.manual_seed(seed)
     with console.status(f"building {model}"):
-        network = create_model(model, pretrained=pretrained, weights=weights, num_classes=num_classes)
-    settings = _conversion_kwargs(norms, key_group_size, reduction, include, exclude, include_batchnorm, method, init)
+        network = create_model(
+            model, pretrained=pretrained, weights=weights, num_classes=num_classes,
+            weights_by_position=weights_by_position,
+        )
+    original, images = None, None
+    if calibrate is not None:
+        from ..calibration_images import load_images
+
+        original = copy.deepcopy(network).eval()
+        with console.status(f"reading {calibration_images} images from {calibrate}"):
+            images = load_images(calibrate, calibration_images, original, seed=seed)
+    settings = _conversion_kwargs(norms, key_group_size, reduction, include, exclude, mode, method, init)
     result = swap_checked(network, check=False, **settings)  # the PASS / FAIL line comes after the table
     report, diff = result.report, result.difference
     if not quiet:
@@ -215,7 +274,18 @@ def swap(
             )
     else:
         console.print(f"[yellow]function changed ({result.why_changed}, expected; fine-tune it):[/] {check}")
-    save(network, out, metadata={"preservation_check": dataclasses.asdict(diff)})  # shown in the model card
+    metadata: dict[str, Any] = {"preservation_check": dataclasses.asdict(diff)}  # shown in the model card
+    if original is not None:
+        from ..calibrate import calibrate as fit
+
+        with calibration_progress() as progress:
+            calibrated = fit(
+                network, original, images, groups=group_choice, time_budget=calibration_time, seed=seed,
+                progress=progress,
+            )
+        render_calibration(calibrated)
+        metadata["calibration"] = calibrated.to_dict()
+    save(network, out, metadata=metadata)
     console.print(
         f"wrote [bold]{out}[/] (model.safetensors, config.json, README.md); reload with ilmconvert.load({str(out)!r})"
     )

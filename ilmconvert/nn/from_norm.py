@@ -84,12 +84,13 @@ def layer_norm_settings(norm: nn.Module, why: str = "", **layout: Any) -> dict[s
     return {"num_channels": shape[0], "eps": norm.eps, **layout}
 
 
-def group_norm_of_batchnorm(norm: _BatchNorm, **_: Any) -> nn.GroupNorm:
-    """``nn.GroupNorm`` (G = 32 or the largest divisor of C not above 32) with the BatchNorm's affine:
+def group_norm_of_batchnorm(norm: _BatchNorm, batchnorm_groups: int = BATCHNORM_GROUPS, **_: Any) -> nn.GroupNorm:
+    """``nn.GroupNorm`` (G = ``batchnorm_groups``, default 32, or the largest divisor of C not above
+    it) with the BatchNorm's affine:
     the fallback of the Proxy Norm methods for an opted-in BatchNorm that no activation follows,
     so that nothing in the converted network depends on the batch (function-changing). Takes
     (and ignores) ``from_norm``'s keyword arguments."""
-    settings = group_norm_settings(norm)
+    settings = group_norm_settings(norm, batchnorm_groups)
     gn = nn.GroupNorm(settings["num_groups"], settings["num_channels"], norm.eps, norm.affine, **factory_kwargs(norm))
     if norm.affine:
         with torch.no_grad():

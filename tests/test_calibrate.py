@@ -1,0 +1,250 @@
+"""Calibration of BN -> GN conversions (ilmconvert.calibrate), frozen BatchNorm layers and
+loading weights by position: small self-built networks, CPU, offline."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import ilmconvert
+from ilmconvert.calibrate import calibrate, split_heldout
+from ilmconvert.calibration_images import CalibrationError
+from ilmconvert.models import load_state_dict_by_position, load_state_dict_checked
+from ilmconvert.nn.baselines import FrozenBatchNorm, PlainGroupNorm
+from ilmconvert.nn.frozen import ILMFrozenBatchNorm, ILMFrozenBatchNormAct
+
+BNS = [
+    (lambda: nn.BatchNorm1d(8), (5, 8)),
+    (lambda: nn.BatchNorm1d(8), (5, 8, 7)),
+    (lambda: nn.BatchNorm2d(32), (5, 32, 6, 6)),
+    (lambda: nn.BatchNorm3d(16), (3, 16, 3, 4, 5)),
+]
+
+
+def _trained_bn(bn: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        c = bn.num_features
+        bn.weight.copy_(1 + 0.5 * torch.randn(c, generator=g))
+        bn.bias.copy_(0.5 * torch.randn(c, generator=g))
+        bn.running_mean.copy_(torch.randn(c, generator=g))
+        bn.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return bn.eval()
+
+
+@pytest.mark.parametrize("make, shape", BNS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_frozen_layer_computes_batchnorm_eval_and_is_batch_independent(make, shape, dtype, tol):
+    bn = _trained_bn(make(), 0).to(dtype)
+    frozen = ILMFrozenBatchNorm.from_norm(bn)
+    frozen.train()  # frozen: training mode standardizes with the running statistics too
+    x = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype) + 1
+    expected = bn(x)
+    y = frozen(x)
+    assert ((y - expected).abs().max() / expected.abs().max()).item() <= tol
+    assert torch.equal(frozen(x[1:2]), y[1:2]) or torch.allclose(frozen(x[1:2]), y[1:2], rtol=0, atol=1e-15)
+    assert frozen.running_mean.data_ptr() != bn.running_mean.data_ptr()  # copied, not shared
+
+
+def test_frozen_act_keeps_activation_and_drop_objects():
+    bn = _trained_bn(timm.layers.BatchNormAct2d(32, act_layer=nn.SiLU), 2)
+    frozen = ILMFrozenBatchNormAct.from_norm(bn)
+    assert frozen.act is bn.act and frozen.drop is bn.drop
+    x = torch.randn(2, 32, 5, 5, dtype=torch.float64)
+    bn.double(), frozen.double()
+    assert torch.allclose(frozen(x), bn(x), rtol=0, atol=1e-12)
+
+
+def test_frozen_layer_takes_the_reference_path_and_learns():
+    frozen = ILMFrozenBatchNorm.from_norm(_trained_bn(nn.BatchNorm2d(32), 3))
+    assert frozen.standardization is None  # the fast path does not know it
+    frozen(torch.randn(4, 32, 3, 3)).square().sum().backward()
+    assert frozen.decoder_gamma.weight.grad.abs().sum() > 0 and frozen.running_mean.grad is None
+
+
+def test_frozen_refuses_batchnorm_without_running_statistics():
+    with pytest.raises(ilmconvert.nn.UnsupportedNormError, match="running statistics"):
+        ILMFrozenBatchNorm.from_norm(nn.BatchNorm2d(8, track_running_stats=False))
+    with pytest.raises(ilmconvert.nn.UnsupportedNormError, match="2-d"):
+        FrozenBatchNorm.from_norm(nn.BatchNorm1d(8))
+
+
+def test_plain_group_norm_keeps_affine_and_activation():
+    bn = _trained_bn(timm.layers.BatchNormAct2d(40, act_layer=nn.SiLU), 4)
+    gn = PlainGroupNorm.from_norm(bn)
+    assert gn.num_groups == 20 and gn.act is bn.act
+    assert torch.equal(gn.weight, bn.weight) and torch.equal(gn.bias, bn.bias)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+def _network(seed: int = 0) -> nn.Module:
+    """conv-BN-ReLU x 3 + head, BN running statistics from real forward passes (cumulative)."""
+    torch.manual_seed(seed)
+    layers, c = [], 3
+    for co, stride in ((16, 2), (32, 2), (32, 1)):
+        layers += [nn.Conv2d(c, co, 3, stride, 1), nn.BatchNorm2d(co, momentum=None), nn.ReLU()]
+        c = co
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
+    x = torch.randn(128, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+    net.train()
+    with torch.no_grad():
+        net(x)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return net.eval()
+
+
+def _images(n: int = 64, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 + 0.5
+
+
+def _converted(net: nn.Module, method: str) -> nn.Module:
+    torch.manual_seed(0)  # ILM's W1 keeps nn.Linear's random init
+    new = copy.deepcopy(net)
+    ilmconvert.convert(new, batchnorm="gn", method=method)
+    return new
+
+
+def test_closed_form_recovers_batchnorm_exactly_where_groupnorm_can():
+    """Every sample's channels have exactly the running mean and variance: with G = C, GroupNorm
+    standardizes as BatchNorm does, and the fit must return BN's own affine. Every other G sees the
+    same statistics in every sample (an affine map of BN's standardization), so "auto" recovers the
+    function exactly too, with some G."""
+    c = 64  # converted with G = 32: not BN's standardization before the fit
+    bn = _trained_bn(nn.BatchNorm2d(c), 5).double()
+    net = nn.Sequential(bn, nn.Flatten()).double().eval()
+    z = torch.randn(40, c, 5, 5, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    z = (z - z.mean((2, 3), keepdim=True)) / z.std((2, 3), correction=0, keepdim=True)
+    x = bn.running_mean.view(1, c, 1, 1) + bn.running_var.sqrt().view(1, c, 1, 1) * z
+    for groups in (c, "auto"):
+        new = copy.deepcopy(net)
+        ilmconvert.convert(new, batchnorm="gn")
+        report = calibrate(new, net, x, groups=groups, epochs=0, micro_batch=7)
+        assert report.layers[0].fit_error < 1e-12 and report.layers[0].isolated_error < 1e-12
+        assert report.stages["before"].relative_change > 0.1
+        assert report.stages["closed_form"].relative_change < 1e-10
+    new = copy.deepcopy(net)
+    ilmconvert.convert(new, batchnorm="gn")
+    calibrate(new, net, x, groups=c, epochs=0, micro_batch=7)
+    assert new[0].num_groups == c
+    torch.testing.assert_close(new[0].weight, bn.weight, rtol=0, atol=1e-10)
+    torch.testing.assert_close(new[0].bias, bn.bias, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ilm", "proxy", "ilm+proxy", "none"])
+def test_calibration_brings_the_converted_network_closer(method):
+    net = _network()
+    new = copy.deepcopy(net)
+    if method == "none":
+        mapping = {nn.BatchNorm2d: ilmconvert.NormAdapter("bn", PlainGroupNorm)}
+        ilmconvert.convert(new, mapping, batchnorm="gn")
+    else:
+        ilmconvert.convert(new, batchnorm="gn", method=method)
+    report = calibrate(new, net, _images(), epochs=2, batch_size=16)
+    before, fitted, distilled = (report.stages[s] for s in ("before", "closed_form", "distilled"))
+    assert fitted.relative_change < 0.5 * before.relative_change
+    assert distilled.relative_change <= fitted.relative_change * 1.05
+    assert report.images_fit + report.images_heldout == 64 and len(report.worst_layers()) == 3
+    assert [r.norm_groups for r in new.ilm_conversion.converted] == [layer.groups for layer in report.layers]
+
+
+def test_heldout_images_are_never_used_in_the_fit():
+    net, images = _network(), _images()
+    first = _converted(net, "ilm")
+    report = calibrate(first, net, images, epochs=1, batch_size=16, seed=3)
+    poisoned = images.clone()
+    poisoned[report.heldout_indices] = float("nan")  # any use in the fit would spread NaN
+    second = _converted(net, "ilm")
+    calibrate(second, net, poisoned, epochs=1, batch_size=16, seed=3)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    fit, held = split_heldout(64, 0.125, 3)
+    assert sorted(fit.tolist() + held.tolist()) == list(range(64)) and len(held) == 8
+
+
+def test_same_seed_same_parameters_other_seed_other_parameters():
+    net, images = _network(), _images()
+    runs = []
+    for seed in (0, 0, 1):
+        new = _converted(net, "ilm+proxy")
+        calibrate(new, net, images, epochs=1, batch_size=16, seed=seed)
+        runs.append(torch.cat([p.detach().flatten() for p in new.parameters()]))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_calibrate_refuses_a_network_without_converted_batchnorm():
+    net = _network()
+    with pytest.raises(CalibrationError, match="batchnorm='gn'"):
+        calibrate(ilmconvert.convert(copy.deepcopy(net), method="none") and copy.deepcopy(net), net, _images())
+    with pytest.raises(CalibrationError, match="at least 2"):
+        calibrate(_converted(net, "ilm"), net, _images(1))
+
+
+def test_fixed_group_count_is_the_largest_divisor_not_above():
+    net = _network()
+    new = _converted(net, "ilm")
+    report = calibrate(new, net, _images(), groups=12, epochs=0)
+    assert [layer.groups for layer in report.layers] == [8, 8, 8]
+
+
+# ------------------------------------------------------------------------------------------ weights by position
+def _renamed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"_port.{i}.{k.rsplit('.', 1)[-1]}": v.clone() for i, (k, v) in enumerate(state.items())}
+
+
+def test_weights_by_position_loads_a_renamed_state_dict_exactly():
+    source, target = _network(0), _network(1)
+    state = _renamed(source.state_dict())
+    message = load_state_dict_checked(target, state)
+    assert "missing" in message and "unexpected" in message and "--weights-by-position" in message
+    assert load_state_dict_by_position(target, state) == ""
+    for (k, a), b in zip(source.state_dict().items(), target.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_weights_by_position_refuses_count_and_shape_mismatch():
+    target = _network(1)
+    state = _renamed(_network(0).state_dict())
+    fewer = dict(list(state.items())[:-1])
+    assert "cannot match by position" in load_state_dict_by_position(target, fewer)
+    reshaped = dict(state)
+    first = next(iter(reshaped))
+    reshaped[first] = reshaped[first][:, :2]
+    assert "differs in shape" in load_state_dict_by_position(target, reshaped)
+    assert "likely cause" in load_state_dict_checked(target, fewer)
+    counters = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    assert load_state_dict_by_position(target, counters) == ""  # BN's counters aside
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("batchnorm, method", [("frozen", "ilm"), ("frozen", "none"), ("gn", "ilm"), ("gn", "none")])
+def test_frozen_and_calibrated_checkpoints_reload_bit_exactly(tmp_path, batchnorm, method):
+    from ilmconvert.models import create_model
+
+    torch.manual_seed(0)
+    original = create_model("timm:resnet10t", pretrained=False, num_classes=10)
+    original.train()
+    with torch.no_grad():  # running statistics that are not BN's initial 0 / 1
+        original(_images(16, 2) * 1.5)
+    original.eval()
+    net = copy.deepcopy(original)
+    report = ilmconvert.convert(net, batchnorm=batchnorm, method=method)
+    assert report.function_changing == (batchnorm == "gn")
+    x = _images(4, 3)
+    if batchnorm == "gn":
+        calibrate(net, original, _images(24), epochs=1, batch_size=8)
+        assert any(r.norm_groups != 32 for r in net.ilm_conversion.converted if r.channels >= 64)
+    else:
+        with torch.no_grad():
+            assert (net(x) - original(x)).abs().max() <= 1e-5 * original(x).abs().max()
+    ilmconvert.save(net, tmp_path / "ck")
+    loaded = ilmconvert.load(tmp_path / "ck")
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
