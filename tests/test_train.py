@@ -14,6 +14,7 @@ from helpers import TINY_RECIPE, make_image_folder
 from ilmconvert.errors import IlmconvertError
 from ilmconvert.models import adapt, create_model
 from ilmconvert.train import data as D
+from ilmconvert.train import loader as LD
 from ilmconvert.train import loop as L
 from ilmconvert.train import recipes as R
 
@@ -147,12 +148,12 @@ def test_loaders_of_several_processes_split_the_data(tmp_path):
     shards, slices = [], []
     for rank in range(world):
         processes = Distributed(rank, world, rank)
-        loader = D.make_loader(train, 4, train=True, seed=0, processes=processes)
+        loader = LD.make_loader(train, 4, train=True, seed=0, processes=processes)
         L.seed_epoch(loader, 0, 1, rank)
         shards.append(list(loader.sampler))
         L.seed_epoch(loader, 0, 2, rank)
         assert list(loader.sampler) != shards[-1]  # another order in another epoch
-        test_loader = D.make_loader(test, 4, train=False, processes=processes)
+        test_loader = LD.make_loader(test, 4, train=False, processes=processes)
         slices.append([int(i) for i in test_loader.dataset.indices])
     assert {len(s) for s in shards} == {30 // world}
     assert len(set().union(*map(set, shards))) == 30  # disjoint, and together the whole set
@@ -195,7 +196,7 @@ def test_augmentation_and_normalization():
     assert any(not torch.equal(o, image) for o in outs)  # crops / flips happen
     assert D.train_transform(settings.model_copy(update={"augment": "none"})) is None
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    x = D.to_input(batch, settings.mean, settings.std, torch.device("cpu"))
+    x = LD.to_input(batch, settings.mean, settings.std, torch.device("cpu"))
     expected = (1 - torch.tensor(settings.mean)) / torch.tensor(settings.std)
     assert x.dtype == torch.float32 and torch.allclose(x[0, :, 0, 0], expected)
 
