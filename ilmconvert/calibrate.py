@@ -173,20 +173,32 @@ def _bn_output(bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
 
-def _channel_moments(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per (sample, channel), in float64: means and biased variances of ``x`` and ``t`` and their
-    covariance, over the positions; and the number of positions."""
+def _channel_moments(x: torch.Tensor, t: torch.Tensor, target: tuple | None = None) -> tuple:
+    """Per (sample, channel): means and biased variances of ``x`` and ``t`` and their covariance,
+    over the positions, returned in float64; and the number of positions. Centred two-pass sums in
+    the input's dtype (float32 reductions are pairwise), so the float64 cast touches ``(B, C)``
+    tensors only; ``target``: ``t``'s ``(mean, variance, centred t)`` when already computed."""
     b, c = x.shape[:2]
-    x, t = x.detach().reshape(b, c, -1).double(), t.detach().reshape(b, c, -1).double()
-    xv, xm = torch.var_mean(x, dim=-1, correction=0)
-    tv, tm = torch.var_mean(t, dim=-1, correction=0)
-    cov = ((x - xm[..., None]) * (t - tm[..., None])).mean(-1)
-    return xm, xv, tm, tv, cov, x.shape[-1]
+    x = x.detach().reshape(b, c, -1)
+    xm = x.mean(-1)
+    xc = x - xm[..., None]
+    tm, tv, tc = target if target is not None else _target_moments(t)
+    cov = (xc * tc).mean(-1)
+    xv = xc.square().mean(-1)
+    return xm.double(), xv.double(), tm.double(), tv.double(), cov.double(), x.shape[-1]
 
 
-def _accumulate(layer: _Layer, into: _Sums, x: torch.Tensor, t: torch.Tensor) -> None:
+def _target_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``t``'s per-(sample, channel) mean and biased variance over the positions, and ``t`` centred."""
+    t = t.detach().reshape(*t.shape[:2], -1)
+    tm = t.mean(-1)
+    tc = t - tm[..., None]
+    return tm, tc.square().mean(-1), tc
+
+
+def _accumulate(layer: _Layer, into: _Sums, x: torch.Tensor, t: torch.Tensor, target: tuple | None = None) -> None:
     """Add one micro-batch's sums for every candidate G (GroupNorm's grouping of the moments)."""
-    xm, xv, tm, tv, cov, positions = _channel_moments(x, t)
+    xm, xv, tm, tv, cov, positions = _channel_moments(x, t, target)
     eps = float(getattr(layer.new, "norm_eps", getattr(layer.new, "eps", 1e-5)))
     b, c = xm.shape
     sums = into.sums
@@ -257,11 +269,12 @@ def closed_form(
     for layer in layers:
 
         def capture(module: nn.Module, args: tuple, layer: _Layer = layer) -> None:
-            layer.targets.append(_bn_output(module, args[0]))
-            _accumulate(layer, layer.isolated, args[0], layer.targets[-1])
+            t = _bn_output(module, args[0])
+            layer.targets.append(_target_moments(t))
+            _accumulate(layer, layer.isolated, args[0], t, layer.targets[-1])
 
         def fit(module: nn.Module, args: tuple, layer: _Layer = layer) -> None:
-            _accumulate(layer, layer.sums, args[0], layer.targets.pop(0))
+            _accumulate(layer, layer.sums, args[0], None, layer.targets.pop(0))
             _refit(layer)
 
         handles += [layer.bn.register_forward_pre_hook(capture), layer.new.register_forward_pre_hook(fit)]
@@ -295,29 +308,92 @@ def distilled_parameters(layers: list[_Layer]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
+def _gradient_norms(layers: list[_Layer]) -> dict[str, float]:
+    """Norm of the current gradient per kind of trained parameter (``affine``, ``encoder`` W1,
+    ``decoders`` W2 / W3, ``proxy``): shows which of them distillation actually moves."""
+    kinds: dict[str, float] = {}
+    for layer in layers:
+        for name, p in layer.new.named_parameters():
+            if p.grad is None or name.startswith(("act.", "drop.")):
+                continue
+            kind = (
+                "encoder"
+                if name.startswith("encoder.")
+                else "decoders"
+                if name.startswith("decoder")
+                else "affine"
+                if name in ("weight", "bias")
+                else "proxy"
+            )
+            kinds[kind] = kinds.get(kind, 0.0) + float(p.grad.double().square().sum())
+    return {kind: math.sqrt(v) for kind, v in sorted(kinds.items())}
+
+
+def distillation_loss(
+    out: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float,
+    features: list[tuple[torch.Tensor, torch.Tensor]],
+    feature_weight: float,
+) -> torch.Tensor:
+    """``T^2 KL(softmax(target / T) || softmax(out / T))`` (Hinton et al. 2015, logits ``(B, classes)``)
+    plus ``feature_weight`` times the mean over layers of ``||s - t||^2 / ||t||^2`` for each pair of
+    a new layer's output ``s`` and the original BatchNorm module's output ``t`` (activation included
+    where the module has one)."""
+    log_p = F.log_softmax(out / temperature, -1)
+    log_q = F.log_softmax(target / temperature, -1)
+    loss = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
+    if features and feature_weight > 0:
+        matched = sum((s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12) for s, t in features)
+        loss = loss + feature_weight * matched / len(features)
+    return loss
+
+
+def _feature_hooks(layers: list[_Layer], student: list, teacher: list) -> list:
+    """Hooks appending each new layer's output to ``student`` and each original BN module's output
+    (detached) to ``teacher``, in forward order."""
+    handles = []
+    for layer in layers:
+        handles.append(layer.new.register_forward_hook(lambda m, a, out: student.append(out)))
+        handles.append(layer.bn.register_forward_hook(lambda m, a, out: teacher.append(out.detach())))
+    return handles
+
+
 def distill(
     model: nn.Module,
     layers: list[_Layer],
     images: torch.Tensor,
     reference: torch.Tensor,
     *,
+    original: nn.Module | None = None,
     epochs: int,
     time_budget: float,
     batch_size: int,
     lr: float,
+    temperature: float = 2.0,
+    feature_weight: float = 1.0,
     seed: int,
     progress: Any,
 ) -> dict[str, Any]:
-    """Stage 2 (module docstring); returns steps, epochs, seconds and whether time cut it short."""
+    """Stage 2 (module docstring): Adam with a cosine schedule from ``lr`` to 0 over ``epochs``, on
+    :func:`distillation_loss` (logits against the cached ``reference``; the feature term runs
+    ``original`` once per step without gradient, when given and ``feature_weight > 0``). Returns
+    steps, epochs, seconds, whether time cut it short and the first step's gradient norms."""
     params = distilled_parameters(layers)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in {id(q) for q in params})
-    optimizer = torch.optim.Adam(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(images) / batch_size)
-    task = progress.add_task("distillation", total=epochs * steps_per_epoch) if progress else None
-    start, steps, stopped = time.perf_counter(), 0, False
+    total = max(1, epochs * steps_per_epoch)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / total)))
+    generator = torch.Generator().manual_seed(seed)
+    task = progress.add_task("distillation", total=total) if progress else None
+    use_features = original is not None and feature_weight > 0
+    student: list[torch.Tensor] = []
+    teacher: list[torch.Tensor] = []
+    handles = _feature_hooks(layers, student, teacher) if use_features else []
+    start, steps, stopped, gradients = time.perf_counter(), 0, False, {}
     model.eval()
     try:
         for _ in range(epochs):
@@ -327,17 +403,31 @@ def distill(
                     stopped = True
                     break
                 index = order[i * batch_size : (i + 1) * batch_size]
-                target = reference[index]
-                loss = (model(images[index]) - target).pow(2).sum() / target.pow(2).sum()
+                student.clear()
+                teacher.clear()
+                if use_features:
+                    with torch.no_grad():
+                        original(images[index])
+                out = model(images[index])
+                loss = distillation_loss(
+                    out, reference[index], temperature, list(zip(student, teacher)), feature_weight
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if steps == 0:
+                    gradients = _gradient_norms(layers)
                 optimizer.step()
+                schedule.step()
                 steps += 1
                 if progress:
                     progress.advance(task)
             if stopped:
                 break
     finally:
+        student.clear()
+        teacher.clear()
+        for handle in handles:
+            handle.remove()
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
     return {
@@ -347,6 +437,9 @@ def distill(
         "stopped_by_time_budget": stopped,
         "parameters": sum(p.numel() for p in params),
         "trained": "the new layers' parameters only (affine; ILM W1..W3; Proxy Norm proxy / output affines)",
+        "objective": f"T^2 KL(T={temperature}) on logits"
+        + (f" + {feature_weight} x mean relative squared error of the layer outputs" if use_features else ""),
+        "first_step_gradient_norms": gradients,
     }
 
 
@@ -396,6 +489,8 @@ def calibrate(
     batch_size: int = 32,
     micro_batch: int = 16,
     lr: float = 1e-3,
+    temperature: float = 2.0,
+    feature_weight: float = 1.0,
     seed: int = 0,
     progress: Any = None,
 ) -> CalibrationReport:
@@ -415,7 +510,9 @@ def calibrate(
         epochs: distillation epochs over the fit images (0: closed form only).
         time_budget: distillation stops after this many seconds (wall clock).
         batch_size: distillation batch size; micro_batch: closed-form micro-batch size.
-        lr: Adam's learning rate for distillation.
+        lr: Adam's peak learning rate for distillation (cosine schedule to 0 over ``epochs``).
+        temperature: the KL term's temperature T; feature_weight: weight of the layer-output term
+            (0: logits only, no extra forward pass of ``original`` per step).
         seed: seed of the split and of the distillation order.
         progress: where to show progress, e.g. a started ``rich.progress.Progress`` (anything with
             ``add_task(description, total=)`` and ``advance(task, amount)``); None: silent.
@@ -448,6 +545,8 @@ def calibrate(
         "batch_size": batch_size,
         "micro_batch": micro_batch,
         "lr": lr,
+        "temperature": temperature,
+        "feature_weight": feature_weight,
         "seed": seed,
     }
     reference = heldout_reference if heldout_reference is not None else outputs(original, held_images)
@@ -466,10 +565,13 @@ def calibrate(
             layers,
             fit_images,
             fit_reference,
+            original=original,
             epochs=epochs,
             time_budget=time_budget,
             batch_size=batch_size,
             lr=lr,
+            temperature=temperature,
+            feature_weight=feature_weight,
             seed=seed,
             progress=progress,
         )

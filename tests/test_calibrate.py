@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import ilmconvert
-from ilmconvert.calibrate import calibrate, split_heldout
+from ilmconvert.calibrate import calibrate, distillation_loss, split_heldout
 from ilmconvert.calibration_images import CalibrationError
 from ilmconvert.models import load_state_dict_by_position, load_state_dict_checked
 from ilmconvert.nn.baselines import FrozenBatchNorm, PlainGroupNorm
@@ -184,6 +184,40 @@ def test_calibrate_refuses_a_network_without_converted_batchnorm():
         calibrate(ilmconvert.convert(copy.deepcopy(net), method="none") and copy.deepcopy(net), net, _images())
     with pytest.raises(CalibrationError, match="at least 2"):
         calibrate(_converted(net, "ilm"), net, _images(1))
+
+
+def test_distillation_loss_is_tempered_kl_plus_relative_feature_error():
+    g = torch.Generator().manual_seed(4)
+    out, target = (
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+    )
+    s, t = (
+        torch.randn(3, 4, 2, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, 2, generator=g, dtype=torch.float64),
+    )
+    temperature = 2.0
+    p = torch.softmax(target / temperature, -1)  # the original's tempered distribution
+    q = torch.softmax(out / temperature, -1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean() * temperature**2
+    relative = ((s - t) ** 2).sum() / (t**2).sum()
+    torch.testing.assert_close(distillation_loss(out, target, temperature, [], 1.0), kl)
+    torch.testing.assert_close(
+        distillation_loss(out, target, temperature, [(s, t), (t, t)], 0.5), kl + 0.5 * relative / 2
+    )
+    assert float(distillation_loss(target, target, temperature, [(t, t)], 1.0)) == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("feature_weight", [0.0, 1.0])
+def test_distillation_trains_ilm_decoders_and_affine(feature_weight):
+    """At preserve init W2 = W3 = 0, yet the decoders get gradient on the first step and move."""
+    net = _network()
+    new = _converted(net, "ilm")
+    report = calibrate(new, net, _images(), epochs=1, batch_size=16, lr=1e-2, feature_weight=feature_weight)
+    norms = report.distillation["first_step_gradient_norms"]
+    assert norms["decoders"] > 0 and norms["affine"] > 0
+    decoders = [m.decoder_gamma.weight for m in new.modules() if hasattr(m, "decoder_gamma")]
+    assert decoders and all(w.abs().max() > 1e-4 for w in decoders)
 
 
 def test_fixed_group_count_is_the_largest_divisor_not_above():
