@@ -400,8 +400,11 @@ def _network(
         notes.append(
             f"training the converted checkpoint {checkpoint}; the recipe's model and conversion settings are not used"
         )
-        if fit_classifier(network, num_classes):
-            notes.append(f"classifier resized to {num_classes} classes (freshly initialized)")
+        with torch.random.fork_rng(devices=[]):  # the new head depends on the seed only, not on what ran before
+            torch.manual_seed(recipe.train.seed)
+            resized = fit_classifier(network, num_classes)
+        if resized:
+            notes.append(f"classifier resized to {num_classes} classes (freshly initialized, seed {recipe.train.seed})")
     else:
         network = build_network(recipe.model, recipe.conversion, num_classes, seed=recipe.train.seed, weights=weights)
     return network, notes
