@@ -153,8 +153,12 @@ def test_input_size_is_the_recipes_when_set_else_the_checkpoints(setting, tmp_pa
     assert {unset.cell_recipe(c).data.image_size for c in unset.cells} == {240}
     recipe = tmp_path / "cell.yaml"
     recipe.write_text(unset.cell_recipe(unset.cells[0]).to_yaml())
-    plan = prepare_finetune(data=str(data), run=tmp_path / "run", recipe=recipe, checkpoint=base, device="cpu")
-    plan.release()
+    plans = []
+    for run in ("run", "again"):  # the new head (5 -> 3 classes) depends on the seed only
+        plans.append(prepare_finetune(data=str(data), run=tmp_path / run, recipe=recipe, checkpoint=base, device="cpu"))
+        plans[-1].release()
+    plan = plans[0]
+    assert plan.network.fc.out_features == 3 and torch.equal(plan.network.fc.weight, plans[1].network.fc.weight)
     assert plan.recipe.data.image_size == 240 and tuple(plan.train[0][0].shape) == (3, 240, 240)
     assert plan.recipe.data.mean == pytest.approx((0.485, 0.456, 0.406))  # the checkpoint's, not CIFAR's
 

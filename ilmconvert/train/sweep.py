@@ -10,7 +10,13 @@ under its ``variants:`` key, e.g.::
 
 A variant may also name a ``checkpoint:`` folder (from ``swap``, ``finetune`` or
 :func:`ilmconvert.save`) to fine-tune instead of building the recipe's network, as ``finetune CKPT``
-does; that is how a pretrained network is compared with its conversions (docs/study.md).
+does. With ``--checkpoint CKPT`` (``plan_sweep(checkpoint=CKPT)``) the built-in variants are
+conversions of CKPT's pretrained network instead (:data:`PRETRAINED_VARIANTS`: ``bn`` as is,
+``bn-frozen``, ``gn``, ``ilm+gn``, ``gn+pn``, calibrated ``gn-cal``, ``ilm+gn-cal``, ``gn+pn-cal``,
+``ilm+frozen``), and a recipe's variants may be ``swap:`` settings, e.g.
+``gn-cal-g8: {swap: {method: none, batchnorm: gn, calibrate: true, groups: 8}}``; each network is
+made once into ``DIR/networks/VARIANT`` before its cells (:mod:`ilmconvert.train.sweep_networks`).
+That is how a pretrained network is compared with its conversions (docs/study.md, docs/design.md §10).
 
 Each *cell* (variant, batch size, seed) is an ordinary ``finetune`` run folder
 ``DIR/cells/VARIANT-bB-sS`` that ``eval`` and ``plot`` read. The sweep is resumable: finished cells
@@ -22,6 +28,11 @@ summary files are rewritten from the cell folders (atomically):
 - ``DIR/summary.json`` / ``DIR/summary.md``: mean ± 95 % confidence interval (Student t over seeds)
   per variant and batch size, and each variant's difference to a reference variant paired by seed;
 - ``DIR/error_vs_batch.png`` (the form of the ILM paper's Figure 1) and ``DIR/curves.png``.
+
+Two processes may share one sweep folder with disjoint grids (e.g. one per batch size): each
+network is made once, ``sweep.json`` and each set of summary files are written under a lock; the
+summaries hold the grid of the invocation that wrote them last, so a last invocation with the whole
+grid writes them from every cell folder.
 
 The learning rate follows the batch size linearly by default (``lr × B / recipe batch``, the rule
 of the Group Normalization paper); ``none`` keeps the recipe's, as the ILM paper says it did.

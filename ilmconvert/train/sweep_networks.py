@@ -62,14 +62,18 @@ def _swap(method: str = methods.NONE, batchnorm: str | None = None, calibrate: b
 
 
 #: The built-in variants of ``sweep --checkpoint DIR``: conversions of DIR's network (``swap:``
-#: settings). ``bn``: DIR as is (BN trains with batch statistics, the naive fine-tune);
-#: ``bn-frozen``: timm's ``FrozenBatchNorm2d`` / ``FrozenBatchNormAct2d`` in place of every
-#: BatchNorm (:class:`ilmconvert.nn.baselines.FrozenBatchNorm` calls timm's
-#: ``freeze_batch_norm_2d`` on each one: BN's running statistics, fixed, in training mode too;
-#: the detection default); ``gn``: BN -> GroupNorm, BN's affine kept (``swap --include-batchnorm
-#: --method none``); ``ilm+gn``, ``gn+pn``: the same with ILM / Proxy Norm; ``-cal``: calibrated
-#: (``swap --calibrate``); ``ilm+frozen``: frozen BN standardization under ILM rescaling (the same
-#: function at step 0).
+#: settings).
+#:
+#: - ``bn``: DIR as is (BN trains with batch statistics, the naive fine-tune);
+#: - ``bn-frozen``: timm's ``FrozenBatchNorm2d`` / ``FrozenBatchNormAct2d`` in place of every
+#:   BatchNorm (:class:`ilmconvert.nn.baselines.FrozenBatchNorm` calls timm's
+#:   ``freeze_batch_norm_2d`` on each one): BN's running statistics, fixed, in training mode too,
+#:   and its affine fixed as well (timm's frozen layers hold weight and bias as buffers, as
+#:   detectron2's ``FrozenBatchNorm2d`` does); the detection default;
+#: - ``gn``: BN -> GroupNorm, BN's affine kept (``swap --include-batchnorm --method none``);
+#:   ``ilm+gn``, ``gn+pn``: the same with ILM / Proxy Norm;
+#: - ``gn-cal``, ``ilm+gn-cal``, ``gn+pn-cal``: the same three, calibrated (``swap --calibrate``);
+#: - ``ilm+frozen``: frozen BN standardization under ILM rescaling (the same function at step 0).
 PRETRAINED_VARIANTS: dict[str, dict[str, Any]] = {
     "bn": {"swap": {}},
     "bn-frozen": _swap(batchnorm="frozen"),
