@@ -375,7 +375,8 @@ def _finetune(processes: Distributed, **options: Any) -> None:
         def epoch_done(m: dict[str, Any], best: bool) -> None:
             console.print(
                 f"epoch {m['epoch']:>3}/{r.train.epochs}  "
-                f"train loss {m['train_loss']:.3f} top1 {m['train_top1']:5.1f}  "
+                + (f"head only ({m['head_steps']} steps)  " if "head_steps" in m else "")
+                + f"train loss {m['train_loss']:.3f} top1 {m['train_top1']:5.1f}  "
                 f"test loss {m['test_loss']:.3f} top1 [bold]{m['top1']:5.2f}[/] top5 {m['top5']:5.2f}  "
                 f"lr {m['lr']:.4g}  "
                 f"{m['images_per_s']:.0f} img/s  {m['epoch_s']:.0f} s"
@@ -385,8 +386,8 @@ def _finetune(processes: Distributed, **options: Any) -> None:
             )
 
         hooks = Hooks(
-            train=lambda e: _batches(bars, f"epoch {e} train"),
-            test=lambda e: _batches(bars, f"epoch {e} test"),
+            train=lambda e: _batches(bars, f"epoch {e} train" if e else "head only (epoch 0) train"),
+            test=lambda e: _batches(bars, f"epoch {e} test" if e else "head only (epoch 0) test"),
             epoch_done=epoch_done,
         )
         summary = run_finetune(plan, hooks)

@@ -315,21 +315,26 @@ def set_trainable(network: nn.Module, trainable: str) -> int:
     if not keep:
         raise TrainError(f"train.trainable: {trainable}: the network has no norm parameters; use trainable: all")
     if trainable == "norms+head":
-        keep |= {id(p) for p in _head(network).parameters()}
+        keep |= {id(p) for p in classifier_module(network).parameters()}
     for p in network.parameters():
         p.requires_grad_(id(p) in keep)
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 
-def _head(network: nn.Module) -> nn.Module:
-    """The classifier: timm's ``get_classifier()``, else the last ``nn.Linear`` (torchvision)."""
+def classifier_module(network: nn.Module, setting: str = "train.trainable: norms+head",
+                      fix: str = "use trainable: norms") -> nn.Module:
+    """The classifier: timm's ``get_classifier()``, else the last ``nn.Linear`` (torchvision).
+
+    Raises:
+        TrainError: the network has none (the message names ``setting``, the key that needs it, and ``fix``).
+    """
     if hasattr(network, "get_classifier"):
         return network.get_classifier()
     from ..models import _classifier
 
     found = _classifier(network)
     if found is None:
-        raise TrainError("train.trainable: norms+head: the network has no classifier layer; use trainable: norms")
+        raise TrainError(f"{setting}: the network has no classifier layer; {fix}")
     return found[2]
 
 
