@@ -192,3 +192,23 @@ data: {eval_batch_size: 96}
     table = summarize(sweep, plain)
     assert table["table"][0]["step0_error_mean"] is None
     assert "Step 0" not in summary_markdown(table)
+
+
+def test_finetune_prints_the_head_only_line_and_eval_and_plot_take_the_run(tiny_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from ilmconvert.cli import app
+
+    recipe, run = tmp_path / "r.yaml", tmp_path / "run"
+    recipe.write_text(TINY_RECIPE)
+    runner = CliRunner()
+    args = ["finetune", "--recipe", str(recipe), "--data", str(tiny_data), "--out", str(run), "--device", "cpu",
+            "--epochs", "1", "--head-steps", "1"]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "epoch   0/1  head only (1 step)  train loss" in result.output
+    assert "epoch   1/1  train loss" in result.output and (run / "curves.png").is_file()
+    for command in (["eval", str(run), "--data", str(tiny_data), "--device", "cpu"],
+                    ["plot", str(run), "--out", str(tmp_path / "c.png")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.output
