@@ -212,3 +212,59 @@ def test_finetune_prints_the_head_only_line_and_eval_and_plot_take_the_run(tiny_
                     ["plot", str(run), "--out", str(tmp_path / "c.png")]):
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.output
+
+
+_RANKS = """
+import torch
+import torch.distributed as dist
+import test_head_steps as T
+from ilmconvert.train.distributed import from_environment, init_process_group
+from ilmconvert.train import loop as L
+from ilmconvert.train.data import ImageSet
+from ilmconvert.train.head_probe import probe_head
+from ilmconvert.train.loader import make_loader
+from ilmconvert.train.recipes import DataSettings, TrainSettings
+import numpy as np
+
+processes = from_environment()
+init_process_group(processes, torch.device("cpu"))
+network = T.bn_network()  # the same start on both ranks (seeded)
+rng = np.random.default_rng(0)
+images = ImageSet(list(rng.integers(0, 255, (32, 16, 16, 3), dtype=np.uint8)), [i % 3 for i in range(32)],
+                  ["a", "b", "c"], 16, cache=True)
+loader = make_loader(images, 8, train=True, seed=0, processes=processes)
+first = [int(i) for i, _ in loader.sampler]
+out = probe_head(network, loader, TrainSettings(batch_size=8, lr=0.1, head_steps=3), DataSettings(image_size=16),
+                 L.Precision(torch.device("cpu"), "none"), processes=processes)
+heads = [torch.zeros_like(network.fc.weight) for _ in range(2)]
+dist.all_gather(heads, network.fc.weight.detach())
+orders = [None, None]
+dist.all_gather_object(orders, first)
+if processes.rank == 0:
+    assert set(orders[0]).isdisjoint(orders[1]), orders  # each rank trains on its own shard
+    assert torch.equal(heads[0], heads[1]), "the ranks' heads differ"
+    assert not torch.equal(heads[0], T.bn_network().fc.weight)
+    assert out["images"] == 2 * 3 * 8, out
+    print("same head on both ranks")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch was built without the Gloo backend",
+)
+def test_under_torchrun_every_process_ends_with_the_same_head(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS)
+    tests = Path(__file__).parent
+    path = os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "same head on both ranks" in done.stdout
