@@ -268,3 +268,31 @@ def test_under_torchrun_every_process_ends_with_the_same_head(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "same head on both ranks" in done.stdout
+
+
+def test_ctrl_c_during_the_head_phase_leaves_nothing_and_the_run_starts_anew(tiny_data, tmp_path):
+    import os
+    import signal
+
+    from ilmconvert.train.loop import Batches
+    from ilmconvert.train.run import RunInterrupted
+
+    recipe, run = tmp_path / "r.yaml", tmp_path / "run"
+    text = TINY_RECIPE.replace("cpu_threads: 1}", "cpu_threads: 1, head_steps: 3}").replace("epochs: 2", "epochs: 1")
+    recipe.write_text(text)
+    steps = []
+
+    def head_batches(epoch):
+        def advance(loss):
+            steps.append(epoch)
+            if len(steps) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C after the first head-only step
+
+        return Batches(advance=advance)
+
+    plan = prepare_finetune(data=str(tiny_data), run=run, recipe=str(recipe), device="cpu")
+    with pytest.raises(RunInterrupted, match="nothing was written"):
+        run_finetune(plan, Progress(train=head_batches))
+    assert steps == [0] and not run.exists()
+    run_finetune(prepare_finetune(data=str(tiny_data), run=run, recipe=str(recipe), device="cpu"))
+    assert [r["epoch"] for r in read_metrics(run)] == [0, 1]
