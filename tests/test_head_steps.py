@@ -144,13 +144,18 @@ def test_resumed_after_epoch_1_the_run_ends_as_the_uninterrupted_one(tiny_data, 
     run_finetune(prepare_finetune(run=tmp_path / "a", **options))
     with pytest.raises(StopAfterEpoch):
         run_finetune(prepare_finetune(run=tmp_path / "b", **options), stop_after(1))
+    from ilmconvert.train.run import RunError
+
+    with pytest.raises(RunError, match="cannot change train.head_steps"):  # it would change every number
+        prepare_finetune(run=tmp_path / "b", resume=True, data=str(tiny_data), device="cpu",
+                         overrides={"train.head_steps": 5})
     run_finetune(prepare_finetune(run=tmp_path / "b", resume=True, data=str(tiny_data), device="cpu"))
     assert numbers(tmp_path / "b") == numbers(tmp_path / "a") and numbers(tmp_path / "a")[0]["head_steps"] == 3
     a, b = (ilmconvert.load(tmp_path / x / "last").state_dict() for x in "ab")
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_head_steps_is_a_recipe_key_that_resume_cannot_change(tiny_data, tmp_path):
+def test_head_steps_is_a_validated_recipe_key():
     recipe = parse_recipe(TINY_RECIPE, "tiny")
     assert recipe.train.head_steps == 0
     assert recipe.with_overrides(settings=["train.head_steps=7"]).train.head_steps == 7
