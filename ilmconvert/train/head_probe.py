@@ -12,7 +12,6 @@ into the run's epoch-0 line of ``metrics.jsonl`` (``"head_steps"`` marks it).
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -22,7 +21,15 @@ from torch.utils.data import DataLoader
 
 from .distributed import SINGLE, Distributed
 from .loader import to_input
-from .loop import Batches, Precision, TrainError, accuracy_counts, classifier_module, create_optimizer, seed_epoch
+from .loop import (
+    Batches,
+    Precision,
+    accuracy_counts,
+    classifier_module,
+    create_optimizer,
+    seed_epoch,
+    training_numbers,
+)
 from .recipes import DataSettings, TrainSettings
 from .stopping import SIGNALS
 
@@ -111,20 +118,12 @@ def probe_head(
     finally:
         for p, flag in trainable:
             p.requires_grad_(flag)
-    batches.stop()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - begun
-    loss_sum, correct, seen = (float(v) for v in processes.all_sum(sums))
-    mean_loss = loss_sum / max(1.0, seen)
-    if not math.isfinite(mean_loss):
-        raise TrainError(f"the loss of the head-only phase became {mean_loss}; lower train.lr or train.head_steps")
-    return {
-        "train_loss": mean_loss,
-        "train_top1": 100.0 * correct / max(1.0, seen),
-        "images": int(seen),
-        "seconds": seconds,
-        "images_per_s": seen / max(seconds, 1e-9),
-        "lr": train.lr,
-    }
+    batches.stop()
+    summed = [float(v) for v in processes.all_sum(sums)]
+    return {**training_numbers(*summed, seconds, "in the head-only phase; lower train.lr"), "lr": train.lr}
 
 
 def _update(loss: torch.Tensor, head: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,

@@ -529,17 +529,27 @@ def train_one_epoch(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - begun
     batches.stop()
-    loss_sum, correct, seen = _summed(processes, loss_sum, correct, seen)
+    summed = _summed(processes, loss_sum, correct, seen)
+    return training_numbers(*summed, seconds, "in this epoch; lower --lr"), num_updates
+
+
+def training_numbers(loss_sum: float, correct: float, seen: float, seconds: float, where: str) -> dict[str, float]:
+    """``{"train_loss", "train_top1" (%), "images", "seconds", "images_per_s"}`` of a training pass
+    from its summed loss (loss x images), top-1 count and image count (all processes').
+
+    Raises:
+        TrainError: the mean loss is NaN or infinite (``where``: in what, and what to lower).
+    """
     mean_loss = loss_sum / max(1, seen)
     if not math.isfinite(mean_loss):
-        raise TrainError(f"the training loss became {mean_loss} in this epoch; lower --lr")
+        raise TrainError(f"the training loss became {mean_loss} {where}")
     return {
         "train_loss": mean_loss,
         "train_top1": 100.0 * correct / max(1, seen),
         "images": int(seen),
         "seconds": seconds,
         "images_per_s": seen / max(seconds, 1e-9),
-    }, num_updates
+    }
 
 
 def _summed(processes: Distributed, *values: torch.Tensor | int) -> list[float]:
