@@ -390,7 +390,7 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
         scheduler.step_update(num_updates=num_updates)
     rows = resumed_metrics(run, plan.start_epoch) if state and main else []
     rows += [probed] if probed is not None and main else []
-    log = RunLog(run, plan.log, plan.start_epoch) if main else None
+    log = RunLog(run, plan.log, plan.start_epoch if state else -1) if main else None  # -1: epoch 0 is logged
     if main:
         initial = None if state else _trainer_state(0, train_cfg.epochs, 0, best, optimizer, scheduler, extras)
         _open_run_folder(plan, network, rows, initial, log, progress)
