@@ -137,8 +137,12 @@ def build_network(
     return network
 
 
-def fit_classifier(network: nn.Module, num_classes: int) -> bool:
+def fit_classifier(network: nn.Module, num_classes: int, seed: int | None = None) -> bool:
     """Resize the classifier of a converted network to ``num_classes`` when it differs.
+
+    With ``seed``, the new head is drawn from torch's CPU generator seeded with it (the global
+    state is restored afterwards): networks whose heads have the same shape get the same head,
+    whatever else they hold (e.g. a pretrained network and its conversions, docs/study.md §3).
 
     Returns:
         True when the head was replaced (freshly initialized), False when it already fit.
@@ -147,7 +151,10 @@ def fit_classifier(network: nn.Module, num_classes: int) -> bool:
 
     if classifier_size(network) == num_classes:
         return False
-    resize_classifier(network, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        resize_classifier(network, num_classes)
     return True
 
 
