@@ -400,10 +400,7 @@ def _network(
         notes.append(
             f"training the converted checkpoint {checkpoint}; the recipe's model and conversion settings are not used"
         )
-        with torch.random.fork_rng(devices=[]):  # the new head depends on the seed only, not on what ran before
-            torch.manual_seed(recipe.train.seed)
-            resized = fit_classifier(network, num_classes)
-        if resized:
+        if fit_classifier(network, num_classes, seed=recipe.train.seed):
             notes.append(f"classifier resized to {num_classes} classes (freshly initialized, seed {recipe.train.seed})")
     else:
         network = build_network(recipe.model, recipe.conversion, num_classes, seed=recipe.train.seed, weights=weights)
