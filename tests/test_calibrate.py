@@ -220,6 +220,40 @@ def test_distillation_trains_ilm_decoders_and_affine(feature_weight):
     assert decoders and all(w.abs().max() > 1e-4 for w in decoders)
 
 
+@pytest.mark.parametrize("train", ["norms", "all"])
+def test_distillation_trains_the_norms_only_or_everything(train):
+    """``train="norms"`` leaves every convolution and the classifier bit for bit as they were;
+    ``train="all"`` moves them too, and the report says which and how many parameters."""
+    net = _network()
+    new = _converted(net, "ilm")
+    report = calibrate(new, net, _images(), epochs=1, batch_size=16, lr=1e-2, train=train)
+    after = dict(new.named_modules())
+    convs = [(a, after[name]) for name, a in net.named_modules() if isinstance(a, (nn.Conv2d, nn.Linear))]
+    moved = [not torch.equal(a.weight, b.weight) for a, b in convs]
+    assert len(convs) == 4 and moved == [train == "all"] * 4
+    everything = sum(p.numel() for p in new.parameters())
+    assert (report.distillation["parameters"] == everything) == (train == "all")
+    assert ("network" in report.distillation["first_step_gradient_norms"]) == (train == "all")
+    assert report.settings["train"] == train
+    assert set(report.seconds) == {
+        "reference",
+        "before",
+        "closed_form",
+        "closed_form_heldout",
+        "distillation",
+        "distilled_heldout",
+    }
+
+
+def test_calibrate_refuses_an_unknown_train_setting_before_computing():
+    net = _network()
+    new = _converted(net, "ilm")
+    state = copy.deepcopy(new.state_dict())
+    with pytest.raises(CalibrationError, match="'norms' or 'all'"):
+        calibrate(new, net, _images(), train="convs")
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in state.items())
+
+
 def test_fixed_group_count_is_the_largest_divisor_not_above():
     net = _network()
     new = _converted(net, "ilm")
