@@ -33,7 +33,7 @@ import torch
 import ilmconvert
 from ilmconvert.calibrate import calibrate, figures, outputs
 from ilmconvert.calibration_images import load_images
-from ilmconvert.models import create_model
+from ilmconvert.models import create_model, resolve_preprocessing
 
 
 def _emit(record: dict, results: list, out: Path | None) -> None:
@@ -51,8 +51,12 @@ def _load(args, original) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if path is not None and path.exists():
         data = torch.load(path, weights_only=True)
         return data["fit"], data["held"], data["reference"]
-    fit = load_images(args.data / "train", args.fit, original, seed=0)
-    held = load_images(args.data / "test", args.heldout, original, seed=0)
+    pre = None
+    if args.checkpoint:  # the fine-tune's own record (input size, mean, std), not the library's defaults
+        config = json.loads((args.checkpoint / "config.json").read_text())
+        pre = resolve_preprocessing(original, config=config)
+    fit = load_images(args.data / "train", args.fit, original, seed=0, preprocess=pre)
+    held = load_images(args.data / "test", args.heldout, original, seed=0, preprocess=pre)
     reference = outputs(original, held)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

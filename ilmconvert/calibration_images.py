@@ -48,7 +48,9 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_images(folder: str | Path, count: int, model: nn.Module, *, seed: int = 0) -> torch.Tensor:
+def load_images(
+    folder: str | Path, count: int, model: nn.Module, *, seed: int = 0, preprocess: Any = None
+) -> torch.Tensor:
     """``count`` images from ``folder``, preprocessed for ``model``: ``(count, 3, S, S)`` float32.
 
     Args:
@@ -56,6 +58,9 @@ def load_images(folder: str | Path, count: int, model: nn.Module, *, seed: int =
         count: how many to take (a seeded random subset when the folder holds more).
         model: the (original) network, whose pretrained preprocessing is used.
         seed: seed of the subset.
+        preprocess: instead of ``model``'s pretrained preprocessing, this one (a dict or object
+            with ``image_size``, ``mean``, ``std``; e.g. a checkpoint's
+            :func:`ilmconvert.models.resolve_preprocessing` with its ``config.json``).
 
     Raises:
         CalibrationError: no folder, no image, fewer than ``count`` images, an unreadable image,
@@ -71,7 +76,7 @@ def load_images(folder: str | Path, count: int, model: nn.Module, *, seed: int =
         raise CalibrationError(f"the number of calibration images must be positive, got {count}")
     if len(files) < count:
         raise CalibrationError(f"calibration folder {folder} holds {len(files)} images, fewer than the {count} asked")
-    pre = preprocessing(model)
+    pre = preprocess if preprocess is not None else preprocessing(model)
     if pre is None:
         raise CalibrationError("the network has no known pretrained preprocessing; pass preprocessed tensors instead")
     size = int(_setting(pre, "image_size"))

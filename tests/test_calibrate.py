@@ -316,3 +316,22 @@ def test_frozen_and_calibrated_checkpoints_reload_bit_exactly(tmp_path, batchnor
     net.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
+
+
+def test_load_images_takes_a_given_preprocessing(tmp_path):
+    """A fine-tuned checkpoint's own input (here 8 px, mean 0.5, std 0.25) instead of the network's
+    pretrained one; a network without a known preprocessing is refused without it."""
+    from PIL import Image
+
+    from ilmconvert.calibration_images import load_images
+
+    pixels = torch.randint(0, 256, (3, 8, 8, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image.numpy()).save(tmp_path / f"{i}.png")
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    pre = {"image_size": 8, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    got = load_images(tmp_path, 3, net, preprocess=pre)
+    expected = (pixels.permute(0, 3, 1, 2).double() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(CalibrationError, match="no known pretrained preprocessing"):
+        load_images(tmp_path, 3, net)
