@@ -10,6 +10,7 @@ the input size, normalize with the weights' mean and std). Every mistake is one
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ def _setting(pre: Any, key: str) -> Any:
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, sorted), by torchvision's extensions.
+    """Every image file under ``folder`` (recursively, following linked folders, each real folder
+    once; sorted), by torchvision's extensions.
 
     Raises:
         CalibrationError: ``folder`` is not a directory, or holds no image file.
@@ -40,7 +42,15 @@ def image_files(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise CalibrationError(f"calibration folder {root} is not a directory; pass a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    files, seen = [], set()
+    for top, dirs, names in os.walk(root, followlinks=True):  # ImageFolders of linked class folders
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree: walk each real folder once
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [Path(top, n) for n in names if Path(n).suffix.lower() in IMG_EXTENSIONS]
+    files = sorted(p for p in files if p.is_file())
     if not files:
         raise CalibrationError(
             f"calibration folder {root} holds no image ({', '.join(IMG_EXTENSIONS[:4])}, ...), looked recursively"

@@ -335,3 +335,22 @@ def test_load_images_takes_a_given_preprocessing(tmp_path):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
     with pytest.raises(CalibrationError, match="no known pretrained preprocessing"):
         load_images(tmp_path, 3, net)
+
+
+def test_image_files_follow_linked_class_folders_once(tmp_path):
+    """An ImageFolder of linked class folders (as benchmarks/study_surgery.py makes) is read, and a
+    link back up the tree is walked once, not forever."""
+    from PIL import Image
+
+    from ilmconvert.calibration_images import image_files
+
+    store = tmp_path / "store" / "cat"
+    store.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (4, 4)).save(store / f"{i}.png")
+    (tmp_path / "imgs" / "train").mkdir(parents=True)
+    (tmp_path / "imgs" / "train" / "cat").symlink_to(store, target_is_directory=True)
+    (tmp_path / "imgs" / "train" / "loop").symlink_to(tmp_path / "imgs", target_is_directory=True)
+    found = image_files(tmp_path / "imgs")
+    assert [p.name for p in found] == ["0.png", "1.png"]
+    assert all(p.parent == tmp_path / "imgs" / "train" / "cat" for p in found)
