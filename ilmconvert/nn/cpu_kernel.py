@@ -157,13 +157,13 @@ def applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], out_dtype:
             (``bias`` may be None); out_dtype: the dtype the layer must return.
     """
     if (
-        x.device.type != "cpu"
+        torch.compiler.is_compiling()  # first: dynamo folds it, and reads nothing else
+        or x.device.type != "cpu"
         or x.dtype not in _SUFFIX
         or out_dtype != x.dtype
+        or not x.is_contiguous()
         or (x.numel() > MAX_NUMEL and torch.get_num_threads() > 1)
         or not enabled()
-        or torch.compiler.is_compiling()
-        or not x.is_contiguous()
     ):
         return False
     for t in params:
