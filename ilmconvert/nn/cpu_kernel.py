@@ -1,4 +1,5 @@
-"""A compiled CPU kernel for small pooled ILM layers: the whole forward in one call, the whole backward in one.
+"""A compiled CPU kernel for small pooled ILM layers (and GN + Proxy Norm): the whole forward in one call, the
+whole backward in one.
 
 At a small batch (the paper's Figure 1 trains at 2 images per GPU) an ILM+GN layer's input is a few
 thousand elements, and the eager PyTorch fast path (:mod:`ilmconvert.nn.fast_torch`) spends its
@@ -6,7 +7,10 @@ time on ~55 small operations of 3-10 us dispatch each, not on arithmetic (docs/p
 issue 20). This module computes the same function as :class:`~ilmconvert.nn.fast_torch.PooledILM`
 for such inputs in two calls into C++ (:mod:`ilmconvert.nn.cpu_kernel_source`): the forward (channel
 moments, eqs. 1 and 3 from them, the auto-encoder of eqs. 4-5, the alignment of eq. 6, ``y = x * a +
-d``) and the backward (``dx`` and every parameter's gradient, the statistics recomputed from ``x``).
+d``) and the backward (``dx`` and every parameter's gradient, the statistics recomputed from the
+forward's channel moments). :class:`ProxyGroupNormActCPU` does the same for GroupNorm + PN-Act
+(:class:`~ilmconvert.nn.ProxyGroupNormAct`), whose proxy statistics are two dozen small operations
+on ``(C, n)`` tensors in eager PyTorch.
 
 The C++ has no PyTorch headers: it is compiled once per machine with the system's C++ compiler
 (``$CXX``, else ``c++``; about a second), cached under ``$ILMCONVERT_KERNEL_DIR`` (default
@@ -128,6 +132,12 @@ def _load(path: Path) -> ctypes.CDLL:
         bwd = getattr(lib, f"ilm_pooled_backward_{suffix}")
         bwd.argtypes = [ptr] * 14 + [i64] * 6 + [f64]
         bwd.restype = None
+        fwd = getattr(lib, f"proxy_gn_forward_{suffix}")
+        fwd.argtypes = [ptr] * 10 + [i64] * 6 + [f64] * 2
+        fwd.restype = None
+        bwd = getattr(lib, f"proxy_gn_backward_{suffix}")
+        bwd.argtypes = [ptr] * 17 + [i64] * 6 + [f64] * 2
+        bwd.restype = None
     return lib
 
 
@@ -212,3 +222,81 @@ class PooledILMCPU(torch.autograd.Function):
            *map(_ptr, (weight, bias, w1, w2, w3)), *_dims(x, w1, spec=ctx.spec))
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, *(g if need else None for g, need in zip(grads, needs[1:6])), None)
+
+
+# ====================================================================== GroupNorm + Proxy Norm
+#: activation codes of the kernel (exact types: a subclass may change the function)
+_ACTIVATIONS = {torch.nn.ReLU: 0, torch.nn.SiLU: 3}
+
+
+def activation_code(act: torch.nn.Module) -> int | None:
+    """The kernel's code for PN-Act's activation ``act`` (ReLU, GELU exact or tanh, SiLU), else None."""
+    if type(act) is torch.nn.GELU:
+        return 2 if act.approximate == "tanh" else 1
+    return _ACTIVATIONS.get(type(act))
+
+
+def proxy_applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], act: torch.nn.Module) -> bool:
+    """Whether :class:`ProxyGroupNormActCPU` computes GN + PN-Act for ``x`` (eager CPU, no autocast).
+
+    Args:
+        x: ``(B, C, *spatial)``; params: ``(gamma, beta, gamma~, beta~, w_out, b_out)`` (the output
+            affine may be None); act: the activation (ReLU, GELU, SiLU).
+    """
+    if (
+        torch.compiler.is_compiling()
+        or x.device.type != "cpu"
+        or x.dtype not in _SUFFIX
+        or x.dim() < 3
+        or not x.is_contiguous()
+        or (x.numel() > MAX_NUMEL and torch.get_num_threads() > 1)
+        or torch.is_autocast_enabled("cpu")
+        or activation_code(act) is None
+        or not enabled()
+    ):
+        return False
+    for t in params:
+        if t is not None and (t.dtype != x.dtype or t.device.type != "cpu" or not t.is_contiguous()):
+            return False
+    return library() is not None
+
+
+class ProxyGroupNormActCPU(torch.autograd.Function):
+    """GroupNorm standardization + PN-Act (:class:`~ilmconvert.nn.ProxyGroupNormAct`) as one kernel
+    call forward and one backward; call only where :func:`proxy_applies` is True.
+
+    Inputs: ``x`` ``(B, C, *spatial)``, ``(C,)`` parameters gamma, beta, gamma~, beta~, output
+    weight and bias (both or neither None), ``q`` the ``(n,)`` float64 proxy points, ``spec =
+    (groups, norm_eps, proxy_eps, activation code)``. Output: the input's shape and dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, proxy_weight, proxy_bias, output_weight, output_bias, q, spec):
+        groups, norm_eps, proxy_eps, act = spec
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        stats = x.new_empty((x.shape[0], groups, 2), dtype=torch.float64)  # mean, rstd per group
+        params = (weight, bias, proxy_weight, proxy_bias, output_weight, output_bias)
+        fn = getattr(_LIB, f"proxy_gn_forward_{_SUFFIX[x.dtype]}")
+        fn(x.data_ptr(), y.data_ptr(), stats.data_ptr(), *map(_ptr, params), q.data_ptr(), *_proxy_dims(x, q, spec))
+        ctx.spec = spec
+        ctx.save_for_backward(x, stats, q, *params)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dy):
+        x, stats, q, *params = ctx.saved_tensors
+        dy = dy.to(x.dtype).reshape(x.shape).contiguous()
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        grads = [None if t is None else torch.empty_like(t) for t in params]
+        fn = getattr(_LIB, f"proxy_gn_backward_{_SUFFIX[x.dtype]}")
+        fn(x.data_ptr(), dy.data_ptr(), stats.data_ptr(), dx.data_ptr(), *map(_ptr, grads), *map(_ptr, params),
+           q.data_ptr(), *_proxy_dims(x, q, ctx.spec))
+        needs = ctx.needs_input_grad
+        return (dx if needs[0] else None, *(g if need else None for g, need in zip(grads, needs[1:7])), None, None)
+
+
+def _proxy_dims(x: torch.Tensor, q: torch.Tensor, spec: tuple) -> tuple:
+    groups, norm_eps, proxy_eps, act = spec
+    b, c = x.shape[:2]
+    return b, c, x.numel() // (b * c), groups, q.shape[0], act, norm_eps, proxy_eps
