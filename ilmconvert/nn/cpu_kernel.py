@@ -133,10 +133,10 @@ def _load(path: Path) -> ctypes.CDLL:
         bwd.argtypes = [ptr] * 14 + [i64] * 6 + [f64]
         bwd.restype = None
         fwd = getattr(lib, f"proxy_gn_forward_{suffix}")
-        fwd.argtypes = [ptr] * 10 + [i64] * 6 + [f64] * 2
+        fwd.argtypes = [ptr] * 11 + [i64] * 6 + [f64] * 2
         fwd.restype = None
         bwd = getattr(lib, f"proxy_gn_backward_{suffix}")
-        bwd.argtypes = [ptr] * 17 + [i64] * 6 + [f64] * 2
+        bwd.argtypes = [ptr] * 18 + [i64] * 6 + [f64] * 2
         bwd.restype = None
     return lib
 
@@ -275,23 +275,25 @@ class ProxyGroupNormActCPU(torch.autograd.Function):
         groups, norm_eps, proxy_eps, act = spec
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         stats = x.new_empty((x.shape[0], groups, 2), dtype=torch.float64)  # mean, rstd per group
+        coef = x.new_empty((4, x.shape[1]), dtype=torch.float64)  # the proxy's s, t, m, r per channel
         params = (weight, bias, proxy_weight, proxy_bias, output_weight, output_bias)
         fn = getattr(_LIB, f"proxy_gn_forward_{_SUFFIX[x.dtype]}")
-        fn(x.data_ptr(), y.data_ptr(), stats.data_ptr(), *map(_ptr, params), q.data_ptr(), *_proxy_dims(x, q, spec))
+        fn(x.data_ptr(), y.data_ptr(), stats.data_ptr(), coef.data_ptr(), *map(_ptr, params), q.data_ptr(),
+           *_proxy_dims(x, q, spec))
         ctx.spec = spec
-        ctx.save_for_backward(x, stats, q, *params)
+        ctx.save_for_backward(x, stats, coef, q, *params)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy):
-        x, stats, q, *params = ctx.saved_tensors
+        x, stats, coef, q, *params = ctx.saved_tensors
         dy = dy.to(x.dtype).reshape(x.shape).contiguous()
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         grads = [None if t is None else torch.empty_like(t) for t in params]
         fn = getattr(_LIB, f"proxy_gn_backward_{_SUFFIX[x.dtype]}")
-        fn(x.data_ptr(), dy.data_ptr(), stats.data_ptr(), dx.data_ptr(), *map(_ptr, grads), *map(_ptr, params),
-           q.data_ptr(), *_proxy_dims(x, q, ctx.spec))
+        fn(x.data_ptr(), dy.data_ptr(), stats.data_ptr(), coef.data_ptr(), dx.data_ptr(), *map(_ptr, grads),
+           *map(_ptr, params), q.data_ptr(), *_proxy_dims(x, q, ctx.spec))
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, *(g if need else None for g, need in zip(grads, needs[1:7])), None, None)
 

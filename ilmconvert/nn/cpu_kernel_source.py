@@ -17,12 +17,13 @@ raw contiguous buffers. Two entry points per storage type ``T`` (``_f32`` float,
 And for GroupNorm + Proxy Norm (:class:`~ilmconvert.nn.ProxyGroupNormAct`, PN-Act with ReLU, GELU
 (exact or tanh) or SiLU, codes 0-3):
 
-- ``proxy_gn_forward_T(x, y, stats, gamma, beta, gamma~, beta~, w_out, b_out, q, B, C, P, G, n, act,
-  norm_eps, proxy_eps)``: the proxy's per-channel output map ``(s, t)`` from the ``n`` points
-  ``q`` (double), then ``y = phi(gamma x_hat + beta) s + t`` per GroupNorm group, whose mean and
-  ``rstd`` go to ``stats`` ``(B, G, 2)`` double; ``w_out``, ``b_out`` may be NULL;
-- ``proxy_gn_backward_T(x, dy, stats, dx, g_gamma, g_beta, g_gamma~, g_beta~, g_w_out, g_b_out, ...)``:
-  two passes per group (the sums, then ``dx``), then the proxy's backward per channel.
+- ``proxy_gn_forward_T(x, y, stats, coef, gamma, beta, gamma~, beta~, w_out, b_out, q, B, C, P, G,
+  n, act, norm_eps, proxy_eps)``: the proxy's per-channel output map ``(s, t)`` from the ``n``
+  points ``q`` (double), then ``y = phi(gamma x_hat + beta) s + t`` per GroupNorm group; each
+  group's mean and ``rstd`` go to ``stats`` ``(B, G, 2)``, ``(s, t, m, r)`` (the proxy's mean and
+  ``(v + eps)^-1/2``) to ``coef`` ``(4, C)``, both double; ``w_out``, ``b_out`` may be NULL;
+- ``proxy_gn_backward_T(x, dy, stats, coef, dx, g_gamma, g_beta, g_gamma~, g_beta~, g_w_out, g_b_out,
+  ...)``: two passes per group (the sums, then ``dx``), then the proxy's backward per channel.
 
 The per-position loops carry ``#pragma omp simd`` (compiled with ``-fopenmp-simd``: vectorized
 reductions, no OpenMP runtime).
@@ -271,46 +272,43 @@ namespace {
 
 enum Act { RELU = 0, GELU = 1, GELU_TANH = 2, SILU = 3 };
 
-inline double act_forward(int act, double u) {
-  switch (act) {
-    case RELU: return u > 0.0 ? u : 0.0;
-    case GELU: return 0.5 * u * (1.0 + std::erf(u * M_SQRT1_2));
-    case GELU_TANH: return 0.5 * u * (1.0 + std::tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)));
-    default: return u / (1.0 + std::exp(-u));
-  }
+template <int ACT>
+inline double act_forward(double u) {
+  if (ACT == RELU) return u > 0.0 ? u : 0.0;
+  if (ACT == GELU) return 0.5 * u * (1.0 + std::erf(u * 0.7071067811865476));
+  if (ACT == GELU_TANH) return 0.5 * u * (1.0 + std::tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)));
+  return u / (1.0 + std::exp(-u));  // SILU
 }
 
-inline double act_grad(int act, double u) {  // phi'(u)
-  switch (act) {
-    case RELU: return u > 0.0 ? 1.0 : 0.0;
-    case GELU: return 0.5 * (1.0 + std::erf(u * M_SQRT1_2)) + u * 0.3989422804014327 * std::exp(-0.5 * u * u);
-    case GELU_TANH: {
-      const double k = 0.7978845608028654, t = std::tanh(k * (u + 0.044715 * u * u * u));
-      return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * u * u);
-    }
-    default: {
-      const double sg = 1.0 / (1.0 + std::exp(-u));
-      return sg * (1.0 + u * (1.0 - sg));
-    }
+template <int ACT>
+inline double act_grad(double u) {  // phi'(u)
+  if (ACT == RELU) return u > 0.0 ? 1.0 : 0.0;
+  if (ACT == GELU) {
+    return 0.5 * (1.0 + std::erf(u * 0.7071067811865476)) + u * 0.3989422804014327 * std::exp(-0.5 * u * u);
   }
+  if (ACT == GELU_TANH) {
+    const double k = 0.7978845608028654, t = std::tanh(k * (u + 0.044715 * u * u * u));
+    return 0.5 * (1.0 + t) + 0.5 * u * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * u * u);
+  }
+  const double sg = 1.0 / (1.0 + std::exp(-u));  // SILU
+  return sg * (1.0 + u * (1.0 - sg));
 }
 
 struct ProxyDims {
   int64_t B, C, P, G, n;
-  int act;
   double norm_eps, proxy_eps;
 };
 
 // Per channel: the proxy's a_i = intercept + slope q_i, z_i = phi(a_i), its mean m and r = (v + eps)^-1/2,
 // and the output map y = phi(u) * s + t.
-template <typename T>
+template <int ACT, typename T>
 void proxy_coefficients(const ProxyDims& D, const double* q, const T* gamma, const T* beta, const T* pw,
                         const T* pb, const T* ow, const T* ob, double* s, double* t, double* m, double* r,
                         std::vector<double>& z) {
   for (int64_t c = 0; c < D.C; ++c) {
     const double slope = gamma[c] * (1.0 + pw[c]), intercept = beta[c] + static_cast<double>(gamma[c]) * pb[c];
     double sum = 0.0;
-    for (int64_t i = 0; i < D.n; ++i) sum += (z[i] = act_forward(D.act, intercept + slope * q[i]));
+    for (int64_t i = 0; i < D.n; ++i) sum += (z[i] = act_forward<ACT>(intercept + slope * q[i]));
     const double mean = sum / D.n;
     double var = 0.0;
     for (int64_t i = 0; i < D.n; ++i) var += (z[i] - mean) * (z[i] - mean);
@@ -336,13 +334,13 @@ void standardization(const T* x, int64_t n, double eps, double* mean, double* rs
   *rstd = 1.0 / std::sqrt(q / n + eps);
 }
 
-template <typename T>
-void proxy_gn_forward(const T* x, T* y, double* stats, const T* gamma, const T* beta, const T* pw, const T* pb,
-                      const T* ow, const T* ob, const double* q, const ProxyDims& D) {
+template <int ACT, typename T>
+void proxy_gn_forward(const T* x, T* y, double* stats, double* coef, const T* gamma, const T* beta, const T* pw,
+                      const T* pb, const T* ow, const T* ob, const double* q, const ProxyDims& D) {
   const int64_t C = D.C, P = D.P, Cg = D.C / D.G;
-  std::vector<double> coef(4 * C), z(D.n);
-  double *s = coef.data(), *t = s + C, *m = t + C, *r = m + C;
-  proxy_coefficients(D, q, gamma, beta, pw, pb, ow, ob, s, t, m, r, z);
+  std::vector<double> z(D.n);
+  double *s = coef, *t = s + C, *m = t + C, *r = m + C;
+  proxy_coefficients<ACT>(D, q, gamma, beta, pw, pb, ow, ob, s, t, m, r, z);
   for (int64_t b = 0; b < D.B; ++b) {
     for (int64_t g = 0; g < D.G; ++g) {
       const int64_t off = (b * C + g * Cg) * P;
@@ -353,31 +351,22 @@ void proxy_gn_forward(const T* x, T* y, double* stats, const T* gamma, const T* 
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
         const T* xc = x + (b * C + c) * P;
         T* yc = y + (b * C + c) * P;
-        const double a = gamma[c] * rstd, d = beta[c] - mean * a;
-        if (D.act == RELU) {
-          const double sc = s[c], tc = t[c];
+        const double a = gamma[c] * rstd, d = beta[c] - mean * a, sc = s[c], tc = t[c];
 #pragma omp simd
-          for (int64_t p = 0; p < P; ++p) {
-            const double u = xc[p] * a + d;
-            yc[p] = static_cast<T>((u > 0.0 ? u : 0.0) * sc + tc);
-          }
-        } else {
-          for (int64_t p = 0; p < P; ++p) yc[p] = static_cast<T>(act_forward(D.act, xc[p] * a + d) * s[c] + t[c]);
-        }
+        for (int64_t p = 0; p < P; ++p) yc[p] = static_cast<T>(act_forward<ACT>(xc[p] * a + d) * sc + tc);
       }
     }
   }
 }
 
-template <typename T>
-void proxy_gn_backward(const T* x, const T* dy, const double* stats, T* dx, T* g_gamma, T* g_beta, T* g_pw,
-                       T* g_pb, T* g_ow, T* g_ob, const T* gamma, const T* beta, const T* pw, const T* pb,
-                       const T* ow, const T* ob, const double* q, const ProxyDims& D) {
+template <int ACT, typename T>
+void proxy_gn_backward(const T* x, const T* dy, const double* stats, const double* coef, T* dx, T* g_gamma,
+                       T* g_beta, T* g_pw, T* g_pb, T* g_ow, T* g_ob, const T* gamma, const T* beta, const T* pw,
+                       const T* pb, const T* ow, const T* ob, const double* q, const ProxyDims& D) {
   const int64_t C = D.C, P = D.P, Cg = D.C / D.G, n = D.n;
-  std::vector<double> coef(8 * C, 0.0), z(n);
-  double *s = coef.data(), *t = s + C, *m = t + C, *r = m + C;
-  double *gs = r + C, *gt = gs + C, *gg = gt + C, *gb = gg + C;  // sum dy z, sum dy, direct d/dgamma, d/dbeta
-  proxy_coefficients(D, q, gamma, beta, pw, pb, ow, ob, s, t, m, r, z);
+  std::vector<double> acc(4 * C, 0.0);
+  const double *s = coef, *m = s + 2 * C, *r = m + C;  // the forward's (s, t, m, r)
+  double *gs = acc.data(), *gt = gs + C, *gg = gt + C, *gb = gg + C;  // sum dy z, sum dy, direct d/dgamma, d/dbeta
   for (int64_t b = 0; b < D.B; ++b) {
     for (int64_t g = 0; g < D.G; ++g) {
       const double mean = stats[2 * (b * D.G + g)], rstd = stats[2 * (b * D.G + g) + 1];
@@ -387,10 +376,11 @@ void proxy_gn_backward(const T* x, const T* dy, const double* stats, T* dx, T* g
         const T* dyc = dy + (b * C + c) * P;
         const double gm = gamma[c], bt = beta[c], sc = s[c];
         double a_gs = 0.0, a_gt = 0.0, a_gg = 0.0, a_gb = 0.0;
+#pragma omp simd reduction(+ : a_gs, a_gt, a_gg, a_gb)
         for (int64_t p = 0; p < P; ++p) {
           const double xh = (xc[p] - mean) * rstd, u = gm * xh + bt, d = dyc[p];
-          const double du = d * sc * act_grad(D.act, u);
-          a_gs += d * act_forward(D.act, u);
+          const double du = d * sc * act_grad<ACT>(u);
+          a_gs += d * act_forward<ACT>(u);
           a_gt += d;
           a_gg += du * xh;
           a_gb += du;
@@ -408,9 +398,10 @@ void proxy_gn_backward(const T* x, const T* dy, const double* stats, T* dx, T* g
         const T* dyc = dy + (b * C + c) * P;
         T* dxc = dx + (b * C + c) * P;
         const double gm = gamma[c], bt = beta[c], sc = s[c];
+#pragma omp simd
         for (int64_t p = 0; p < P; ++p) {
           const double xh = (xc[p] - mean) * rstd;
-          const double dxh = dyc[p] * sc * act_grad(D.act, gm * xh + bt) * gm;
+          const double dxh = dyc[p] * sc * act_grad<ACT>(gm * xh + bt) * gm;
           dxc[p] = static_cast<T>(rstd * (dxh - k1 - xh * k2));
         }
       }
@@ -427,11 +418,10 @@ void proxy_gn_backward(const T* x, const T* dy, const double* stats, T* dx, T* g
     }
     const double grad_v = -0.5 * grad_r * r[c] * r[c] * r[c];
     const double slope = gamma[c] * (1.0 + pw[c]), intercept = beta[c] + static_cast<double>(gamma[c]) * pb[c];
-    for (int64_t i = 0; i < n; ++i) z[i] = act_forward(D.act, intercept + slope * q[i]);
     double g_slope = 0.0, g_intercept = 0.0;
     for (int64_t i = 0; i < n; ++i) {
       const double a = intercept + slope * q[i];
-      const double ga = (grad_m / n + 2.0 * grad_v * (z[i] - m[c]) / n) * act_grad(D.act, a);
+      const double ga = (grad_m / n + 2.0 * grad_v * (act_forward<ACT>(a) - m[c]) / n) * act_grad<ACT>(a);
       g_slope += ga * q[i];
       g_intercept += ga;
     }
@@ -444,22 +434,38 @@ void proxy_gn_backward(const T* x, const T* dy, const double* stats, T* dx, T* g
 
 }  // namespace
 
+#define PROXY_DISPATCH(CALL)                    \
+  switch (act) {                                \
+    case RELU: CALL(RELU); break;               \
+    case GELU: CALL(GELU); break;               \
+    case GELU_TANH: CALL(GELU_TANH); break;     \
+    default: CALL(SILU);                        \
+  }
+
 #define PROXY_ENTRY_POINTS(T, SUFFIX)                                                                       \
-  extern "C" void proxy_gn_forward_##SUFFIX(const T* x, T* y, double* stats, const T* gamma, const T* beta, \
-                                            const T* pw, const T* pb, const T* ow, const T* ob,             \
-                                            const double* q, int64_t B, int64_t C, int64_t P, int64_t G,    \
-                                            int64_t n, int64_t act, double norm_eps, double proxy_eps) {    \
-    proxy_gn_forward<T>(x, y, stats, gamma, beta, pw, pb, ow, ob, q,                                        \
-                        ProxyDims{B, C, P, G, n, static_cast<int>(act), norm_eps, proxy_eps});              \
+  extern "C" void proxy_gn_forward_##SUFFIX(const T* x, T* y, double* stats, double* coef, const T* gamma,  \
+                                            const T* beta, const T* pw, const T* pb, const T* ow,           \
+                                            const T* ob, const double* q, int64_t B, int64_t C, int64_t P,  \
+                                            int64_t G, int64_t n, int64_t act, double norm_eps,             \
+                                            double proxy_eps) {                                             \
+    const ProxyDims D{B, C, P, G, n, norm_eps, proxy_eps};                                                  \
+    PROXY_DISPATCH(PROXY_FWD_##SUFFIX)                                                                      \
   }                                                                                                         \
   extern "C" void proxy_gn_backward_##SUFFIX(                                                               \
-      const T* x, const T* dy, const double* stats, T* dx, T* g_gamma, T* g_beta, T* g_pw, T* g_pb,         \
-      T* g_ow, T* g_ob, const T* gamma, const T* beta, const T* pw, const T* pb, const T* ow, const T* ob,  \
-      const double* q, int64_t B, int64_t C, int64_t P, int64_t G, int64_t n, int64_t act,                  \
-      double norm_eps, double proxy_eps) {                                                                  \
-    proxy_gn_backward<T>(x, dy, stats, dx, g_gamma, g_beta, g_pw, g_pb, g_ow, g_ob, gamma, beta, pw, pb,    \
-                         ow, ob, q, ProxyDims{B, C, P, G, n, static_cast<int>(act), norm_eps, proxy_eps});  \
+      const T* x, const T* dy, const double* stats, const double* coef, T* dx, T* g_gamma, T* g_beta,       \
+      T* g_pw, T* g_pb, T* g_ow, T* g_ob, const T* gamma, const T* beta, const T* pw, const T* pb,          \
+      const T* ow, const T* ob, const double* q, int64_t B, int64_t C, int64_t P, int64_t G, int64_t n,     \
+      int64_t act, double norm_eps, double proxy_eps) {                                                     \
+    const ProxyDims D{B, C, P, G, n, norm_eps, proxy_eps};                                                  \
+    PROXY_DISPATCH(PROXY_BWD_##SUFFIX)                                                                      \
   }
+
+#define PROXY_FWD_f32(A) proxy_gn_forward<A, float>(x, y, stats, coef, gamma, beta, pw, pb, ow, ob, q, D)
+#define PROXY_FWD_f64(A) proxy_gn_forward<A, double>(x, y, stats, coef, gamma, beta, pw, pb, ow, ob, q, D)
+#define PROXY_GRADS dx, g_gamma, g_beta, g_pw, g_pb, g_ow, g_ob
+#define PROXY_PARAMS gamma, beta, pw, pb, ow, ob
+#define PROXY_BWD_f32(A) proxy_gn_backward<A, float>(x, dy, stats, coef, PROXY_GRADS, PROXY_PARAMS, q, D)
+#define PROXY_BWD_f64(A) proxy_gn_backward<A, double>(x, dy, stats, coef, PROXY_GRADS, PROXY_PARAMS, q, D)
 
 PROXY_ENTRY_POINTS(float, f32)
 PROXY_ENTRY_POINTS(double, f64)
