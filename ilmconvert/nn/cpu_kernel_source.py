@@ -33,6 +33,7 @@ evaluated in ``T`` with ``a``, ``d`` rounded to ``T`` (as the PyTorch fast path 
 """
 
 SOURCE = r"""
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -49,8 +50,13 @@ struct Dims {
 // Per-instance workspace (doubles): offsets into one vector.
 struct Work {
   std::vector<double> buf;
+  std::vector<int64_t> gi, ki;  // each channel's norm group and key group (no division in the loops)
   double *m, *v, *mg, *rstd, *mu, *gam, *emu, *eg, *dmu, *dg, *a, *d;
-  explicit Work(const Dims& D) : buf(4 * D.C + 2 * D.G + 4 * D.N() + 2 * D.M) {
+  explicit Work(const Dims& D) : buf(4 * D.C + 2 * D.G + 4 * D.N() + 2 * D.M), gi(D.C), ki(D.C) {
+    for (int64_t c = 0; c < D.C; ++c) {
+      gi[c] = c / D.Cg();
+      ki[c] = c / D.K;
+    }
     double* p = buf.data();
     m = p; p += D.C;
     v = p; p += D.C;
@@ -83,6 +89,13 @@ void group_moments(const double* m, const double* v, int64_t C, int64_t size, do
 // Mean and biased variance of each channel of one instance (two passes; the channel is in cache).
 template <typename T>
 void channel_moments(const T* xb, int64_t C, int64_t P, double* m, double* v) {
+  if (P == 1) {  // one position (the last stage of a small-image network): no loops to set up
+    for (int64_t c = 0; c < C; ++c) {
+      m[c] = xb[c];
+      v[c] = 0.0;
+    }
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     const T* xc = xb + c * P;
     double s = 0.0;
@@ -123,10 +136,10 @@ void instance_forward(const Dims& D, const T* w, const T* bias, const T* w1, con
     W.dg[n] = 1.0 / (1.0 + std::exp(-s_g));
   }
   for (int64_t c = 0; c < C; ++c) {  // eq. 6: omega = D_gamma - 1/2 + weight, beta = D_mu + bias
-    const double omega = W.dg[c / K] - 0.5 + w[c];
-    const double beta = W.dmu[c / K] + (bias ? static_cast<double>(bias[c]) : 0.0);
-    W.a[c] = omega * W.rstd[c / Cg];
-    W.d[c] = beta - W.mg[c / Cg] * W.a[c];
+    const double omega = W.dg[W.ki[c]] - 0.5 + w[c];
+    const double beta = W.dmu[W.ki[c]] + (bias ? static_cast<double>(bias[c]) : 0.0);
+    W.a[c] = omega * W.rstd[W.gi[c]];
+    W.d[c] = beta - W.mg[W.gi[c]] * W.a[c];
   }
 }
 
@@ -155,6 +168,7 @@ template <typename T>
 void pooled_backward(const T* x, const T* dy, const double* moments, T* dx, T* gw, T* gb, T* gw1, T* gw2,
                      T* gw3, const T* w, const T* bias, const T* w1, const T* w2, const T* w3, const Dims& D) {
   const int64_t C = D.C, P = D.P, N = D.N(), M = D.M, K = D.K, G = D.G, Cg = D.Cg();
+  const double inv_cg = 1.0 / Cg, inv_k = 1.0 / K;
   Work W(D);
   std::vector<double> acc(2 * C + 3 * M * N, 0.0);  // sums over the batch: weight, bias, W1, W2, W3
   double *aw = acc.data(), *ab = aw + C, *aw1 = ab + C, *aw2 = aw1 + M * N, *aw3 = aw2 + N * M;
@@ -172,7 +186,7 @@ void pooled_backward(const T* x, const T* dy, const double* moments, T* dx, T* g
     for (int64_t c = 0; c < C; ++c) {  // S0 = sum dy, S1 = sum dy (x - M) = dL/da
       const T* xc = x + off + c * P;
       const T* dyc = dy + off + c * P;
-      const double mg = W.mg[c / Cg];
+      const double mg = W.mg[W.gi[c]];
       double a0 = 0.0, a1 = 0.0;
 #pragma omp simd reduction(+ : a0, a1)
       for (int64_t p = 0; p < P; ++p) {
@@ -186,7 +200,7 @@ void pooled_backward(const T* x, const T* dy, const double* moments, T* dx, T* g
     for (int64_t g = 0; g < G; ++g) d_mg[g] = d_var[g] = 0.0;
     for (int64_t n = 0; n < N; ++n) d_dmu[n] = d_dg[n] = 0.0;
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t g = c / Cg, n = c / K;
+      const int64_t g = W.gi[c], n = W.ki[c];
       const double omega = W.dg[n] - 0.5 + w[c];
       const double d_omega = s1[c] * W.rstd[g];
       aw[c] += d_omega;
@@ -224,10 +238,10 @@ void pooled_backward(const T* x, const T* dy, const double* moments, T* dx, T* g
     }
     // through the group statistics to the channel moments, then dm/dx = 1/P, dv/dx = 2 (x - m) / P
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t g = c / Cg, n = c / K;
-      const double gm = d_mg[g] / Cg + d_var[g] * 2.0 * (W.m[c] - W.mg[g]) / Cg + g_mu[n] / K +
-                        g_gam[n] * 2.0 * (W.m[c] - W.mu[n]) / K;
-      const double gv = d_var[g] / Cg + g_gam[n] / K;
+      const int64_t g = W.gi[c], n = W.ki[c];
+      const double gm = (d_mg[g] + d_var[g] * 2.0 * (W.m[c] - W.mg[g])) * inv_cg +
+                        (g_mu[n] + g_gam[n] * 2.0 * (W.m[c] - W.mu[n])) * inv_k;
+      const double gv = d_var[g] * inv_cg + g_gam[n] * inv_k;
       const double e = 2.0 * gv / P, f = gm / P, a = W.a[c], m = W.m[c];
       const T* xc = x + off + c * P;
       const T* dyc = dy + off + c * P;
@@ -274,7 +288,7 @@ enum Act { RELU = 0, GELU = 1, GELU_TANH = 2, SILU = 3 };
 
 template <int ACT>
 inline double act_forward(double u) {
-  if (ACT == RELU) return u > 0.0 ? u : 0.0;
+  if (ACT == RELU) return std::max(u, 0.0);  // maxsd: no branch to mispredict; NaN stays NaN
   if (ACT == GELU) return 0.5 * u * (1.0 + std::erf(u * 0.7071067811865476));
   if (ACT == GELU_TANH) return 0.5 * u * (1.0 + std::tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)));
   return u / (1.0 + std::exp(-u));  // SILU
@@ -282,7 +296,7 @@ inline double act_forward(double u) {
 
 template <int ACT>
 inline double act_grad(double u) {  // phi'(u)
-  if (ACT == RELU) return u > 0.0 ? 1.0 : 0.0;
+  if (ACT == RELU) return static_cast<double>(u > 0.0);  // a compare, no branch
   if (ACT == GELU) {
     return 0.5 * (1.0 + std::erf(u * 0.7071067811865476)) + u * 0.3989422804014327 * std::exp(-0.5 * u * u);
   }
