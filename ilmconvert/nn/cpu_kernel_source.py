@@ -321,11 +321,17 @@ void proxy_coefficients(const ProxyDims& D, const double* q, const T* gamma, con
                         std::vector<double>& z) {
   for (int64_t c = 0; c < D.C; ++c) {
     const double slope = gamma[c] * (1.0 + pw[c]), intercept = beta[c] + static_cast<double>(gamma[c]) * pb[c];
+    double* zc = z.data();
     double sum = 0.0;
-    for (int64_t i = 0; i < D.n; ++i) sum += (z[i] = act_forward<ACT>(intercept + slope * q[i]));
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < D.n; ++i) {
+      zc[i] = act_forward<ACT>(intercept + slope * q[i]);
+      sum += zc[i];
+    }
     const double mean = sum / D.n;
     double var = 0.0;
-    for (int64_t i = 0; i < D.n; ++i) var += (z[i] - mean) * (z[i] - mean);
+#pragma omp simd reduction(+ : var)
+    for (int64_t i = 0; i < D.n; ++i) var += (zc[i] - mean) * (zc[i] - mean);
     const double rc = 1.0 / std::sqrt(var / D.n + D.proxy_eps), w = ow ? static_cast<double>(ow[c]) : 1.0;
     m[c] = mean;
     r[c] = rc;
@@ -433,6 +439,7 @@ void proxy_gn_backward(const T* x, const T* dy, const double* stats, const doubl
     const double grad_v = -0.5 * grad_r * r[c] * r[c] * r[c];
     const double slope = gamma[c] * (1.0 + pw[c]), intercept = beta[c] + static_cast<double>(gamma[c]) * pb[c];
     double g_slope = 0.0, g_intercept = 0.0;
+#pragma omp simd reduction(+ : g_slope, g_intercept)
     for (int64_t i = 0; i < n; ++i) {
       const double a = intercept + slope * q[i];
       const double ga = (grad_m / n + 2.0 * grad_v * (act_forward<ACT>(a) - m[c]) / n) * act_grad<ACT>(a);
