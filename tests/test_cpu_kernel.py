@@ -1,4 +1,4 @@
-"""The compiled CPU kernel for small pooled ILM layers (ilmconvert.nn.cpu_kernel).
+"""The compiled CPU kernel for pooled ILM layers and GroupNorm + Proxy Norm (ilmconvert.nn.cpu_kernel).
 
 Against the exact reference (float64 oracle, as tests/test_fast_path.py does for the PyTorch fast
 path), against the PyTorch fast path in float64 (the same function to rounding), by finite
@@ -11,9 +11,10 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import ILM_PARAMS, compare_fast_path, randomize, relative_difference, run_layer
-from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, cpu_kernel, fast_torch
+from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ProxyGroupNormAct, cpu_kernel, fast_torch
 
 pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason=f"no compiled kernel: {cpu_kernel.FAILURE}")
 
@@ -187,3 +188,93 @@ def test_compiled_network_traces_the_pytorch_path(kernel_calls):
     layer(xk).square().sum().backward()
     assert kernel_calls
     assert relative_difference(xr.grad, xk.grad) < 1e-5
+
+
+# ------------------------------------------------------------------ GroupNorm + Proxy Norm
+PROXY_ACTS = [nn.ReLU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU]
+
+
+@pytest.fixture
+def proxy_kernel_calls(monkeypatch):
+    calls = []
+    real = cpu_kernel.ProxyGroupNormActCPU.forward
+
+    def spy(ctx, *args):
+        calls.append(args[0].shape)
+        return real(ctx, *args)
+
+    monkeypatch.setattr(cpu_kernel.ProxyGroupNormActCPU, "forward", staticmethod(spy))
+    return calls
+
+
+def _proxy_run(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, kernel: bool) -> list[torch.Tensor]:
+    layer = copy.deepcopy(layer)
+    x = x.detach().clone().requires_grad_(True)
+    cpu_kernel.set_enabled(kernel)
+    try:
+        y = layer(x)
+        y.backward(dy)
+    finally:
+        cpu_kernel.set_enabled(None)
+    return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("output_affine", [False, True])
+@pytest.mark.parametrize("act", PROXY_ACTS)
+def test_proxy_kernel_equals_pytorch_in_float64(act, output_affine, proxy_kernel_calls):
+    layer = ProxyGroupNormAct(4, 32, act_layer=act(), output_affine=output_affine).double()
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = torch.randn(2, 32, 3, 5, generator=g, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    with_kernel = _proxy_run(layer, x, dy, kernel=True)
+    assert len(proxy_kernel_calls) == 1
+    without = _proxy_run(layer, x, dy, kernel=False)
+    assert len(proxy_kernel_calls) == 1
+    assert len(with_kernel) == len(without) == 6 + 2 * output_affine
+    for i, (a, b) in enumerate(zip(with_kernel, without)):
+        assert a.dtype == b.dtype == torch.float64
+        assert relative_difference(a, b) < 1e-12, (i, relative_difference(a, b))
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.SiLU])
+def test_proxy_kernel_gradcheck_in_float64(act, proxy_kernel_calls):
+    layer = ProxyGroupNormAct(2, 8, act_layer=act(), output_affine=True, num_proxy=16).double()
+    randomize(layer, seed=13)
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
+    x = torch.randn(2, 8, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(inp, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert proxy_kernel_calls
+
+
+def test_proxy_kernel_float32_against_float64_pytorch(proxy_kernel_calls):
+    layer = ProxyGroupNormAct(8, 64, act_layer=nn.ReLU, output_affine=True)
+    randomize(layer, seed=14)
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 64, 4, 4, generator=g) + 3
+    dy = torch.randn(x.shape, generator=g)
+    got = _proxy_run(layer, x, dy, kernel=True)
+    assert proxy_kernel_calls
+    oracle = _proxy_run(copy.deepcopy(layer).double(), x.double(), dy.double(), kernel=False)
+    for i, (a, b) in enumerate(zip(got, oracle)):
+        assert a.dtype == torch.float32 and relative_difference(a, b) < 1e-5, (i, relative_difference(a, b))
+
+
+def test_proxy_kernel_not_used_where_it_does_not_apply(proxy_kernel_calls):
+    layer = ProxyGroupNormAct(8, 64, act_layer=nn.ReLU)
+    x = torch.randn(2, 64, 4, 4)
+    layer(x.contiguous(memory_format=torch.channels_last))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    ProxyGroupNormAct(8, 64, act_layer=nn.LeakyReLU)(x)  # an activation the kernel does not have
+    torch.func.vmap(layer)(x.unsqueeze(1))
+    assert not proxy_kernel_calls
+    layer(x)
+    assert len(proxy_kernel_calls) == 1
