@@ -183,11 +183,10 @@ def _triton() -> ModuleType | None:
 
 def _want_triton(layer: nn.Module, x: torch.Tensor) -> bool:
     choice = getattr(layer, "fast", None)
-    if choice == "torch":
+    if choice == "torch" or (choice != "triton" and not x.is_cuda):
         return False
-    interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
     if choice == "triton":
-        return (x.is_cuda or interpret) and _triton_usable()
+        return (x.is_cuda or os.environ.get("TRITON_INTERPRET", "") == "1") and _triton_usable()
     if not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling():
         return False
     return _triton_usable() and pooled_view_strides(x) is not None
