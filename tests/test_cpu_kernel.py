@@ -278,3 +278,23 @@ def test_proxy_kernel_not_used_where_it_does_not_apply(proxy_kernel_calls):
     assert not proxy_kernel_calls
     layer(x)
     assert len(proxy_kernel_calls) == 1
+
+
+def test_proxy_relu_closed_form_at_its_corners(proxy_kernel_calls):
+    """ReLU's proxy sums come from one run of active points (bisection + prefix sums): every kind of run
+    (rising, falling, flat active, flat inactive, all inactive, all active) against the PyTorch loop."""
+    c = 8
+    layer = ProxyGroupNormAct(2, c, act_layer=nn.ReLU, output_affine=True).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, -1.5, 0.0, 0.0, 0.7, 0.4, -0.3, 2.0]))
+        layer.bias.copy_(torch.tensor([0.2, 0.1, 0.5, -0.5, -9.0, 9.0, 0.05, -1.0]))
+        layer.proxy_weight.copy_(torch.linspace(-0.2, 0.3, c))
+        layer.proxy_bias.copy_(torch.linspace(0.1, -0.2, c))
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(3, c, 5, generator=g, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    with_kernel = _proxy_run(layer, x, dy, kernel=True)
+    assert proxy_kernel_calls
+    without = _proxy_run(layer, x, dy, kernel=False)
+    for i, (a, b) in enumerate(zip(with_kernel, without)):
+        assert relative_difference(a, b) < 1e-12, (i, relative_difference(a, b))

@@ -25,6 +25,11 @@ And for GroupNorm + Proxy Norm (:class:`~ilmconvert.nn.ProxyGroupNormAct`, PN-Ac
 - ``proxy_gn_backward_T(x, dy, stats, coef, dx, g_gamma, g_beta, g_gamma~, g_beta~, g_w_out, g_b_out,
   ...)``: two passes per group (the sums, then ``dx``), then the proxy's backward per channel.
 
+For ReLU the proxy's sums are in closed form: the points are sorted, so ReLU is active on one run of
+them, found by bisection, and the mean, variance and their gradients follow from prefix sums of
+``q`` and ``q^2`` (O(log n) per channel; the variance as a sum of centred terms plus the inactive
+points' ``m^2``, clamped at 0, then added to the proxy's eps).
+
 The per-position loops carry ``#pragma omp simd`` (compiled with ``-fopenmp-simd``: vectorized
 reductions, no OpenMP runtime).
 
@@ -313,14 +318,66 @@ struct ProxyDims {
   double norm_eps, proxy_eps;
 };
 
+// ReLU's proxy in closed form. The points q are sorted ascending, so {i : intercept + slope q_i > 0} is
+// one run of indices [lo, hi) (found by bisection on that same predicate), and every sum the proxy needs
+// over it comes from the prefix sums of q and q^2 (`PointSums`): O(log n) per channel instead of O(n).
+struct PointSums {
+  std::vector<double> s1, s2;  // s1[i] = q_0 + ... + q_{i-1}, s2 likewise of q^2
+  PointSums(const double* q, int64_t n) : s1(n + 1, 0.0), s2(n + 1, 0.0) {
+    for (int64_t i = 0; i < n; ++i) {
+      s1[i + 1] = s1[i] + q[i];
+      s2[i + 1] = s2[i] + q[i] * q[i];
+    }
+  }
+};
+
+// The run [lo, hi) where ReLU is active; false for NaN parameters (the caller then takes the loop).
+inline bool relu_run(double intercept, double slope, const double* q, int64_t n, int64_t* lo, int64_t* hi) {
+  if (std::isnan(intercept) || std::isnan(slope)) return false;
+  int64_t a = 0, b = n;
+  if (slope > 0.0) {  // inactive, then active: the first active point
+    while (a < b) {
+      const int64_t mid = (a + b) / 2;
+      if (intercept + slope * q[mid] > 0.0) b = mid; else a = mid + 1;
+    }
+    *lo = a;
+    *hi = n;
+  } else if (slope < 0.0) {  // active, then inactive: the first inactive point
+    while (a < b) {
+      const int64_t mid = (a + b) / 2;
+      if (intercept + slope * q[mid] > 0.0) a = mid + 1; else b = mid;
+    }
+    *lo = 0;
+    *hi = a;
+  } else {
+    *lo = 0;
+    *hi = intercept > 0.0 ? n : 0;
+  }
+  return true;
+}
+
 // Per channel: the proxy's a_i = intercept + slope q_i, z_i = phi(a_i), its mean m and r = (v + eps)^-1/2,
 // and the output map y = phi(u) * s + t.
 template <int ACT, typename T>
-void proxy_coefficients(const ProxyDims& D, const double* q, const T* gamma, const T* beta, const T* pw,
-                        const T* pb, const T* ow, const T* ob, double* s, double* t, double* m, double* r,
-                        std::vector<double>& z) {
+void proxy_coefficients(const ProxyDims& D, const double* q, const PointSums& ps, const T* gamma, const T* beta,
+                        const T* pw, const T* pb, const T* ow, const T* ob, double* s, double* t, double* m,
+                        double* r, std::vector<double>& z) {
   for (int64_t c = 0; c < D.C; ++c) {
     const double slope = gamma[c] * (1.0 + pw[c]), intercept = beta[c] + static_cast<double>(gamma[c]) * pb[c];
+    const double w = ow ? static_cast<double>(ow[c]) : 1.0, b_out = ob ? static_cast<double>(ob[c]) : 0.0;
+    int64_t lo, hi;
+    if (ACT == RELU && relu_run(intercept, slope, q, D.n, &lo, &hi)) {
+      const double k = static_cast<double>(hi - lo), q1 = ps.s1[hi] - ps.s1[lo], q2 = ps.s2[hi] - ps.s2[lo];
+      const double mean = (k * intercept + slope * q1) / D.n, dev = intercept - mean;
+      // sum_i (z_i - mean)^2: over the run (dev + slope q_i)^2, elsewhere mean^2
+      const double ss = k * dev * dev + 2.0 * dev * slope * q1 + slope * slope * q2 + (D.n - k) * mean * mean;
+      const double rc = 1.0 / std::sqrt(std::max(ss, 0.0) / D.n + D.proxy_eps);
+      m[c] = mean;
+      r[c] = rc;
+      s[c] = rc * w;
+      t[c] = b_out - mean * rc * w;
+      continue;
+    }
     double* zc = z.data();
     double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
@@ -332,11 +389,11 @@ void proxy_coefficients(const ProxyDims& D, const double* q, const T* gamma, con
     double var = 0.0;
 #pragma omp simd reduction(+ : var)
     for (int64_t i = 0; i < D.n; ++i) var += (zc[i] - mean) * (zc[i] - mean);
-    const double rc = 1.0 / std::sqrt(var / D.n + D.proxy_eps), w = ow ? static_cast<double>(ow[c]) : 1.0;
+    const double rc = 1.0 / std::sqrt(var / D.n + D.proxy_eps);
     m[c] = mean;
     r[c] = rc;
     s[c] = rc * w;
-    t[c] = (ob ? static_cast<double>(ob[c]) : 0.0) - mean * rc * w;
+    t[c] = b_out - mean * rc * w;
   }
 }
 
@@ -360,7 +417,8 @@ void proxy_gn_forward(const T* x, T* y, double* stats, double* coef, const T* ga
   const int64_t C = D.C, P = D.P, Cg = D.C / D.G;
   std::vector<double> z(D.n);
   double *s = coef, *t = s + C, *m = t + C, *r = m + C;
-  proxy_coefficients<ACT>(D, q, gamma, beta, pw, pb, ow, ob, s, t, m, r, z);
+  const PointSums ps(q, D.n);
+  proxy_coefficients<ACT>(D, q, ps, gamma, beta, pw, pb, ow, ob, s, t, m, r, z);
   for (int64_t b = 0; b < D.B; ++b) {
     for (int64_t g = 0; g < D.G; ++g) {
       const int64_t off = (b * C + g * Cg) * P;
@@ -428,6 +486,7 @@ void proxy_gn_backward(const T* x, const T* dy, const double* stats, const doubl
     }
   }
   // through the proxy: (s, t) = (r w, b - m r w) from gamma, beta, gamma~, beta~ (and w, b of the output affine)
+  const PointSums ps(q, n);
   for (int64_t c = 0; c < C; ++c) {
     double grad_r = gs[c] - gt[c] * m[c], grad_m = -gt[c] * r[c];
     if (ow) {
@@ -439,12 +498,21 @@ void proxy_gn_backward(const T* x, const T* dy, const double* stats, const doubl
     const double grad_v = -0.5 * grad_r * r[c] * r[c] * r[c];
     const double slope = gamma[c] * (1.0 + pw[c]), intercept = beta[c] + static_cast<double>(gamma[c]) * pb[c];
     double g_slope = 0.0, g_intercept = 0.0;
+    int64_t lo, hi;
+    if (ACT == RELU && relu_run(intercept, slope, q, n, &lo, &hi)) {
+      // dL/da_i = alpha + beta2 (z_i - m) on the run (z_i - m = dev + slope q_i), 0 elsewhere
+      const double k = static_cast<double>(hi - lo), q1 = ps.s1[hi] - ps.s1[lo], q2 = ps.s2[hi] - ps.s2[lo];
+      const double alpha = grad_m / n, beta2 = 2.0 * grad_v / n, dev = intercept - m[c];
+      g_intercept = k * alpha + beta2 * (k * dev + slope * q1);
+      g_slope = alpha * q1 + beta2 * (dev * q1 + slope * q2);
+    } else {
 #pragma omp simd reduction(+ : g_slope, g_intercept)
-    for (int64_t i = 0; i < n; ++i) {
-      const double a = intercept + slope * q[i];
-      const double ga = (grad_m / n + 2.0 * grad_v * (act_forward<ACT>(a) - m[c]) / n) * act_grad<ACT>(a);
-      g_slope += ga * q[i];
-      g_intercept += ga;
+      for (int64_t i = 0; i < n; ++i) {
+        const double a = intercept + slope * q[i];
+        const double ga = (grad_m / n + 2.0 * grad_v * (act_forward<ACT>(a) - m[c]) / n) * act_grad<ACT>(a);
+        g_slope += ga * q[i];
+        g_intercept += ga;
+      }
     }
     g_gamma[c] = static_cast<T>(gg[c] + g_slope * (1.0 + pw[c]) + g_intercept * pb[c]);
     g_beta[c] = static_cast<T>(gb[c] + g_intercept);
