@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ILM_PARAMS, compare_fast_path, randomize, relative_difference, run_layer
+from helpers import ILM_PARAMS, compare_fast_path, module_gradcheck, randomize, relative_difference, run_layer
 from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ProxyGroupNormAct, cpu_kernel, fast_torch
 
 pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason=f"no compiled kernel: {cpu_kernel.FAILURE}")
@@ -31,18 +31,23 @@ POOLED = [
 ]
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls of the kernel's forward (the automatic choice must take it)."""
+def _forward_calls(monkeypatch, function: type) -> list:
+    """The input shapes of every call of ``function.forward`` from now on (an autograd Function)."""
     calls = []
-    real = cpu_kernel.PooledILMCPU.forward
+    real = function.forward
 
     def spy(ctx, *args):
         calls.append(args[0].shape)
         return real(ctx, *args)
 
-    monkeypatch.setattr(cpu_kernel.PooledILMCPU, "forward", staticmethod(spy))
+    monkeypatch.setattr(function, "forward", staticmethod(spy))
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls of the ILM kernel's forward (the automatic choice must take it)."""
+    return _forward_calls(monkeypatch, cpu_kernel.PooledILMCPU)
 
 
 @pytest.mark.parametrize("make, shape", POOLED)
@@ -77,14 +82,7 @@ def test_kernel_gradcheck_in_float64(make, shape, kernel_calls):
     layer = make().double()
     randomize(layer, seed=6)
     small = tuple(min(s, 3) if i != 1 else s for i, s in enumerate(shape))
-    x = torch.randn(small, dtype=torch.float64, requires_grad=True)
-    names = [n for n, _ in layer.named_parameters()]
-    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
-
-    def fn(inp, *ps):
-        return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
-
-    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert module_gradcheck(layer, torch.randn(small, dtype=torch.float64))
     assert kernel_calls
 
 
@@ -196,15 +194,8 @@ PROXY_ACTS = [nn.ReLU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU]
 
 @pytest.fixture
 def proxy_kernel_calls(monkeypatch):
-    calls = []
-    real = cpu_kernel.ProxyGroupNormActCPU.forward
-
-    def spy(ctx, *args):
-        calls.append(args[0].shape)
-        return real(ctx, *args)
-
-    monkeypatch.setattr(cpu_kernel.ProxyGroupNormActCPU, "forward", staticmethod(spy))
-    return calls
+    """Counts the calls of the GN + PN kernel's forward."""
+    return _forward_calls(monkeypatch, cpu_kernel.ProxyGroupNormActCPU)
 
 
 def _proxy_run(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, kernel: bool) -> list[torch.Tensor]:
@@ -243,14 +234,7 @@ def test_proxy_kernel_equals_pytorch_in_float64(act, output_affine, proxy_kernel
 def test_proxy_kernel_gradcheck_in_float64(act, proxy_kernel_calls):
     layer = ProxyGroupNormAct(2, 8, act_layer=act(), output_affine=True, num_proxy=16).double()
     randomize(layer, seed=13)
-    names = [n for n, _ in layer.named_parameters()]
-    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
-    x = torch.randn(2, 8, 3, dtype=torch.float64, requires_grad=True)
-
-    def fn(inp, *ps):
-        return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
-
-    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert module_gradcheck(layer, torch.randn(2, 8, 3, dtype=torch.float64))
     assert proxy_kernel_calls
 
 

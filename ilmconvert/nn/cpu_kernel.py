@@ -200,10 +200,12 @@ def applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], out_dtype:
         or not enabled()
     ):
         return False
-    for t in params:
-        if t is not None and (t.dtype != x.dtype or t.device.type != "cpu" or not t.is_contiguous()):
-            return False
-    return library() is not None
+    return _parameters_fit(x, params) and library() is not None
+
+
+def _parameters_fit(x: torch.Tensor, params: tuple[torch.Tensor | None, ...]) -> bool:
+    """Every parameter (None: absent) is a contiguous CPU tensor of ``x``'s dtype."""
+    return all(t is None or (t.dtype == x.dtype and t.device.type == "cpu" and t.is_contiguous()) for t in params)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -279,10 +281,7 @@ def proxy_applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], act:
         or not enabled()
     ):
         return False
-    for t in params:
-        if t is not None and (t.dtype != x.dtype or t.device.type != "cpu" or not t.is_contiguous()):
-            return False
-    return library() is not None
+    return _parameters_fit(x, params) and library() is not None
 
 
 class ProxyGroupNormActCPU(torch.autograd.Function):
