@@ -212,6 +212,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _like_input(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The incoming gradient as a contiguous tensor of ``x``'s shape and dtype (itself when it is one)."""
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
+    if dy.shape != x.shape:
+        dy = dy.reshape(x.shape)
+    return dy if dy.is_contiguous() else dy.contiguous()
+
+
 def _dims(x: torch.Tensor, w1: torch.Tensor, spec: tuple) -> tuple:
     groups, k, eps, _ = spec
     b, c = x.shape[:2]
@@ -229,10 +238,9 @@ class PooledILMCPU(torch.autograd.Function):
     def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         moments = x.new_empty((x.shape[0], 2, x.shape[1]), dtype=torch.float64)  # channel mean, variance
+        ctx.dims = _dims(x, w1, spec)
         fn = getattr(_LIB, f"ilm_pooled_forward_{_SUFFIX[x.dtype]}")
-        fn(x.data_ptr(), y.data_ptr(), moments.data_ptr(), *map(_ptr, (weight, bias, w1, w2, w3)),
-           *_dims(x, w1, spec))
-        ctx.spec = spec
+        fn(x.data_ptr(), y.data_ptr(), moments.data_ptr(), *map(_ptr, (weight, bias, w1, w2, w3)), *ctx.dims)
         ctx.save_for_backward(x, moments, weight, bias, w1, w2, w3)
         return y
 
@@ -240,12 +248,12 @@ class PooledILMCPU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dy):
         x, moments, weight, bias, w1, w2, w3 = ctx.saved_tensors
-        dy = dy.to(x.dtype).reshape(x.shape).contiguous()
+        dy = _like_input(dy, x)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         grads = [None if t is None else torch.empty_like(t) for t in (weight, bias, w1, w2, w3)]
         fn = getattr(_LIB, f"ilm_pooled_backward_{_SUFFIX[x.dtype]}")
         fn(x.data_ptr(), dy.data_ptr(), moments.data_ptr(), dx.data_ptr(), *map(_ptr, grads),
-           *map(_ptr, (weight, bias, w1, w2, w3)), *_dims(x, w1, spec=ctx.spec))
+           *map(_ptr, (weight, bias, w1, w2, w3)), *ctx.dims)
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, *(g if need else None for g, need in zip(grads, needs[1:6])), None)
 
@@ -301,9 +309,8 @@ class ProxyGroupNormActCPU(torch.autograd.Function):
         coef = x.new_empty((4, x.shape[1]), dtype=torch.float64)  # the proxy's s, t, m, r per channel
         params = (weight, bias, proxy_weight, proxy_bias, output_weight, output_bias)
         fn = getattr(_LIB, f"proxy_gn_forward_{_SUFFIX[x.dtype]}")
-        fn(x.data_ptr(), y.data_ptr(), stats.data_ptr(), coef.data_ptr(), *map(_ptr, params), q.data_ptr(),
-           *_proxy_dims(x, q, spec))
-        ctx.spec = spec
+        ctx.dims = _proxy_dims(x, q, spec)
+        fn(x.data_ptr(), y.data_ptr(), stats.data_ptr(), coef.data_ptr(), *map(_ptr, params), q.data_ptr(), *ctx.dims)
         ctx.save_for_backward(x, stats, coef, q, *params)
         return y
 
@@ -311,12 +318,12 @@ class ProxyGroupNormActCPU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dy):
         x, stats, coef, q, *params = ctx.saved_tensors
-        dy = dy.to(x.dtype).reshape(x.shape).contiguous()
+        dy = _like_input(dy, x)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         grads = [None if t is None else torch.empty_like(t) for t in params]
         fn = getattr(_LIB, f"proxy_gn_backward_{_SUFFIX[x.dtype]}")
         fn(x.data_ptr(), dy.data_ptr(), stats.data_ptr(), coef.data_ptr(), dx.data_ptr(), *map(_ptr, grads),
-           *map(_ptr, params), q.data_ptr(), *_proxy_dims(x, q, ctx.spec))
+           *map(_ptr, params), q.data_ptr(), *ctx.dims)
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, *(g if need else None for g, need in zip(grads, needs[1:7])), None, None)
 
