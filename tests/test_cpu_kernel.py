@@ -259,6 +259,7 @@ def test_proxy_kernel_not_used_where_it_does_not_apply(proxy_kernel_calls):
         layer(x)
     ProxyGroupNormAct(8, 64, act_layer=nn.LeakyReLU)(x)  # an activation the kernel does not have
     torch.func.vmap(layer)(x.unsqueeze(1))
+    assert layer(x[:0]).shape == (0, 64, 4, 4)  # an empty batch: PyTorch's path
     assert not proxy_kernel_calls
     layer(x)
     assert len(proxy_kernel_calls) == 1

@@ -282,6 +282,7 @@ def proxy_applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], act:
         or x.device.type != "cpu"
         or x.dtype not in _SUFFIX
         or x.dim() < 3
+        or x.numel() == 0
         or not x.is_contiguous()
         or (x.numel() > MAX_NUMEL and torch.get_num_threads() > 1)
         or torch.is_autocast_enabled("cpu")
