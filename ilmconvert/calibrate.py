@@ -18,9 +18,10 @@ stages (docs/calibration.md):
    every divisor of C) is scored on the same pass at the cost of ``(B, C)`` tensors; the G with
    the smallest fit error (``1 - R^2`` over the layer's channels) is used.
 2. **Distillation.** The new layers' parameters (affine; for ILM also W1..W3; for Proxy Norm also
-   the proxy and output affines), and nothing else, are trained with Adam on the relative squared
-   error between the converted and the original logits, in eval mode (no dropout, batch-
-   independent), seeded, for ``epochs`` or until ``time_budget`` seconds have passed.
+   the proxy and output affines), and by default nothing else (``train="all"``: every parameter),
+   are trained with Adam on :func:`distillation_loss` (tempered KL of the logits plus the layers'
+   relative output error), in eval mode (no dropout, batch-independent), seeded, for ``epochs`` or
+   until ``time_budget`` seconds have passed.
 
 The report gives, on held-out images that the fit never sees, the relative output change
 ``||f' - f|| / ||f||`` (Frobenius norm over all held-out logits) and the top-1 agreement with the
@@ -76,7 +77,10 @@ class LayerFit:
 
 @dataclass
 class CalibrationReport:
-    """What :func:`calibrate` did and measured (stored in a checkpoint's ``config.json``)."""
+    """What :func:`calibrate` did and measured (stored in a checkpoint's ``config.json``); ``seconds``:
+    wall time per stage (``reference``: the original on the held-out images, 0 when given;
+    ``before``, ``closed_form_heldout``, ``distilled_heldout``: the held-out evaluations;
+    ``closed_form``, ``distillation``: the two stages)."""
 
     images_fit: int
     images_heldout: int
@@ -84,6 +88,7 @@ class CalibrationReport:
     layers: list[LayerFit] = field(default_factory=list)
     distillation: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
     heldout_indices: list[int] | None = None
 
     def worst_layers(self, count: int = 5) -> list[LayerFit]:
@@ -297,9 +302,28 @@ def closed_form(
 
 
 # ------------------------------------------------------------------------------------- distillation
-def distilled_parameters(layers: list[_Layer]) -> list[nn.Parameter]:
-    """The parameters distillation trains: every parameter of the new layers except their
-    activation's and dropout's (affine; ILM's W1..W3; Proxy Norm's proxy and output affines)."""
+TRAINED = {
+    "norms": "the new layers' parameters only (affine; ILM W1..W3; Proxy Norm proxy / output affines)",
+    "all": "every parameter of the converted network (convolutions, classifier and the new layers)",
+}
+
+
+def distilled_parameters(
+    layers: list[_Layer], model: nn.Module | None = None, train: str = "norms"
+) -> list[nn.Parameter]:
+    """The parameters distillation trains (:data:`TRAINED`): for ``train="norms"`` every parameter
+    of the new layers except their activation's and dropout's (affine; ILM's W1..W3; Proxy Norm's
+    proxy and output affines); for ``train="all"`` every parameter of ``model``.
+
+    Raises:
+        CalibrationError: ``train`` is neither, or ``"all"`` without ``model``.
+    """
+    if train not in TRAINED:
+        raise CalibrationError(f"distillation trains 'norms' or 'all', not {train!r}")
+    if train == "all":
+        if model is None:
+            raise CalibrationError("train='all' needs the model whose parameters to train")
+        return list(model.parameters())
     seen: dict[int, nn.Parameter] = {}
     for layer in layers:
         for name, p in layer.new.named_parameters():
@@ -308,10 +332,16 @@ def distilled_parameters(layers: list[_Layer]) -> list[nn.Parameter]:
     return list(seen.values())
 
 
-def _gradient_norms(layers: list[_Layer]) -> dict[str, float]:
+def _gradient_norms(layers: list[_Layer], model: nn.Module | None = None) -> dict[str, float]:
     """Norm of the current gradient per kind of trained parameter (``affine``, ``encoder`` W1,
-    ``decoders`` W2 / W3, ``proxy``): shows which of them distillation actually moves."""
+    ``decoders`` W2 / W3, ``proxy``; with ``model``, ``network``: its other parameters): shows which
+    of them distillation actually moves."""
     kinds: dict[str, float] = {}
+    if model is not None:
+        own = {id(p) for layer in layers for p in layer.new.parameters()}
+        rest = [p for p in model.parameters() if p.grad is not None and id(p) not in own]
+        if rest:
+            kinds["network"] = sum(float(p.grad.double().square().sum()) for p in rest)
     for layer in layers:
         for name, p in layer.new.named_parameters():
             if p.grad is None or name.startswith(("act.", "drop.")):
@@ -374,12 +404,14 @@ def distill(
     feature_weight: float = 1.0,
     seed: int,
     progress: Any,
+    train: str = "norms",
 ) -> dict[str, Any]:
     """Stage 2 (module docstring): Adam with a cosine schedule from ``lr`` to 0 over ``epochs``, on
     :func:`distillation_loss` (logits against the cached ``reference``; the feature term runs
-    ``original`` once per step without gradient, when given and ``feature_weight > 0``). Returns
-    steps, epochs, seconds, whether time cut it short and the first step's gradient norms."""
-    params = distilled_parameters(layers)
+    ``original`` once per step without gradient, when given and ``feature_weight > 0``), training
+    :func:`distilled_parameters` (``train``). Returns steps, epochs, seconds, whether time cut it
+    short and the first step's gradient norms."""
+    params = distilled_parameters(layers, model, train)
     flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in {id(q) for q in params})
@@ -415,7 +447,7 @@ def distill(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if steps == 0:
-                    gradients = _gradient_norms(layers)
+                    gradients = _gradient_norms(layers, model if train == "all" else None)
                 optimizer.step()
                 schedule.step()
                 steps += 1
@@ -436,7 +468,7 @@ def distill(
         "seconds": round(time.perf_counter() - start, 1),
         "stopped_by_time_budget": stopped,
         "parameters": sum(p.numel() for p in params),
-        "trained": "the new layers' parameters only (affine; ILM W1..W3; Proxy Norm proxy / output affines)",
+        "trained": TRAINED[train],
         "objective": f"T^2 KL(T={temperature}) on logits"
         + (f" + {feature_weight} x mean relative squared error of the layer outputs" if use_features else ""),
         "first_step_gradient_norms": gradients,
@@ -493,6 +525,7 @@ def calibrate(
     feature_weight: float = 1.0,
     seed: int = 0,
     progress: Any = None,
+    train: str = "norms",
 ) -> CalibrationReport:
     """Fit ``model``'s layers that replaced BatchNorm so that it reproduces ``original`` (in place).
 
@@ -514,6 +547,8 @@ def calibrate(
         temperature: the KL term's temperature T; feature_weight: weight of the layer-output term
             (0: logits only, no extra forward pass of ``original`` per step).
         seed: seed of the split and of the distillation order.
+        train: what distillation trains: ``"norms"`` (the new layers' parameters) or ``"all"``
+            (every parameter: fine-tuning towards the original's outputs; :data:`TRAINED`).
         progress: where to show progress, e.g. a started ``rich.progress.Progress`` (anything with
             ``add_task(description, total=)`` and ``advance(task, amount)``); None: silent.
 
@@ -525,6 +560,8 @@ def calibrate(
     Raises:
         CalibrationError: nothing to calibrate, too few images, bad settings.
     """
+    if train not in TRAINED:
+        raise CalibrationError(f"distillation trains 'norms' or 'all', not {train!r}")
     data = as_batches(images)
     heldout_indices = None
     if heldout is None:
@@ -548,13 +585,26 @@ def calibrate(
         "temperature": temperature,
         "feature_weight": feature_weight,
         "seed": seed,
+        "train": train,
     }
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report.seconds[stage] = round(now - clock, 1)
+        clock = now
+
     reference = heldout_reference if heldout_reference is not None else outputs(original, held_images)
+    lap("reference")
     report.stages["before"] = figures(outputs(model, held_images), reference)
+    lap("before")
     was = model.training
     model.eval()
     fit_reference = closed_form(model, original, layers, fit_images, micro_batch, progress)
+    lap("closed_form")
     report.stages["closed_form"] = figures(outputs(model, held_images), reference)
+    lap("closed_form_heldout")
     report.layers = [
         LayerFit(layer.name, layer.bn.num_features, layer.groups, layer.fit_error, layer.isolated_error())
         for layer in layers
@@ -574,8 +624,11 @@ def calibrate(
             feature_weight=feature_weight,
             seed=seed,
             progress=progress,
+            train=train,
         )
+        lap("distillation")
         report.stages["distilled"] = figures(outputs(model, held_images), reference)
+        lap("distilled_heldout")
     model.train(was)
     rows = {row.name: row for row in model.ilm_conversion.converted}
     for layer in layers:

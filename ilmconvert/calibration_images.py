@@ -10,6 +10,7 @@ the input size, normalize with the weights' mean and std). Every mistake is one
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ def _setting(pre: Any, key: str) -> Any:
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """Every image file under ``folder`` (recursively, sorted), by torchvision's extensions.
+    """Every image file under ``folder`` (recursively, following linked folders, each real folder
+    once; sorted), by torchvision's extensions.
 
     Raises:
         CalibrationError: ``folder`` is not a directory, or holds no image file.
@@ -40,7 +42,15 @@ def image_files(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
         raise CalibrationError(f"calibration folder {root} is not a directory; pass a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    files, seen = [], set()
+    for top, dirs, names in os.walk(root, followlinks=True):  # ImageFolders of linked class folders
+        real = os.path.realpath(top)
+        if real in seen:  # a link back up the tree: walk each real folder once
+            dirs.clear()
+            continue
+        seen.add(real)
+        files += [Path(top, n) for n in names if Path(n).suffix.lower() in IMG_EXTENSIONS]
+    files = sorted(p for p in files if p.is_file())
     if not files:
         raise CalibrationError(
             f"calibration folder {root} holds no image ({', '.join(IMG_EXTENSIONS[:4])}, ...), looked recursively"
@@ -48,7 +58,9 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def load_images(folder: str | Path, count: int, model: nn.Module, *, seed: int = 0) -> torch.Tensor:
+def load_images(
+    folder: str | Path, count: int, model: nn.Module, *, seed: int = 0, preprocess: Any = None
+) -> torch.Tensor:
     """``count`` images from ``folder``, preprocessed for ``model``: ``(count, 3, S, S)`` float32.
 
     Args:
@@ -56,6 +68,9 @@ def load_images(folder: str | Path, count: int, model: nn.Module, *, seed: int =
         count: how many to take (a seeded random subset when the folder holds more).
         model: the (original) network, whose pretrained preprocessing is used.
         seed: seed of the subset.
+        preprocess: instead of ``model``'s pretrained preprocessing, this one (a dict or object
+            with ``image_size``, ``mean``, ``std``; e.g. a checkpoint's
+            :func:`ilmconvert.models.resolve_preprocessing` with its ``config.json``).
 
     Raises:
         CalibrationError: no folder, no image, fewer than ``count`` images, an unreadable image,
@@ -71,7 +86,7 @@ def load_images(folder: str | Path, count: int, model: nn.Module, *, seed: int =
         raise CalibrationError(f"the number of calibration images must be positive, got {count}")
     if len(files) < count:
         raise CalibrationError(f"calibration folder {folder} holds {len(files)} images, fewer than the {count} asked")
-    pre = preprocessing(model)
+    pre = preprocess if preprocess is not None else preprocessing(model)
     if pre is None:
         raise CalibrationError("the network has no known pretrained preprocessing; pass preprocessed tensors instead")
     size = int(_setting(pre, "image_size"))

@@ -10,6 +10,7 @@ above 1e-4 (the float32 target, docs/design.md §2) or non-finite outputs. ``ilm
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,47 @@ class SwapResult:
             (:class:`~ilmconvert.check.OutputDifference`: ``max_abs``, ``relative``, ``shape``,
             ``dtype``, ``finite``).
         tolerance: the relative difference allowed where the function should be preserved.
+        calibration: the :class:`~ilmconvert.calibrate.CalibrationReport` once :meth:`calibrate`
+            ran, else ``None``.
     """
 
     model: nn.Module
     report: ConversionReport
     difference: OutputDifference
     tolerance: float = PRESERVATION_TOLERANCE
+    calibration: Any = None
+
+    def calibrate(self, original: nn.Module, images: Any, **calibrate_kwargs: Any) -> Any:
+        """Fit the layers that replaced BatchNorm so that :attr:`model` reproduces ``original``
+        (:func:`ilmconvert.calibrate.calibrate`, in place; what ``swap --calibrate`` does) and keep
+        the report in :attr:`calibration`.
+
+        Args:
+            original: the network before conversion (a deep copy taken before :func:`swap`).
+            images: preprocessed images ``(N, C, H, W)`` float32, or an iterable of batches.
+            **calibrate_kwargs: ``groups``, ``time_budget``, ``seed``, ``progress``, ... of
+                :func:`~ilmconvert.calibrate.calibrate`.
+
+        Returns:
+            The :class:`~ilmconvert.calibrate.CalibrationReport`.
+
+        Raises:
+            CalibrationError: not converted with ``batchnorm="gn"``, too few images, bad settings.
+        """
+        from .calibrate import calibrate
+
+        self.calibration = calibrate(self.model, original, images, **calibrate_kwargs)
+        return self.calibration
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """What a checkpoint of :attr:`model` records about this conversion (``save(metadata=...)``,
+        shown in its model card): ``preservation_check`` (the :class:`OutputDifference` as a dict)
+        and, after :meth:`calibrate`, ``calibration`` (the report's ``to_dict()``)."""
+        out: dict[str, Any] = {"preservation_check": dataclasses.asdict(self.difference)}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
+        return out
 
     @property
     def expected_to_preserve(self) -> bool:

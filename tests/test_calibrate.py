@@ -220,6 +220,40 @@ def test_distillation_trains_ilm_decoders_and_affine(feature_weight):
     assert decoders and all(w.abs().max() > 1e-4 for w in decoders)
 
 
+@pytest.mark.parametrize("train", ["norms", "all"])
+def test_distillation_trains_the_norms_only_or_everything(train):
+    """``train="norms"`` leaves every convolution and the classifier bit for bit as they were;
+    ``train="all"`` moves them too, and the report says which and how many parameters."""
+    net = _network()
+    new = _converted(net, "ilm")
+    report = calibrate(new, net, _images(), epochs=1, batch_size=16, lr=1e-2, train=train)
+    after = dict(new.named_modules())
+    convs = [(a, after[name]) for name, a in net.named_modules() if isinstance(a, (nn.Conv2d, nn.Linear))]
+    moved = [not torch.equal(a.weight, b.weight) for a, b in convs]
+    assert len(convs) == 4 and moved == [train == "all"] * 4
+    everything = sum(p.numel() for p in new.parameters())
+    assert (report.distillation["parameters"] == everything) == (train == "all")
+    assert ("network" in report.distillation["first_step_gradient_norms"]) == (train == "all")
+    assert report.settings["train"] == train
+    assert set(report.seconds) == {
+        "reference",
+        "before",
+        "closed_form",
+        "closed_form_heldout",
+        "distillation",
+        "distilled_heldout",
+    }
+
+
+def test_calibrate_refuses_an_unknown_train_setting_before_computing():
+    net = _network()
+    new = _converted(net, "ilm")
+    state = copy.deepcopy(new.state_dict())
+    with pytest.raises(CalibrationError, match="'norms' or 'all'"):
+        calibrate(new, net, _images(), train="convs")
+    assert all(torch.equal(v, new.state_dict()[k]) for k, v in state.items())
+
+
 def test_fixed_group_count_is_the_largest_divisor_not_above():
     net = _network()
     new = _converted(net, "ilm")
@@ -282,3 +316,41 @@ def test_frozen_and_calibrated_checkpoints_reload_bit_exactly(tmp_path, batchnor
     net.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
+
+
+def test_load_images_takes_a_given_preprocessing(tmp_path):
+    """A fine-tuned checkpoint's own input (here 8 px, mean 0.5, std 0.25) instead of the network's
+    pretrained one; a network without a known preprocessing is refused without it."""
+    from PIL import Image
+
+    from ilmconvert.calibration_images import load_images
+
+    pixels = torch.randint(0, 256, (3, 8, 8, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image.numpy()).save(tmp_path / f"{i}.png")
+    net = nn.Sequential(nn.Conv2d(3, 4, 3))
+    pre = {"image_size": 8, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    got = load_images(tmp_path, 3, net, preprocess=pre)
+    expected = (pixels.permute(0, 3, 1, 2).double() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(CalibrationError, match="no known pretrained preprocessing"):
+        load_images(tmp_path, 3, net)
+
+
+def test_image_files_follow_linked_class_folders_once(tmp_path):
+    """An ImageFolder of linked class folders (as benchmarks/study_surgery.py makes) is read, and a
+    link back up the tree is walked once, not forever."""
+    from PIL import Image
+
+    from ilmconvert.calibration_images import image_files
+
+    store = tmp_path / "store" / "cat"
+    store.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (4, 4)).save(store / f"{i}.png")
+    (tmp_path / "imgs" / "train").mkdir(parents=True)
+    (tmp_path / "imgs" / "train" / "cat").symlink_to(store, target_is_directory=True)
+    (tmp_path / "imgs" / "train" / "loop").symlink_to(tmp_path / "imgs", target_is_directory=True)
+    found = image_files(tmp_path / "imgs")
+    assert [p.name for p in found] == ["0.png", "1.png"]
+    assert all(p.parent == tmp_path / "imgs" / "train" / "cat" for p in found)

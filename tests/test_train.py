@@ -316,3 +316,23 @@ def test_a_failure_before_the_run_folder_is_written_leaves_nothing(tmp_path, mon
     with pytest.raises(L.TrainError, match="injected"):
         R_run.run_finetune(plan)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_head_is_the_same_for_every_network_with_the_same_seed():
+    """The study's arms (a pretrained network and its conversions) must start from the same head."""
+    import copy
+
+    from ilmconvert import convert
+
+    plain = create_model("timm:resnet10t", pretrained=False, num_classes=5)
+    converted = copy.deepcopy(plain)
+    convert(converted, batchnorm="gn")  # more parameters, other modules: the head must not care
+    state = torch.random.get_rng_state()
+    assert L.fit_classifier(plain, 3, seed=7) and L.fit_classifier(converted, 3, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left as it was
+    head, other = plain.get_classifier(), converted.get_classifier()
+    assert torch.equal(head.weight, other.weight) and torch.equal(head.bias, other.bias)
+    again = create_model("timm:resnet10t", pretrained=False, num_classes=5)
+    L.fit_classifier(again, 3, seed=8)
+    assert not torch.equal(again.get_classifier().weight, head.weight)
+    assert not L.fit_classifier(again, 3, seed=8)  # already 3 classes: left alone

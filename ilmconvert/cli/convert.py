@@ -221,7 +221,6 @@ def swap(
 ) -> None:
     """Convert MODEL's norms to ILM (or Proxy Norm), verify the function is preserved on a random batch, save it."""
     import copy
-    import dataclasses
 
     import torch
 
@@ -274,18 +273,13 @@ def swap(
             )
     else:
         console.print(f"[yellow]function changed ({result.why_changed}, expected; fine-tune it):[/] {check}")
-    metadata: dict[str, Any] = {"preservation_check": dataclasses.asdict(diff)}  # shown in the model card
     if original is not None:
-        from ..calibrate import calibrate as fit
-
         with calibration_progress() as progress:
-            calibrated = fit(
-                network, original, images, groups=group_choice, time_budget=calibration_time, seed=seed,
-                progress=progress,
+            result.calibrate(
+                original, images, groups=group_choice, time_budget=calibration_time, seed=seed, progress=progress
             )
-        render_calibration(calibrated)
-        metadata["calibration"] = calibrated.to_dict()
-    save(network, out, metadata=metadata)
+        render_calibration(result.calibration)
+    save(network, out, metadata=result.metadata)  # the check and calibration, shown in the model card
     console.print(
         f"wrote [bold]{out}[/] (model.safetensors, config.json, README.md); reload with ilmconvert.load({str(out)!r})"
     )

@@ -45,6 +45,36 @@ def _grid(sweep: Any, results: dict[tuple[str, int], list[float]], running: Any)
     return table
 
 
+def _network_hooks() -> Any:
+    """The sweep's network preparation shown in the terminal: a line per variant (what was
+    converted, the calibration's held-out top-1 agreement per stage), calibration bars."""
+    from ..train.sweep_networks import PrepareHooks
+    from .calibration import calibration_progress
+
+    stack = contextlib.ExitStack()
+
+    def calibrating(variant: str) -> Any:
+        stack.close()
+        return stack.enter_context(calibration_progress()) if console.is_terminal else None
+
+    def ready(done: Any) -> None:
+        stack.close()
+        made = "reused" if done.reused else f"made in {done.seconds:.0f} s"
+        line = f"network {done.variant}: {done.description}, {count(done.converted, 'module')} converted; {made}"
+        if not done.converted and done.reused:
+            line = f"network {done.variant}: {done.description} ({done.path})"
+        if done.calibration:
+            stages = " / ".join(f"{100 * done.calibration[s]['top1_agreement']:.1f} %" for s in done.calibration)
+            line += f"; held-out top-1 agreement {' / '.join(done.calibration)}: {stages}"
+        console.print(line, highlight=False)
+
+    return PrepareHooks(
+        waiting=lambda v: console.print(f"network {v}: another sweep process is making it; waiting", highlight=False),
+        calibrating=calibrating,
+        ready=ready,
+    )
+
+
 @expected_errors
 def sweep(
     recipe: Annotated[
@@ -56,7 +86,9 @@ def sweep(
         str,
         typer.Option(
             "--variants",
-            help="Comma-separated: bn, gn, ilm+gn, gn+pn (timm norm_layer + method) or the recipe's variants.",
+            help="Comma-separated: bn, gn, ilm+gn, gn+pn (timm norm_layer + method) or the recipe's variants. "
+            "With --checkpoint, conversions of it: bn (as is), bn-frozen, gn, ilm+gn, gn+pn, gn-cal, ilm+gn-cal, "
+            "gn+pn-cal (-cal: calibrated), ilm+frozen, or the recipe's swap: variants.",
         ),
     ] = "bn,gn,ilm+gn,gn+pn",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "64,16,4,2",
@@ -73,21 +105,43 @@ def sweep(
     settings: SetOpt = None,
     train_subset: TrainSubsetOpt = None,
     test_subset: TestSubsetOpt = None,
+    checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--checkpoint",
+            help="Pretrained checkpoint folder (from swap, save, finetune): the variants are conversions of it, "
+            "each made once into OUT/networks/VARIANT.",
+        ),
+    ] = None,
+    calibration_images: Annotated[
+        int,
+        typer.Option(
+            "--calibration-images", min=8,
+            help="Training images the -cal variants calibrate on (1/8 held out), at the cells' input size.",
+        ),
+    ] = 1024,
+    calibration_time: Annotated[
+        float,
+        typer.Option("--calibration-time", min=0, help="Seconds of distillation at most, per calibrated variant."),
+    ] = 300.0,
 ) -> None:
     """Train every variant x batch size x seed on DATA and compare final test errors with 95 % intervals.
 
     Each cell is a finetune run folder under OUT/cells; OUT gets results.jsonl, summary.md / .json,
-    error_vs_batch.png and curves.png. Interrupted? Run the same command again.
+    error_vs_batch.png and curves.png. Interrupted? Run the same command again. Two processes may
+    share one OUT with disjoint grids (e.g. one per --batch-sizes); a last run with the whole grid
+    writes the summaries of every cell.
     """
     from ..train.run import Progress as Hooks
     from ..train.stopping import SIGNALS
-    from ..train.sweep import SweepHooks, plan_sweep, run_sweep
+    from ..train.sweep import SweepHooks, plan_sweep, prepare_sweep, run_sweep
 
     plan = plan_sweep(
         recipe=recipe, data=data, out=out, variants=variants, batch_sizes=batch_sizes, seeds=seeds,
         epochs=epochs, lr_scaling=lr_scaling, reference=reference, device=device, data_root=data_root,
         values={DATA_OVERRIDES[k]: v for k, v in (("train_subset", train_subset), ("test_subset", test_subset))},
-        settings=settings or (),
+        settings=settings or (), checkpoint=checkpoint, calibration_images=calibration_images,
+        calibration_time=calibration_time,
     )  # fmt: skip
     console.print(
         f"[bold]sweep[/] {plan.recipe.name}: {count(len(plan.variants), 'variant')} x "
@@ -129,9 +183,11 @@ def sweep(
         if row is not None:
             results.setdefault((cell.variant, cell.batch_size), []).append(row["final_error"])
 
+    hooks = SweepHooks(start=start, skipped=skipped, done=done, networks=_network_hooks())
+    prepared = prepare_sweep(plan, hooks)  # before the live grid: calibration shows its own bars
     with live, SIGNALS.installed():  # SIGTERM stops like Ctrl-C: the cell in flight saves its state
         refresh()
-        summary = run_sweep(plan, SweepHooks(start=start, skipped=skipped, done=done))
+        summary = run_sweep(plan, hooks, prepared=prepared)
     if bars is None:
         console.print(_grid(plan, results, None))
     console.print(

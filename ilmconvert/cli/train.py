@@ -92,6 +92,7 @@ OVERRIDES = {
     "channels_last": "train.channels_last",
     "compile_": "train.compile",
     "trainable": "train.trainable",
+    "head_steps": "train.head_steps",
     "checkpoint_hist": "train.checkpoint_hist",
     "checkpoint_interval": "train.checkpoint_interval",
     "seed": "train.seed",
@@ -266,6 +267,12 @@ def finetune(
         Optional[Literal["all", "norms", "norms+head"]],
         _opt("--trainable", help="Train all parameters, only the norms, or the norms and the classifier."),
     ] = None,
+    head_steps: Annotated[
+        Optional[int],
+        _opt("--head-steps", min=0, metavar="N",
+             help="First train only the classifier for N steps, the rest frozen (linear probing, LP-FT); "
+             "its test is epoch 0."),
+    ] = None,
     pipeline: Annotated[
         Optional[Literal["cifar", "timm"]], _opt("--pipeline", help="Data pipeline: cifar (cached) or timm.")
     ] = None,
@@ -375,7 +382,8 @@ def _finetune(processes: Distributed, **options: Any) -> None:
         def epoch_done(m: dict[str, Any], best: bool) -> None:
             console.print(
                 f"epoch {m['epoch']:>3}/{r.train.epochs}  "
-                f"train loss {m['train_loss']:.3f} top1 {m['train_top1']:5.1f}  "
+                + (f"head only ({count(m['head_steps'], 'step')})  " if "head_steps" in m else "")
+                + f"train loss {m['train_loss']:.3f} top1 {m['train_top1']:5.1f}  "
                 f"test loss {m['test_loss']:.3f} top1 [bold]{m['top1']:5.2f}[/] top5 {m['top5']:5.2f}  "
                 f"lr {m['lr']:.4g}  "
                 f"{m['images_per_s']:.0f} img/s  {m['epoch_s']:.0f} s"
@@ -385,8 +393,8 @@ def _finetune(processes: Distributed, **options: Any) -> None:
             )
 
         hooks = Hooks(
-            train=lambda e: _batches(bars, f"epoch {e} train"),
-            test=lambda e: _batches(bars, f"epoch {e} test"),
+            train=lambda e: _batches(bars, f"epoch {e} train" if e else "head only (epoch 0) train"),
+            test=lambda e: _batches(bars, f"epoch {e} test" if e else "head only (epoch 0) test"),
             epoch_done=epoch_done,
         )
         summary = run_finetune(plan, hooks)

@@ -94,7 +94,7 @@ class RunLog:
                 continue
             if self.writer is not None:
                 for key, value in row.items():
-                    if key != "epoch" and isinstance(value, (int, float)):
+                    if key not in ("epoch", "head_steps") and isinstance(value, (int, float)):
                         self.writer.add_scalar(f"{'train' if key.startswith('train') else 'eval'}/{key}",
                                                value, row["epoch"])
                 self.writer.flush()

@@ -137,8 +137,12 @@ def build_network(
     return network
 
 
-def fit_classifier(network: nn.Module, num_classes: int) -> bool:
+def fit_classifier(network: nn.Module, num_classes: int, seed: int | None = None) -> bool:
     """Resize the classifier of a converted network to ``num_classes`` when it differs.
+
+    With ``seed``, the new head is drawn from torch's CPU generator seeded with it (the global
+    state is restored afterwards): networks whose heads have the same shape get the same head,
+    whatever else they hold (e.g. a pretrained network and its conversions, docs/study.md §3).
 
     Returns:
         True when the head was replaced (freshly initialized), False when it already fit.
@@ -147,7 +151,10 @@ def fit_classifier(network: nn.Module, num_classes: int) -> bool:
 
     if classifier_size(network) == num_classes:
         return False
-    resize_classifier(network, num_classes)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        resize_classifier(network, num_classes)
     return True
 
 
@@ -315,21 +322,26 @@ def set_trainable(network: nn.Module, trainable: str) -> int:
     if not keep:
         raise TrainError(f"train.trainable: {trainable}: the network has no norm parameters; use trainable: all")
     if trainable == "norms+head":
-        keep |= {id(p) for p in _head(network).parameters()}
+        keep |= {id(p) for p in classifier_module(network).parameters()}
     for p in network.parameters():
         p.requires_grad_(id(p) in keep)
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 
-def _head(network: nn.Module) -> nn.Module:
-    """The classifier: timm's ``get_classifier()``, else the last ``nn.Linear`` (torchvision)."""
+def classifier_module(network: nn.Module, setting: str = "train.trainable: norms+head",
+                      fix: str = "use trainable: norms") -> nn.Module:
+    """The classifier: timm's ``get_classifier()``, else the last ``nn.Linear`` (torchvision).
+
+    Raises:
+        TrainError: the network has none (the message names ``setting``, the key that needs it, and ``fix``).
+    """
     if hasattr(network, "get_classifier"):
         return network.get_classifier()
     from ..models import _classifier
 
     found = _classifier(network)
     if found is None:
-        raise TrainError("train.trainable: norms+head: the network has no classifier layer; use trainable: norms")
+        raise TrainError(f"{setting}: the network has no classifier layer; {fix}")
     return found[2]
 
 
@@ -524,17 +536,27 @@ def train_one_epoch(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - begun
     batches.stop()
-    loss_sum, correct, seen = _summed(processes, loss_sum, correct, seen)
+    summed = _summed(processes, loss_sum, correct, seen)
+    return training_numbers(*summed, seconds, "in this epoch; lower --lr"), num_updates
+
+
+def training_numbers(loss_sum: float, correct: float, seen: float, seconds: float, where: str) -> dict[str, float]:
+    """``{"train_loss", "train_top1" (%), "images", "seconds", "images_per_s"}`` of a training pass
+    from its summed loss (loss x images), top-1 count and image count (all processes').
+
+    Raises:
+        TrainError: the mean loss is NaN or infinite (``where``: in what, and what to lower).
+    """
     mean_loss = loss_sum / max(1, seen)
     if not math.isfinite(mean_loss):
-        raise TrainError(f"the training loss became {mean_loss} in this epoch; lower --lr")
+        raise TrainError(f"the training loss became {mean_loss} {where}")
     return {
         "train_loss": mean_loss,
         "train_top1": 100.0 * correct / max(1, seen),
         "images": int(seen),
         "seconds": seconds,
         "images_per_s": seen / max(seconds, 1e-9),
-    }, num_updates
+    }
 
 
 def _summed(processes: Distributed, *values: torch.Tensor | int) -> list[float]:

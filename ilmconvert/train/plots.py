@@ -174,7 +174,8 @@ def plot_sweep_curves(cells: Sequence[Mapping[str, Any]], out: str | Path) -> Pa
 
     Args:
         cells: rows of ``results.jsonl`` (``variant``, ``batch_size``, ``seed``, ``curve``: a list
-            of per-epoch dicts with ``epoch`` and ``test_error``).
+            of per-epoch dicts with ``epoch`` and ``test_error``; epoch 0, when there, is the test
+            after the head-only phase, so the curves start there).
         out: the image file.
 
     Returns:
@@ -194,10 +195,11 @@ def plot_sweep_curves(cells: Sequence[Mapping[str, Any]], out: str | Path) -> Pa
             runs = [c["curve"] for c in cells if c["batch_size"] == size and c["variant"] == variant]
             for curve in runs:
                 ax.plot([p["epoch"] for p in curve], [p["test_error"] for p in curve], color=f"C{i % 10}", alpha=0.3)
-            if runs:
-                n = min(len(c) for c in runs)
-                mean = [sum(c[e]["test_error"] for c in runs) / len(runs) for e in range(n)]
-                ax.plot([runs[0][e]["epoch"] for e in range(n)], mean, color=f"C{i % 10}", linewidth=2, label=variant)
+            if runs:  # the mean over the epochs every seed has (epoch 0: the head-only phase's test)
+                errors = [{p["epoch"]: p["test_error"] for p in curve} for curve in runs]
+                common = sorted(set.intersection(*(set(e) for e in errors)))
+                mean = [sum(e[epoch] for e in errors) / len(errors) for epoch in common]
+                ax.plot(common, mean, color=f"C{i % 10}", linewidth=2, label=variant)
         ax.set(title=f"batch {size}", xlabel="epoch")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test top-1 error (%)")

@@ -400,8 +400,8 @@ def _network(
         notes.append(
             f"training the converted checkpoint {checkpoint}; the recipe's model and conversion settings are not used"
         )
-        if fit_classifier(network, num_classes):
-            notes.append(f"classifier resized to {num_classes} classes (freshly initialized)")
+        if fit_classifier(network, num_classes, seed=recipe.train.seed):
+            notes.append(f"classifier resized to {num_classes} classes (freshly initialized, seed {recipe.train.seed})")
     else:
         network = build_network(recipe.model, recipe.conversion, num_classes, seed=recipe.train.seed, weights=weights)
     return network, notes

@@ -123,6 +123,13 @@ class TrainSettings(_Strict):
             backend). Checkpoints are saved from the uncompiled module, so their keys stay clean.
         trainable: ``all``; ``norms``: only the ILM / Proxy Norm (or, unconverted, the norm)
             parameters; ``norms+head``: those and the classifier (timm ``get_classifier()``).
+        head_steps: linear probing before fine-tuning (LP-FT, Kumar et al., ICLR 2022): a new run
+            first trains only the classifier for this many steps (batches), the rest of the network
+            frozen and in eval mode (BatchNorm uses its running statistics), with ``opt`` at the
+            constant ``lr``, ``batch_size`` and the data's augmentation; the test after it is the
+            run's epoch-0 line of ``metrics.jsonl`` (with ``head_steps``), and fine-tuning starts
+            from that network with a fresh optimizer and schedule (:mod:`ilmconvert.train.head_probe`).
+            ``0``: no such phase. A resumed run never repeats it.
         checkpoint_hist: keep the checkpoints of the N best epochs as ``RUN/checkpoint-EPOCH/``
             (timm's ``--checkpoint-hist``; 0: none besides last/ and best/).
         checkpoint_interval: minutes between mid-epoch checkpoints into ``RUN/last/`` (``None``:
@@ -159,6 +166,7 @@ class TrainSettings(_Strict):
     channels_last: Optional[bool] = None
     compile: Union[bool, str] = False
     trainable: Literal["all", "norms", "norms+head"] = "all"
+    head_steps: int = Field(0, ge=0)
     checkpoint_hist: int = Field(0, ge=0)
     checkpoint_interval: Optional[float] = Field(None, gt=0)
     seed: int = 0

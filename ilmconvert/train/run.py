@@ -25,6 +25,7 @@ from torch import nn
 from ..atomic import WriteError
 from ..io import is_checkpoint, save
 from .evaluation import evaluate_checkpoint
+from .head_probe import head_row, probe_head
 from .loader import make_loader
 from .logs import RunLog
 from .loop import (
@@ -225,7 +226,7 @@ def _keep_history(run: Path, rows: list[dict[str, Any]], keep: int, upto: int) -
     later epoch), as timm's ``CheckpointSaver`` does; remove the others (and any after ``upto``)."""
     if not keep and not any(run.glob("checkpoint-*")):
         return
-    ranked = sorted((r for r in rows if r["epoch"] <= upto), key=lambda r: (r["top1"], r["epoch"]), reverse=True)
+    ranked = sorted((r for r in rows if 0 < r["epoch"] <= upto), key=lambda r: (r["top1"], r["epoch"]), reverse=True)
     wanted = {f"checkpoint-{r['epoch']}" for r in ranked[:keep]}
     for folder in run.glob("checkpoint-*"):
         if folder.is_dir() and folder.name not in wanted:
@@ -304,9 +305,10 @@ def _start_position(plan: FinetunePlan) -> EpochPosition | None:
 
 
 def _open_run_folder(plan: FinetunePlan, network: nn.Module, rows: list[dict[str, Any]],
-                     initial: dict[str, Any] | None, log: RunLog) -> None:
+                     initial: dict[str, Any] | None, log: RunLog, progress: Progress) -> None:
     """Before the first epoch (rank 0): a new run (``initial``: its epoch-0 trainer state) writes
-    ``last/``, ``metrics.jsonl`` and ``recipe.yaml``; a resumed one rewrites ``metrics.jsonl``
+    ``last/``, ``metrics.jsonl`` and ``recipe.yaml`` and reports its epoch-0 line (the test after
+    the head-only phase) to ``progress``, if it has one; a resumed one rewrites ``metrics.jsonl``
     with the lines ``last/`` holds (dropping later and torn ones)."""
     run = plan.run
     with SIGNALS.holding():
@@ -314,18 +316,34 @@ def _open_run_folder(plan: FinetunePlan, network: nn.Module, rows: list[dict[str
             write_metrics(run, rows)
         else:
             run.mkdir(parents=True, exist_ok=True)
-            save(network, run / LAST, metadata=_metadata(plan, 0, -1.0, None), trainer_state=initial)
+            save(network, run / LAST, metadata=_metadata(plan, 0, -1.0, rows[-1] if rows else None),
+                 trainer_state=initial)
             write_metrics(run, rows)
             write_atomic(run / RECIPE_FILE, plan.recipe.to_yaml())
         log.rows(rows)
         _keep_history(run, rows, plan.recipe.train.checkpoint_hist, plan.start_epoch)
+    if initial is not None and rows:
+        progress.epoch_done(rows[-1], False)
+
+
+def _probe(plan: FinetunePlan, network: nn.Module, train_loader: Any, test_loader: Any, precision: Precision,
+           progress: Progress) -> dict[str, Any]:
+    """A new run's head-only phase (``train.head_steps``, :func:`probe_head`) and its test: the
+    epoch-0 line of ``metrics.jsonl``."""
+    train_cfg, processes = plan.recipe.train, plan.processes
+    trained = probe_head(network, train_loader, train_cfg, plan.recipe.data, precision, progress.train(0), processes)
+    tested = evaluate(network, test_loader, plan.recipe.data, precision, progress.test(0), processes)
+    return head_row(trained, tested, train_cfg.head_steps)
 
 
 def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]:
     """Train ``plan.network`` for the recipe's epochs, writing ``RUN`` as it goes.
 
     A new run first writes ``RUN/last`` (epoch 0: the initial weights), ``RUN/metrics.jsonl``
-    (empty) and ``RUN/recipe.yaml``, so that it can be resumed from its first epoch on. After each
+    (empty) and ``RUN/recipe.yaml``, so that it can be resumed from its first epoch on; with
+    ``train.head_steps`` it first trains the classifier alone (:func:`_probe`), and ``last/`` and
+    ``metrics.jsonl`` (its epoch-0 line) hold the network after that phase (a run stopped during
+    it has written nothing and starts anew; a resumed run never repeats it). After each
     epoch: ``RUN/metrics.jsonl`` (and ``summary.csv``) rewritten with the epoch's line, ``RUN/best``
     when the test top-1 improved (``RUN/best_ema`` when the EMA's did), ``RUN/checkpoint-EPOCH``
     with ``checkpoint_hist``, then ``RUN/last`` with the trainer state (optimizer, scheduler, EMA
@@ -348,14 +366,17 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
     position = _start_position(plan)
     precision = Precision.of(plan.device, train_cfg)
     network = precision.prepare(plan.network)
-    set_trainable(network, train_cfg.trainable)
-    trained_network = _training_network(plan, network)
-    if processes.enabled:
-        processes.barrier()  # every process has checked the run folder before rank 0 writes it
     pin = plan.device.type == "cuda"
     loaders = {"num_workers": data_cfg.num_workers, "pin_memory": pin, "processes": processes}
     train_loader = make_loader(plan.train, train_cfg.batch_size, train=True, seed=train_cfg.seed, **loaders)
     test_loader = make_loader(plan.test, data_cfg.eval_batch_size, train=False, **loaders)
+    # the head-only phase on the bare network (before DDP's hooks and torch.compile), new runs only
+    probed = None if state or not train_cfg.head_steps else _probe(plan, network, train_loader, test_loader,
+                                                                   precision, progress)
+    set_trainable(network, train_cfg.trainable)
+    trained_network = _training_network(plan, network)
+    if processes.enabled:
+        processes.barrier()  # every process has checked the run folder before rank 0 writes it
     optimizer = create_optimizer(network, train_cfg)
     scheduler = create_scheduler(
         optimizer, train_cfg, updates_per_epoch(len(train_loader), train_cfg.grad_accum_steps)
@@ -368,10 +389,11 @@ def _fit(plan: FinetunePlan, progress: Progress | None = None) -> dict[str, Any]
     if scheduler is not None:  # the same learning rate whether the run starts here or resumes here
         scheduler.step_update(num_updates=num_updates)
     rows = resumed_metrics(run, plan.start_epoch) if state and main else []
-    log = RunLog(run, plan.log, plan.start_epoch) if main else None
+    rows += [probed] if probed is not None and main else []
+    log = RunLog(run, plan.log, plan.start_epoch if state else -1) if main else None  # -1: epoch 0 is logged
     if main:
         initial = None if state else _trainer_state(0, train_cfg.epochs, 0, best, optimizer, scheduler, extras)
-        _open_run_folder(plan, network, rows, initial, log)
+        _open_run_folder(plan, network, rows, initial, log, progress)
 
     epoch = plan.start_epoch
 

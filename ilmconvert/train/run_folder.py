@@ -3,7 +3,7 @@
 A run directory ``RUN`` holds::
 
     RUN/recipe.yaml     the resolved recipe (with command-line overrides), read by --resume
-    RUN/metrics.jsonl   one JSON object per epoch (see :data:`METRIC_KEYS`)
+    RUN/metrics.jsonl   one JSON object per epoch (see :data:`METRIC_KEYS`; epoch 0: train.head_steps)
     RUN/last/           checkpoint after the latest epoch (or update, when stopped inside one), with
                         trainer_state.pt for --resume
     RUN/best/           checkpoint with the best test top-1 so far
@@ -43,7 +43,8 @@ METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
 LAST, BEST, BEST_EMA = "last", "best", "best_ema"
 LOCK_FILE = ".finetune.lock"
-#: Keys of each line of ``RUN/metrics.jsonl``: epoch (1-based), mean train loss, train top-1 (%,
+#: Keys of each line of ``RUN/metrics.jsonl`` (a first line of epoch 0, with ``head_steps`` as well,
+#: is the test after ``train.head_steps``' head-only phase): epoch (1-based), mean train loss, train top-1 (%,
 #: on augmented images, while the weights change), test loss, test top-1 / top-5 (%), learning
 #: rate at the end of the epoch, training images per second, and seconds for train + test.
 METRIC_KEYS = ("epoch", "train_loss", "train_top1", "test_loss", "top1", "top5", "lr", "images_per_s", "epoch_s")
@@ -109,7 +110,8 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
 
 
 def resumed_metrics(run: Path, epoch: int) -> list[dict[str, Any]]:
-    """The lines of ``RUN/metrics.jsonl`` for epochs 1 to ``epoch`` (those ``last/`` holds), for ``--resume``.
+    """The lines of ``RUN/metrics.jsonl`` for epochs 0 (the head-only phase's, if any) to ``epoch``
+    (those ``last/`` holds), for ``--resume``.
 
     Lines of later epochs (a run stopped after writing them but before ``last/``) and a torn last
     line (the line being written when the process died) are dropped: those epochs are trained

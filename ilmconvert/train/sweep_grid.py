@@ -54,6 +54,8 @@ class Sweep:
     device: str = "auto"
     data_root: str | Path | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    #: ``--checkpoint``: a :class:`~ilmconvert.train.sweep_networks.Pretrained` (None without)
+    pretrained: Any = None
 
     @property
     def cells(self) -> list[Cell]:
@@ -67,9 +69,13 @@ class Sweep:
         Raises:
             RecipeError: the merged recipe is invalid (names the variant).
         """
-        change = {k: v for k, v in self.variants[cell.variant].items() if k != "checkpoint"}
-        # what the recipe leaves open stays open: the data settings a network brings (resolve_pipeline)
+        variant = self.variants[cell.variant]
+        change = {k: v for k, v in variant.items() if k not in ("checkpoint", "swap")}
+        # what the recipe leaves open stays open: the data settings a network brings (resolve_pipeline);
+        # a conversion of --checkpoint trains at the checkpoint's input where the recipe sets none
         data = _merge(self.recipe.model_dump(mode="json", exclude_unset=True), change)
+        if "swap" in variant and self.pretrained is not None:
+            data["data"] = self.pretrained.input_defaults | data.get("data", {})
         data.pop("variants", None)
         train = data.setdefault("train", {})
         base = self.recipe.train

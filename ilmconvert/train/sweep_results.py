@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import atomic
 from ..io import is_checkpoint, load_trainer_state
+from .head_probe import is_head_row
 from .recipes import parse_recipe
 from .run_folder import read_metrics
 from .sweep_grid import CELLS, Cell, Sweep, SweepError
@@ -44,13 +45,18 @@ def cell_result(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:
     """The ``results.jsonl`` row of a finished cell (``None`` when it is not finished).
 
     Errors are top-1 errors in percent on the test split; ``final_error`` is the last epoch's,
-    ``best_error`` the lowest over epochs; ``seconds`` sums the epochs' training and test time.
+    ``best_error`` the lowest over the trained epochs (1 to ``epochs``); ``step0_error`` the test
+    after the head-only phase (``train.head_steps``, the epoch-0 line; ``None`` without one), which
+    the ``curve`` starts with; ``seconds`` sums the epochs' (and the head-only phase's) training and
+    test time, ``images_per_s`` averages the trained epochs'.
     """
     run = sweep.out / CELLS / cell.name
     epochs = sweep.recipe.train.epochs
     if not finished(run, epochs):
         return None
-    rows = [r for r in read_metrics(run) if r["epoch"] <= epochs]
+    every = [r for r in read_metrics(run) if r["epoch"] <= epochs]
+    rows = [r for r in every if not is_head_row(r)]
+    step0 = [100.0 - r["top1"] for r in every if is_head_row(r)]
     recipe = parse_recipe((run / "recipe.yaml").read_text(), str(run / "recipe.yaml"))
     errors = [100.0 - r["top1"] for r in rows]
     best = min(range(len(rows)), key=lambda i: errors[i])
@@ -65,6 +71,8 @@ def cell_result(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:
         "best_error": errors[best],
         "best_epoch": rows[best]["epoch"],
         "final_test_loss": rows[-1]["test_loss"],
+        "step0_error": step0[0] if step0 else None,
+        "head_steps": recipe.train.head_steps,
         "curve": [
             {
                 "epoch": r["epoch"],
@@ -72,10 +80,10 @@ def cell_result(sweep: Sweep, cell: Cell) -> dict[str, Any] | None:
                 "train_loss": r["train_loss"],
                 "test_loss": r["test_loss"],
             }
-            for r in rows
+            for r in every
         ],
         "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
-        "seconds": sum(r["epoch_s"] for r in rows),
+        "seconds": sum(r["epoch_s"] for r in every),
     }
 
 
@@ -97,7 +105,8 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
 
 
 def summarize(sweep: Sweep, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (variant, batch size): mean ± 95 % CI of the final and best test error over seeds, and
+    """Per (variant, batch size): mean ± 95 % CI of the final and best test error over seeds, of
+    the step-0 error over the seeds that have one (``step0_error_*``, ``None`` when none has), and
     the difference to the reference variant paired by seed (``variant − reference``, so negative
     means fewer errors than the reference)."""
     table, paired = [], []
@@ -109,10 +118,13 @@ def summarize(sweep: Sweep, results: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             final, final_ci = interval([r["final_error"] for r in rows])
             best, best_ci = interval([r["best_error"] for r in rows])
+            step0 = [r["step0_error"] for r in rows if r.get("step0_error") is not None]
+            step0_mean, step0_ci = interval(step0) if step0 else (None, None)
             table.append({
                 "variant": variant, "batch_size": size, "seeds": [r["seed"] for r in rows], "n": len(rows),
                 "final_error_mean": final, "final_error_ci95": final_ci,
                 "best_error_mean": best, "best_error_ci95": best_ci,
+                "step0_error_mean": step0_mean, "step0_error_ci95": step0_ci, "step0_n": len(step0),
                 "lr": rows[0]["lr"], "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
                 "seconds_per_cell": sum(r["seconds"] for r in rows) / len(rows),
             })  # fmt: skip
@@ -170,8 +182,8 @@ def _pm(mean: float, ci: float | None) -> str:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    """The summary as Markdown tables: final test error (the headline), best-epoch error, paired
-    differences to the reference, and the cost per cell."""
+    """The summary as Markdown tables: final test error (the headline), the step-0 error (when a
+    cell has one), best-epoch error, paired differences to the reference, and the cost per cell."""
     table = summary["table"]
     sizes = list(dict.fromkeys(r["batch_size"] for r in table))
     variants = list(dict.fromkeys(r["variant"] for r in table))
@@ -198,6 +210,12 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     grid(
         "Final-epoch test error (headline)", lambda r: f"{_pm(r['final_error_mean'], r['final_error_ci95'])} ({r['n']})"
     )
+    if any(r.get("step0_error_mean") is not None for r in table):
+        grid(
+            "Step 0 (head only, before fine-tuning)",
+            lambda r: "" if r.get("step0_error_mean") is None
+            else f"{_pm(r['step0_error_mean'], r['step0_error_ci95'])} ({r['step0_n']})",
+        )
     grid("Best-epoch test error (secondary)", lambda r: f"{_pm(r['best_error_mean'], r['best_error_ci95'])} ({r['n']})")
     if summary["paired"]:
         diffs = {(d["variant"], d["batch_size"]): d for d in summary["paired"]}
