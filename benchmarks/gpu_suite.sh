@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh OUT [STAGE ...]
 #
 # Stages, in this order by default (each fits in one 10-minute device command; give two or three
-# per command): correctness layers train_step cifar10 torchrun
+# per command): correctness layers train_step small_batch cifar10 torchrun
 #   correctness  benchmarks/gpu_correctness.py: every fast-path variant (torch / Triton; GN, IN,
 #                LN tokens, PN, ILM + PN; fp32 / bf16 / fp16; contiguous / channels_last) against
 #                the float64 CPU reference. The suite stops here if a variant fails.
@@ -14,6 +14,10 @@
 #                with the copy bandwidth; GN + PN-Act against timm's GroupNormAct.
 #   train_step   benchmarks/train_step.py --device cuda: ResNet-50-GN, ConvNeXt-T, ViT-S, eager and
 #                compiled, bf16, channels_last, batch 64 at 224.
+#   small_batch  issue 20 (d): the Figure-1 network (docs/study/figure1.yaml) at batch 1, 2, 4, 64,
+#                GN / ILM+GN / GN+PN training steps interleaved, fp32, eager against
+#                torch.compile(mode="reduce-overhead") (CUDA graphs): the per-layer small (B, C)
+#                operations are kernel launches on CUDA, which the graphs replay in one launch.
 #   cifar10      the bundled cifar10 recipe for CIFAR10_EPOCHS epochs (default 10) on the real data.
 #   torchrun     torchrun --nproc_per_node 1 (NCCL) of the cifar10-smoke recipe.
 #
@@ -26,7 +30,7 @@
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [STAGE ...]}
 shift
-STAGES=${*:-correctness layers train_step cifar10 torchrun}
+STAGES=${*:-correctness layers train_step small_batch cifar10 torchrun}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -66,6 +70,12 @@ for stage in $STAGES; do
       $PY benchmarks/train_step.py --device cuda --out "$OUT/train_step_cuda.json" > "$OUT/train_step.log" 2>&1
       tail -15 "$OUT/train_step.log"
       ;;
+    small_batch)
+      $PY benchmarks/train_step.py --device cuda --models figure1 --batch-sizes 1,2,4,64 \
+        --compile eager,reduce-overhead --steps 30 --warmup 10 --out "$OUT/train_step_figure1_cuda.json" \
+        > "$OUT/small_batch.log" 2>&1
+      tail -12 "$OUT/small_batch.log"
+      ;;
     cifar10)
       cifar10
       $PY -m ilmconvert finetune --recipe cifar10 --data /tmp/cifar10 --device cuda --out /tmp/run_cifar10 \
@@ -80,7 +90,7 @@ for stage in $STAGES; do
       tail -5 "$OUT/torchrun.log"
       ;;
     *)
-      echo "unknown stage $stage (correctness layers train_step cifar10 torchrun)" >&2
+      echo "unknown stage $stage (correctness layers train_step small_batch cifar10 torchrun)" >&2
       exit 2
       ;;
   esac

@@ -1,15 +1,20 @@
 """Where one ILM+GN layer's forward and backward spend their time at a small batch (issue 20).
 
-Builds ``ILMGroupNorm`` (its default, the paper init) and ``nn.GroupNorm`` at one shape of the Figure-1 network
+Builds ``ILMGroupNorm`` (its default, the paper init), ``nn.GroupNorm``, timm's ``GroupNormAct``
+(ReLU) and ``ProxyGroupNormAct`` (ReLU) at one shape of the Figure-1 network
 (``docs/study/figure1.yaml``; default stage 2: 2 x 64 x 4 x 4, 32 groups, K = 16), then
 
 1. times forward + backward of each (autograd, ``x.requires_grad``), interleaved, median of
-   ``--repeats`` calls, one torch thread;
-2. runs the ILM layer under ``torch.profiler`` with each piece of the fast path
-   (:mod:`ilmconvert.nn.fast_torch`) wrapped in a ``record_function`` label, and reports per piece
-   how many top-level aten operations it issues and how many microseconds it takes (profiler
-   time: the profiler's own cost inflates every operation by a few µs, so the wall-clock
-   column of step 1 is the one to compare with GroupNorm).
+   ``--repeats`` calls, one torch thread: the ILM and PN layers with the compiled CPU kernel
+   (:mod:`ilmconvert.nn.cpu_kernel`, the default where it builds) and with PyTorch operations only
+   (``ILMCONVERT_CPU_KERNEL=0``), and the kernel's two C calls alone (through ``ctypes``, no
+   autograd, no allocation);
+2. runs the ILM layer under ``torch.profiler`` (``--path kernel``: the default path; ``torch``: the
+   PyTorch fast path) with each piece (:mod:`ilmconvert.nn.fast_torch`, the kernel's autograd
+   Function) wrapped in a ``record_function`` label, and reports per piece how many top-level aten
+   operations it issues and how many microseconds it takes (profiler time: the profiler's own cost
+   inflates every operation by a few µs, so the wall-clock column of step 1 is the one to compare
+   with GroupNorm).
 
 Usage::
 
@@ -25,6 +30,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,10 +38,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ilmconvert.nn import ILMGroupNorm, fast_torch  # noqa: E402
+from ilmconvert.nn import ILMGroupNorm, ProxyGroupNormAct, cpu_kernel, fast_torch  # noqa: E402
 
 #: label -> names in ilmconvert.nn.fast_torch wrapped with that label (those that exist)
 PIECES = {
+    "fwd: compiled kernel (allocations, ctypes call)": ["cpu_kernel.PooledILMCPU.forward"],
+    "bwd: compiled kernel (allocations, ctypes call)": ["cpu_kernel.PooledILMCPU.backward"],
     "fwd: channel moments (pass over x)": ["channel_moments"],
     "fwd: key features + norm statistics (Chan)": ["_group_moments", "_key_and_norm_moments"],
     "fwd: encoder / decoder": ["_mlp_forward"],
@@ -61,26 +69,75 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     layer(x).backward(dy)
 
 
-def timed(layers: dict[str, nn.Module], x, dy, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in layers}
+def timed(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median µs of each call, the calls interleaved (wall clock)."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
     for _ in range(20):
-        for layer in layers.values():
-            fwd_bwd(layer, x, dy)
+        for call in calls.values():
+            call()
     for _ in range(repeats):
-        for name, layer in layers.items():
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            fwd_bwd(layer, x, dy)
+            call()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
+def _switched(layer: nn.Module, x, dy, kernel: bool) -> Callable[[], None]:
+    def call():
+        cpu_kernel.set_enabled(kernel)
+        try:
+            fwd_bwd(layer, x, dy)
+        finally:
+            cpu_kernel.set_enabled(None)
+
+    return call
+
+
+def _kernel_calls_alone(layer: ILMGroupNorm, x: torch.Tensor, dy: torch.Tensor) -> dict[str, Callable[[], None]]:
+    """The ILM kernel's forward and backward C functions on preallocated buffers (no autograd)."""
+    lib = cpu_kernel.library()
+    if lib is None or x.dtype != torch.float32:
+        return {}
+    b, c = x.shape[:2]
+    params = [t.detach() for t in (layer.weight, layer.bias, layer.encoder.weight, layer.decoder_mu.weight,
+                                   layer.decoder_gamma.weight)]
+    grads = [torch.empty_like(t) for t in params]
+    xd, y, dx = x.detach(), torch.empty_like(x), torch.empty_like(x)
+    moments = torch.empty(b, 2, c, dtype=torch.float64)
+    dims = (b, c, x.numel() // (b * c), layer.num_groups, layer.key_group_size, params[2].shape[0], layer.eps)
+    ptrs = [t.data_ptr() for t in params]
+    fwd = (xd.data_ptr(), y.data_ptr(), moments.data_ptr(), *ptrs, *dims)
+    gptrs = [g.data_ptr() for g in grads]
+    bwd = (xd.data_ptr(), dy.data_ptr(), moments.data_ptr(), dx.data_ptr(), *gptrs, *ptrs, *dims)
+    buffers = (xd, y, dx, dy, moments, *params, *grads)  # the pointers above point into these: keep them alive
+
+    def call():
+        lib.ilm_pooled_forward_f32(*fwd)
+        lib.ilm_pooled_backward_f32(*bwd)
+        return buffers
+
+    return {"ILM kernel: C forward + backward alone": call}
+
+
+def _target(name: str):
+    """``(owner, attribute)`` for a PIECES name: a function of fast_torch or ``cpu_kernel.Class.method``."""
+    if name.startswith("cpu_kernel."):
+        _, cls, attr = name.split(".")
+        return getattr(cpu_kernel, cls), attr
+    return fast_torch, name
 
 
 def profile(layer: nn.Module, x, dy, calls: int) -> dict[str, dict[str, float]]:
     saved = {}
     for label, names in PIECES.items():
         for name in names:
-            if hasattr(fast_torch, name):
-                saved[name] = getattr(fast_torch, name)
-                setattr(fast_torch, name, _wrap(label, saved[name]))
+            owner, attr = _target(name)
+            if hasattr(owner, attr):
+                saved[name] = (owner, attr, owner.__dict__[attr])
+                fn = getattr(owner, attr)
+                wrapped = _wrap(label, fn)
+                setattr(owner, attr, staticmethod(wrapped) if isinstance(owner, type) else wrapped)
     try:
         for _ in range(5):
             fwd_bwd(layer, x, dy)
@@ -91,8 +148,8 @@ def profile(layer: nn.Module, x, dy, calls: int) -> dict[str, dict[str, float]]:
                 with torch.profiler.record_function("bwd: autograd engine (rest)"):
                     y.backward(dy)
     finally:
-        for name, fn in saved.items():
-            setattr(fast_torch, name, fn)
+        for owner, attr, fn in saved.values():
+            setattr(owner, attr, fn)
     events = prof.events()
     labels = set(PIECES) | {"fwd: autograd Function + dispatch (rest)", "bwd: autograd engine (rest)"}
     out: dict[str, dict[str, float]] = defaultdict(lambda: {"ops": 0, "op_us": 0.0, "wall_us": 0.0})
@@ -132,20 +189,44 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--repeats", type=int, default=300)
     p.add_argument("--calls", type=int, default=50, help="profiled calls")
+    p.add_argument("--path", choices=("kernel", "torch"), default="kernel",
+                   help="profile the compiled-kernel path (default where it builds) or the PyTorch fast path")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     shape = tuple(int(s) for s in args.shape.split(","))
     c = shape[1]
-    layers = {"GroupNorm": nn.GroupNorm(args.groups, c), "ILM+GN": ILMGroupNorm(args.groups, c)}
+    import timm.layers
+
+    gn, ilm = nn.GroupNorm(args.groups, c), ILMGroupNorm(args.groups, c)
+    gn_act = timm.layers.GroupNormAct(c, args.groups, act_layer=nn.ReLU)
+    pn = ProxyGroupNormAct(args.groups, c, act_layer=nn.ReLU)
     x = torch.randn(shape, requires_grad=True)
     dy = torch.randn(shape)
-    wall = timed(layers, x, dy, args.repeats)
-    print(f"fwd+bwd median, {args.repeats} calls: " + ", ".join(f"{k} {v:.1f} us" for k, v in wall.items())
-          + f"; ILM - GN = {wall['ILM+GN'] - wall['GroupNorm']:.1f} us", flush=True)
-    pieces = profile(layers["ILM+GN"], x, dy, args.calls)
-    print(f"\n| piece (ILM+GN, {args.shape}) | aten ops | op µs | wall µs (profiled) |\n|---|---:|---:|---:|")
+    calls = {
+        "GroupNorm": lambda: fwd_bwd(gn, x, dy),
+        "ILM+GN (kernel)": _switched(ilm, x, dy, True),
+        "ILM+GN (PyTorch ops)": _switched(ilm, x, dy, False),
+        "GN+ReLU (timm GroupNormAct)": lambda: fwd_bwd(gn_act, x, dy),
+        "GN+PN ReLU (kernel)": _switched(pn, x, dy, True),
+        "GN+PN ReLU (PyTorch ops)": _switched(pn, x, dy, False),
+        **_kernel_calls_alone(ilm, x, dy),
+    }
+    wall = timed(calls, args.repeats)
+    print(f"fwd+bwd median, {args.repeats} calls (kernel: {cpu_kernel.library() is not None}):")
+    for k, v in wall.items():
+        print(f"  {k:40s} {v:8.1f} us")
+    print(f"ILM (kernel) - GN = {wall['ILM+GN (kernel)'] - wall['GroupNorm']:.1f} us, "
+          f"PN (kernel) - GN+ReLU = {wall['GN+PN ReLU (kernel)'] - wall['GN+ReLU (timm GroupNormAct)']:.1f} us",
+          flush=True)
+    cpu_kernel.set_enabled(args.path == "kernel")
+    try:
+        pieces = profile(ilm, x, dy, args.calls)
+    finally:
+        cpu_kernel.set_enabled(None)
+    print(f"\n| piece (ILM+GN, {args.shape}, {args.path} path) | aten ops | op µs | wall µs (profiled) |\n"
+          "|---|---:|---:|---:|")
     for k in sorted(pieces, key=lambda s: (not s.startswith("fwd"), s)):
         v = pieces[k]
         print(f"| {k} | {v['ops']:.0f} | {v['op_us']:.0f} | {v['wall_us']:.0f} |")
@@ -153,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| total | {tot['ops']:.0f} | {tot['op_us']:.0f} | {tot['wall_us']:.0f} |")
     if args.out:
         args.out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
-                                        "shape": shape, "wall_us": wall, "pieces": pieces}, indent=1))
+                                        "shape": shape, "path": args.path, "kernel": cpu_kernel.library() is not None,
+                                        "wall_us": wall, "pieces": pieces}, indent=1))
 
 
 if __name__ == "__main__":

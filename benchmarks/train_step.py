@@ -20,6 +20,11 @@ round, so that the ratios come from one run under the same load::
     python benchmarks/train_step.py --device cpu --threads 1 --models resnet50_gn --batch-sizes 2 \
         --size 96 --steps 30 --warmup 5 --interleave
 
+On CUDA (issue 20, part d; each step synchronized, wall clock), eager against CUDA graphs::
+
+    python benchmarks/train_step.py --device cuda --models figure1 --batch-sizes 1,2,4,64 \
+        --compile eager,reduce-overhead --steps 30 --warmup 10 --out $OUT/train_step_figure1_cuda.json
+
 ``figure1`` is the network of ``docs/study/figure1.yaml`` (timm ``resnet18`` layout, half width,
 one block per stage, CIFAR-10 32 px input) in the sweep's variants ``gn``, ``ilm+gn`` and
 ``gn+pn``, built by the sweep's own code (:meth:`ilmconvert.train.sweep.Sweep.cell_recipe`,
@@ -113,31 +118,40 @@ def timm_networks(name: str, variants: tuple[str, ...]) -> dict[str, nn.Module]:
 
 
 def interleaved_step_times(networks: dict[str, nn.Module], batch: int, size: int, classes: int, steps: int,
-                           warmup: int, seed: int = 0, clock=time.perf_counter) -> dict[str, list[float]]:
-    """Seconds of each training step of every network, the networks stepped in turn (CPU).
+                           warmup: int, seed: int = 0, clock=time.perf_counter, device: str = "cpu",
+                           compile_mode: str | None = None) -> dict[str, list[float]]:
+    """Seconds of each training step of every network, the networks stepped in turn.
 
     One step = forward, cross-entropy, backward, SGD step (momentum 0.9, weight decay 5e-4) on the
     same random batch for every network; each round runs every network once, in a shuffled order.
     ``clock``: ``time.perf_counter`` (wall) or ``time.thread_time`` (CPU time of this thread, which
     with one torch thread is all the work: time while the thread is descheduled does not count).
+    On CUDA (``device="cuda"``, wall clock) each step is synchronized before and after;
+    ``compile_mode`` (``"default"``, ``"reduce-overhead"`` = CUDA graphs, ...) compiles each
+    network's forward with ``torch.compile(mode=...)`` (the warm-up steps pay the compilation).
     """
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, size, size, generator=gen)
-    target = torch.randint(0, classes, (batch,), generator=gen)
+    x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    target = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    cuda = torch.device(device).type == "cuda"
     runs = {}
     for name, net in networks.items():
-        model = copy.deepcopy(net).train()
+        model = copy.deepcopy(net).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
-        runs[name] = (model, opt)
+        runs[name] = (torch.compile(model, mode=compile_mode) if compile_mode else model, opt)
 
     def step(name: str) -> float:
         model, opt = runs[name]
+        if cuda:
+            torch.cuda.synchronize()
         t0 = clock()
         loss = nn.functional.cross_entropy(model(x), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         return clock() - t0
 
     times: dict[str, list[float]] = {name: [] for name in networks}
@@ -155,8 +169,11 @@ def interleaved_main(args) -> None:
     """``--batch-sizes`` / ``figure1`` / ``--interleave``: ratios of variants measured in one run."""
     import timm
 
+    from ilmconvert.nn import cpu_kernel
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     env = {"torch": torch.__version__, "timm": timm.__version__, "python": sys.version.split()[0],
-           "device": f"CPU, {torch.get_num_threads()} threads", "amp": "fp32", "steps": args.steps,
+           "device": device, "cpu_kernel": cpu_kernel.library() is not None, "amp": "fp32", "steps": args.steps,
            "warmup": args.warmup, "statistic": "median", "clock": args.clock}
     print(f"# {env}", flush=True)
     rows = []
@@ -167,22 +184,24 @@ def interleaved_main(args) -> None:
         else:
             variants = tuple(args.variants.split(",")) if args.variants else ("original", "ilm")
             networks, base, size, classes = timm_networks(model, variants), "original", args.size or 96, 1000
-        for batch in args.batch_sizes:
+        for batch, mode in [(b, m) for m in args.interleave_modes for b in args.batch_sizes]:
             clock = time.thread_time if args.clock == "cpu" else time.perf_counter
-            times = interleaved_step_times(networks, batch, size, classes, args.steps, args.warmup, clock=clock)
+            times = interleaved_step_times(networks, batch, size, classes, args.steps, args.warmup, clock=clock,
+                                           device=args.device, compile_mode=None if mode == "eager" else mode)
             med = {k: statistics.median(v) for k, v in times.items()}
-            row = {"model": model, "batch": batch, "size": size, "base": base,
+            row = {"model": model, "mode": mode, "batch": batch, "size": size, "base": base,
                    "ms": {k: v * 1e3 for k, v in med.items()},
                    "ratio": {k: v / med[base] for k, v in med.items() if k != base},
                    "q25_q75_ms": {k: [float(q) * 1e3 for q in statistics.quantiles(v, n=4)[::2]]
                                   for k, v in times.items()}}
             rows.append(row)
-            print(f"{model} batch {batch:3d}: {base} {row['ms'][base]:8.2f} ms  "
+            print(f"{model} {mode} batch {batch:3d}: {base} {row['ms'][base]:8.2f} ms  "
                   + "  ".join(f"{k}/{base} {r:.3f}" for k, r in row["ratio"].items()), flush=True)
     others = [k for k in rows[0]["ratio"]] if rows else []
-    table = ("| model | batch | input | base ms | " + " | ".join(f"{k} / base" for k in others) + " |\n"
-             + "|---|---:|---|---:|" + "---:|" * len(others) + "\n"
-             + "".join(f"| {r['model']} | {r['batch']} | {r['size']} px | {r['ms'][r['base']]:.2f} ({r['base']}) | "
+    table = ("| model | mode | batch | input | base ms | " + " | ".join(f"{k} / base" for k in others) + " |\n"
+             + "|---|---|---:|---|---:|" + "---:|" * len(others) + "\n"
+             + "".join(f"| {r['model']} | {r['mode']} | {r['batch']} | {r['size']} px | "
+                       f"{r['ms'][r['base']]:.2f} ({r['base']}) | "
                        + " | ".join(f"{r['ratio'].get(k, float('nan')):.2f}×" for k in others) + " |\n"
                        for r in rows))
     print()
@@ -207,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batch", type=int, default=None, help="64 on CUDA, 4 on CPU")
     p.add_argument("--size", type=int, default=None, help="224 on CUDA, 96 on CPU (ViT: 224 always)")
-    p.add_argument("--compile", default=None, help="'eager,compiled' (CUDA default) or 'eager' (CPU default)")
+    p.add_argument("--compile", default=None,
+                   help="'eager,compiled' (CUDA default) or 'eager' (CPU default); interleaved mode: 'eager' and/or "
+                        "torch.compile modes, e.g. 'eager,reduce-overhead' (CUDA graphs)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (CUDA 30, CPU 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (CUDA 10, CPU 2)")
     p.add_argument("--threads", type=int, default=2)
@@ -226,8 +247,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--clock cpu measures the calling thread only: pass --threads 1")
     args.argv = argv if argv is not None else sys.argv[1:]
     if args.batch_sizes or args.interleave or "figure1" in args.models.split(","):
-        if args.device != "cpu":
-            p.error("the interleaved mode (--batch-sizes, --interleave, figure1) runs on CPU; pass --device cpu")
+        if args.device not in ("cpu", "cuda") or (args.device == "cuda" and args.clock == "cpu"):
+            p.error("the interleaved mode runs on --device cpu or cuda (wall clock on cuda)")
+        args.interleave_modes = (args.compile or "eager").split(",")
+        if args.device == "cpu" and args.compile and args.compile != "eager":
+            print("# note: compiled modes on CPU pay inductor's compilation in the warm-up steps", flush=True)
         torch.set_num_threads(args.threads)
         args.batch_sizes = [int(b) for b in (args.batch_sizes or str(args.batch or 2)).split(",")]
         args.steps = args.steps or 30

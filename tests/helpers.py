@@ -271,3 +271,14 @@ class Reference:
             self._numbers = numbers(self.run)
             assert [row["epoch"] for row in self._numbers] == [1, 2, 3]
         return self._numbers
+
+
+def module_gradcheck(layer: nn.Module, x: torch.Tensor) -> bool:
+    """``torch.autograd.gradcheck`` of ``layer`` (float64) with respect to ``x`` and every parameter."""
+    names = [n for n, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
+
+    def fn(inp, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
+
+    return torch.autograd.gradcheck(fn, (x.detach().requires_grad_(True), *params), eps=1e-6, atol=1e-6, rtol=1e-5)

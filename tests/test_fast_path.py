@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from helpers import ILM_PARAMS, compare_fast_path, randomize, relative_difference, run_layer
+from helpers import ILM_PARAMS, compare_fast_path, module_gradcheck, randomize, relative_difference, run_layer
 from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm, fast, fast_torch
 
 # ------------------------------------------------------------------ shapes
@@ -81,14 +81,7 @@ def test_float64_gradcheck_of_the_fast_path(make, shape):
     small = tuple(
         min(s, 3) if i != 1 and not (i == len(shape) - 1 and not layer.pooled) else s for i, s in enumerate(shape)
     )
-    x = torch.randn(small, dtype=torch.float64, requires_grad=True)
-    names = [n for n, _ in layer.named_parameters()]
-    params = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
-
-    def fn(inp, *ps):
-        return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
-
-    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert module_gradcheck(layer, torch.randn(small, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ large means

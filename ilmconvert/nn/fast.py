@@ -1,8 +1,9 @@
 """The fast path of the ILM layers: when it applies, and which implementation runs it.
 
 :func:`use_fast_path` decides per call whether a layer can take the fast path; :func:`forward`
-runs it: the PyTorch implementation (:mod:`ilmconvert.nn.fast_torch`, everywhere) or, for the
-pooled front-ends on CUDA, the Triton kernels (:mod:`ilmconvert.nn.triton_ilm`, imported lazily).
+runs it: the PyTorch implementation (:mod:`ilmconvert.nn.fast_torch`, everywhere), for the
+pooled front-ends on CUDA the Triton kernels (:mod:`ilmconvert.nn.triton_ilm`, imported lazily), and
+for small pooled inputs on eager CPU a compiled C++ kernel (:mod:`ilmconvert.nn.cpu_kernel`).
 A Triton kernel that fails to compile or launch is given up for the rest of the process with one
 warning, and the PyTorch implementation computes the same function (docs/design.md §4).
 
@@ -12,7 +13,7 @@ declare and :class:`~ilmconvert.nn.core.ILMNorm` clears for subclasses that over
 this module never imports the layers (like timm's ``fast_norm.py``).
 
 ``ILMCONVERT_REFERENCE=1`` in the environment, or ``layer.fast = False``, forces the reference
-path; ``layer.fast = "torch"`` or ``"triton"`` forces one implementation (``True`` / ``None``:
+path; ``layer.fast = "torch"`` (PyTorch operations only) or ``"triton"`` forces one implementation (``True`` / ``None``:
 automatic).
 """
 
@@ -25,6 +26,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from . import cpu_kernel
 from .fast_torch import PooledILM, TokenILM, pooled_view_strides
 
 REFERENCE_ENV = "ILMCONVERT_REFERENCE"
@@ -150,6 +152,8 @@ def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
                     return triton_ilm.pooled_ilm(x, b_omega, b_beta, w1, w2, w3, spec)
             except Exception as err:  # compile or launch failure: the PyTorch implementation takes over
                 triton_ilm.give_up(err)
+        elif layer.fast != "torch" and cpu_kernel.applies(x, (b_omega, b_beta, w1, w2, w3), out_dtype):
+            return cpu_kernel.PooledILMCPU.apply(x, b_omega, b_beta, w1, w2, w3, spec)
         with autocast_disabled(x.device.type):  # statistics and MLP never autocast
             y = PooledILM.apply(x, b_omega, b_beta, w1, w2, w3, spec)
         # the Function returns a fresh tensor (maybe as (1, B*C, P)); reshaping out here keeps an
@@ -179,11 +183,10 @@ def _triton() -> ModuleType | None:
 
 def _want_triton(layer: nn.Module, x: torch.Tensor) -> bool:
     choice = getattr(layer, "fast", None)
-    if choice == "torch":
+    if choice == "torch" or (choice != "triton" and not x.is_cuda):
         return False
-    interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
     if choice == "triton":
-        return (x.is_cuda or interpret) and _triton_usable()
+        return (x.is_cuda or os.environ.get("TRITON_INTERPRET", "") == "1") and _triton_usable()
     if not x.is_cuda or x.dtype == torch.float64 or torch.compiler.is_compiling():
         return False
     return _triton_usable() and pooled_view_strides(x) is not None
