@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import hashlib
 import pickle
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -229,6 +230,9 @@ def create_model(
                 problems = load(model, state)
             if problems:
                 raise ModelSourceError(f"weights file {weights} does not fit {spec}: {problems}")
+            note = tensorflow_port_note(library, name, state)
+            if note:
+                warnings.warn(f"{weights}: {note}", UserWarning, stacklevel=2)
             source.weights_file, source.weights_sha256 = str(weights), sha256_of(weights)
     else:
         _check_name(library, name)
@@ -346,7 +350,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def safe_torch_load(path: Path) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, without torch's warnings on stderr."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says more
@@ -447,6 +450,33 @@ def load_state_dict_by_position(model: nn.Module, state: dict[str, torch.Tensor]
     renamed = {k: v for (k, _), (_, v) in zip(_positional_tensors(own), _positional_tensors(state))}
     renamed.update({k: v for k, v in own.items() if k.endswith("num_batches_tracked")})
     return load_state_dict_checked(model, renamed)
+
+
+#: Names every EfficientNet-PyTorch state dict begins with (lukemelas/EfficientNet-PyTorch and its
+#: EfficientNet-Lite fork), whose weights are ports of the TensorFlow checkpoints.
+_TENSORFLOW_PORT_NAMES = ("_conv_stem.weight", "_bn0.weight", "_bn0.running_var")
+
+
+def tensorflow_port_note(library: str, name: str, state: Mapping[str, torch.Tensor]) -> str:
+    """A one-line note when ``state`` is a TensorFlow port loaded into the PyTorch-style timm variant, else "".
+
+    EfficientNet-PyTorch's weights (names ``_conv_stem``, ``_bn0``, ...) were trained in TensorFlow:
+    they expect its asymmetric 'same' padding and BatchNorm eps 1e-3, which timm builds as
+    ``tf_NAME`` (``Conv2dSame``, ``eps=1e-3``, with the TensorFlow input normalization in its
+    pretrained configuration); timm's ``NAME`` pads symmetrically with eps 1e-5. Their tensors
+    match either one by position (:func:`load_state_dict_by_position`), so only the names tell.
+    """
+    if library != "timm" or name.startswith("tf_") or not all(k in state for k in _TENSORFLOW_PORT_NAMES):
+        return ""
+    import timm
+
+    if not timm.is_model(f"tf_{name}"):
+        return ""
+    return (
+        f"the names (_conv_stem, _bn0, ...) are EfficientNet-PyTorch's, whose weights are TensorFlow ports "
+        f"expecting 'same' padding and BatchNorm eps 1e-3: timm builds that as tf_{name}, not {name} "
+        f"(pass timm:tf_{name})"
+    )
 
 
 # ---------------------------------------------------------------------------------------- description

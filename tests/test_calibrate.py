@@ -4,6 +4,7 @@ loading weights by position: small self-built networks, CPU, offline."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -288,6 +289,35 @@ def test_weights_by_position_refuses_count_and_shape_mismatch():
     assert "likely cause" in load_state_dict_checked(target, fewer)
     counters = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     assert load_state_dict_by_position(target, counters) == ""  # BN's counters aside
+
+
+def _efficientnet_pytorch_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` renamed as EfficientNet-PyTorch names its tensors (its first three names are real)."""
+    names = ["_conv_stem.weight", "_bn0.weight", "_bn0.bias", "_bn0.running_mean", "_bn0.running_var"]
+    return {(names[i] if i < len(names) else f"_blocks.{i}"): v.clone() for i, v in enumerate(state.values())}
+
+
+def test_weights_by_position_names_the_tensorflow_architecture_for_an_efficientnet_pytorch_port(tmp_path):
+    from ilmconvert.models import create_model, tensorflow_port_note
+
+    tf_net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
+    state = {k: v for k, v in tf_net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert list(state)[:5] == ["conv_stem.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"]
+    port = _efficientnet_pytorch_names(state)
+    path = tmp_path / "port.pth"  # a pickled state dict keeps its order (safetensors sorts the names)
+    torch.save(port, path)
+    expected = r"tf_efficientnet_lite0, not efficientnet_lite0 \(pass timm:tf_efficientnet_lite0\)"
+    with pytest.warns(UserWarning, match=expected):
+        plain = create_model("timm:efficientnet_lite0", weights=path, weights_by_position=True, num_classes=10)
+    assert isinstance(plain.bn1, torch.nn.BatchNorm2d) and plain.bn1.eps == 1e-5  # the mismatch the note names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tf = create_model("timm:tf_efficientnet_lite0", weights=path, weights_by_position=True, num_classes=10)
+    assert tf.bn1.eps == 1e-3 and torch.equal(tf.conv_stem.weight, state["conv_stem.weight"])
+    # names from elsewhere, or no tf_ variant: no note
+    assert tensorflow_port_note("timm", "efficientnet_lite0", state) == ""
+    assert tensorflow_port_note("timm", "resnet18", port) == ""
+    assert tensorflow_port_note("torchvision", "efficientnet_b0", port) == ""
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
