@@ -162,6 +162,9 @@ def _load(path: Path) -> ctypes.CDLL:
         bwd = getattr(lib, f"proxy_gn_backward_{suffix}")
         bwd.argtypes = [ptr] * 18 + [i64] * 6 + [f64] * 2
         bwd.restype = None
+    # the GN + PN entry points by input dtype, looked up once (not per call by name)
+    lib.proxy_forward = {dt: getattr(lib, f"proxy_gn_forward_{sfx}") for dt, sfx in _SUFFIX.items()}
+    lib.proxy_backward = {dt: getattr(lib, f"proxy_gn_backward_{sfx}") for dt, sfx in _SUFFIX.items()}
     return lib
 
 
@@ -276,21 +279,28 @@ def proxy_applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], act:
     Args:
         x: ``(B, C, *spatial)``; params: ``(gamma, beta, gamma~, beta~, w_out, b_out)`` (the output
             affine may be None); act: the activation (ReLU, GELU, SiLU).
+
+    Called once per layer and step at small batches, where each microsecond of Python shows in the
+    step time (docs/performance.md, issue 20): the cheap tensor checks come first and the
+    parameters are checked in one plain loop.
     """
+    dtype = x.dtype
     if (
-        torch.compiler.is_compiling()
-        or x.device.type != "cpu"
-        or x.dtype not in _SUFFIX
+        not x.is_cpu
+        or dtype not in _SUFFIX
         or x.dim() < 3
-        or x.numel() == 0
         or not x.is_contiguous()
-        or (x.numel() > MAX_NUMEL and torch.get_num_threads() > 1)
+        or torch.compiler.is_compiling()
         or torch.is_autocast_enabled("cpu")
-        or activation_code(act) is None
-        or not enabled()
     ):
         return False
-    return _parameters_fit(x, params) and library() is not None
+    numel = x.numel()
+    if numel == 0 or (numel > MAX_NUMEL and torch.get_num_threads() > 1) or activation_code(act) is None:
+        return False
+    for t in params:
+        if t is not None and (t.dtype != dtype or not t.is_cpu or not t.is_contiguous()):
+            return False
+    return enabled() and (_LIB or library()) is not None
 
 
 class ProxyGroupNormActCPU(torch.autograd.Function):
@@ -305,31 +315,31 @@ class ProxyGroupNormActCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, weight, bias, proxy_weight, proxy_bias, output_weight, output_bias, q, spec):
         groups, norm_eps, proxy_eps, act = spec
+        b, c = x.shape[0], x.shape[1]
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        stats = x.new_empty((x.shape[0], groups, 2), dtype=torch.float64)  # mean, rstd per group
-        coef = x.new_empty((4, x.shape[1]), dtype=torch.float64)  # the proxy's s, t, m, r per channel
-        params = (weight, bias, proxy_weight, proxy_bias, output_weight, output_bias)
-        fn = getattr(_LIB, f"proxy_gn_forward_{_SUFFIX[x.dtype]}")
-        ctx.dims = _proxy_dims(x, q, spec)
-        fn(x.data_ptr(), y.data_ptr(), stats.data_ptr(), coef.data_ptr(), *map(_ptr, params), q.data_ptr(), *ctx.dims)
-        ctx.save_for_backward(x, stats, coef, q, *params)
+        # one float64 workspace: (B, G, 2) group mean and rstd, then (4, C) the proxy's s, t, m, r
+        work = torch.empty(b * groups * 2 + 4 * c, dtype=torch.float64)
+        stats, coef = work.data_ptr(), work.data_ptr() + 8 * b * groups * 2
+        ctx.dims = dims = (b, c, x.numel() // (b * c), groups, q.shape[0], act, norm_eps, proxy_eps)
+        ctx.coef_offset = coef - stats
+        _LIB.proxy_forward[x.dtype](
+            x.data_ptr(), y.data_ptr(), stats, coef, weight.data_ptr(), bias.data_ptr(), proxy_weight.data_ptr(),
+            proxy_bias.data_ptr(), _ptr(output_weight), _ptr(output_bias), q.data_ptr(), *dims,
+        )
+        ctx.save_for_backward(x, work, q, weight, bias, proxy_weight, proxy_bias, output_weight, output_bias)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy):
-        x, stats, coef, q, *params = ctx.saved_tensors
+        x, work, q, *params = ctx.saved_tensors
         dy = _like_input(dy, x)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         grads = [None if t is None else torch.empty_like(t) for t in params]
-        fn = getattr(_LIB, f"proxy_gn_backward_{_SUFFIX[x.dtype]}")
-        fn(x.data_ptr(), dy.data_ptr(), stats.data_ptr(), coef.data_ptr(), dx.data_ptr(), *map(_ptr, grads),
-           *map(_ptr, params), q.data_ptr(), *ctx.dims)
+        stats = work.data_ptr()
+        _LIB.proxy_backward[x.dtype](
+            x.data_ptr(), dy.data_ptr(), stats, stats + ctx.coef_offset, dx.data_ptr(), *map(_ptr, grads),
+            *map(_ptr, params), q.data_ptr(), *ctx.dims,
+        )
         needs = ctx.needs_input_grad
         return (dx if needs[0] else None, *(g if need else None for g, need in zip(grads, needs[1:7])), None, None)
-
-
-def _proxy_dims(x: torch.Tensor, q: torch.Tensor, spec: tuple) -> tuple:
-    groups, norm_eps, proxy_eps, act = spec
-    b, c = x.shape[:2]
-    return b, c, x.numel() // (b * c), groups, q.shape[0], act, norm_eps, proxy_eps
