@@ -369,7 +369,7 @@ class ProxyGroupNormAct(ProxyFromNorm, FromNorm, ProxyNormAct):
         except KeyError:  # a parametrized tensor (torch.nn.utils.parametrize) is an attribute only
             params = (self.weight, self.bias, self.proxy_weight, self.proxy_bias, self.output_weight, self.output_bias)
         if cpu_kernel.proxy_applies(x, params, self.act) and not exporting() and not _functorch_active():
-            q = cached_proxy_points(self.num_proxy, torch.float64, x.device)
+            q = cached_proxy_points(self.num_proxy, torch.float64, x.device, eager=True)
             spec = (self.num_groups, self.norm_eps, self.eps, cpu_kernel.activation_code(self.act))
             return cpu_kernel.ProxyGroupNormActCPU.apply(x, *params, q, spec)  # small inputs, eager CPU
         folded = self._folded_into_standardization(x)

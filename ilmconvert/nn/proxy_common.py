@@ -42,10 +42,13 @@ def proxy_points_float64(num_proxy: int) -> tuple[float, ...]:
 _POINT_TENSORS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def cached_proxy_points(num_proxy: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def cached_proxy_points(
+    num_proxy: int, dtype: torch.dtype, device: torch.device, *, eager: bool = False
+) -> torch.Tensor:
     """:func:`proxy_points`, kept per (n, dtype, device) in eager mode; computed afresh while
-    compiling, tracing or exporting (a kept tensor would enter the graph as a stray constant)."""
-    if torch.compiler.is_compiling() or exporting():
+    compiling, tracing or exporting (a kept tensor would enter the graph as a stray constant).
+    ``eager=True``: the caller has already checked that none of these is under way."""
+    if not eager and (torch.compiler.is_compiling() or exporting()):
         return proxy_points(num_proxy, dtype, device)
     key = (num_proxy, dtype, device)
     if key not in _POINT_TENSORS:
