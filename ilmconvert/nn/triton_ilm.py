@@ -16,10 +16,16 @@ float16 (statistics and coefficients always float32). Four kernels, each one pas
 - ``_bwd_sums``:  ``S0 = sum dy``, ``S1 = sum dy * (x - M)`` per (b, c);
 - ``_bwd_apply``: ``dx = dy * a + (x - M) * e + f``.
 
-Everything between the passes (group moments, auto-encoder, its hand-written backward) runs on
-``(B, C)`` tensors in PyTorch, shared with the pure-PyTorch path: in particular eq. 6 as the layers
-parametrize it, ``omega = up(D_gamma - 1/2) + weight`` (:func:`fast_torch.pooled_coefficients`), so
-the kernels only ever see the per-(b, c) coefficients ``M``, ``a``, ``beta``, ``e``, ``f``.
+Everything between the passes (group moments, auto-encoder, alignment and their backward) is, where
+:func:`triton_small.applies`, one more kernel each way (:mod:`ilmconvert.nn.triton_small`):
+``moments -> _small_forward -> apply`` forward, ``bwd_sums -> _small_backward (+ one sum over the
+batch) -> bwd_apply`` backward. Elsewhere (tiles above :data:`triton_small.MAX_TILE`, e.g. K = 1 at
+thousands of channels, or ``ILMCONVERT_TRITON_SMALL=0``) it runs on ``(B, C)`` tensors in PyTorch,
+shared with the pure-PyTorch path (:func:`fast_torch.pooled_coefficients`,
+:func:`fast_torch.pooled_small_backward`). Both compute eq. 6 as the layers parametrize it,
+``omega = up(D_gamma - 1/2) + weight``; the pass kernels only ever see the per-(b, c) coefficients
+``M``, ``a``, ``beta``, ``e``, ``f``. A fused backward that fails rebuilds the PyTorch path's saved
+tensors from the saved moments (:class:`triton_small.SavedForFallback`).
 """
 
 from __future__ import annotations
@@ -250,7 +256,8 @@ def bwd_apply(dy, x, m, a, e, f) -> torch.Tensor:
 
 
 class _TritonPooledILM(torch.autograd.Function):
-    """ILM+GN / ILM+IN on the Triton kernels; the (B, C) algebra is shared with the PyTorch path."""
+    """ILM+GN / ILM+IN on the Triton kernels; the (B, C) part fused (:mod:`.triton_small`) where it
+    applies, else the PyTorch path's (B, C) code (``ctx.fused`` says which, and what was saved)."""
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
