@@ -104,11 +104,11 @@ def run_on_device(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, fast: str
         return run(layer, x, dy)
     from ilmconvert.nn import triton_ilm, triton_small
 
-    triton_small.set_enabled(fast == "triton")
+    enabled, triton_small.ENABLED = triton_small.ENABLED, fast == "triton"
     try:
         out = run(layer, x, dy)
     finally:
-        triton_small.set_enabled(None)
+        triton_small.ENABLED = enabled
     if triton_ilm.FAILURE is not None:
         raise RuntimeError(f"the Triton path gave up: {triton_ilm.FAILURE}")
     return out

@@ -227,11 +227,11 @@ def _variant_call(layer: nn.Module, fast: str, x, dy) -> Callable[[], None]:
     layer.fast = "triton" if fast.startswith("triton") else fast
 
     def call():
-        triton_small.set_enabled(fast == "triton")
+        enabled, triton_small.ENABLED = triton_small.ENABLED, fast == "triton"
         try:
             fwd_bwd(layer, x, dy)
         finally:
-            triton_small.set_enabled(None)
+            triton_small.ENABLED = enabled
 
     return call
 

@@ -136,6 +136,22 @@ def run_under_triton_interpreter(test_file: str) -> None:
     assert " passed" in proc.stdout and "skipped" in proc.stdout
 
 
+def count_calls(monkeypatch, module, names, calls: dict[str, int] | None = None) -> dict[str, int]:
+    """Replace each function ``module.<name>`` by a wrapper counting its calls into ``calls``
+    (a new dict unless given), undone with ``monkeypatch``; returns ``calls``."""
+    calls = {} if calls is None else calls
+    for name in names:
+        calls.setdefault(name, 0)
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 # ------------------------------------------------------------------------------------------ training
 #: A small GroupNorm ResNet (timm ``resnet18`` kwargs, 1.25 M parameters): the tests' network.
 TINY_MODEL = {

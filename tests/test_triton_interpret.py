@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the child process (see module doc)")
 
-from helpers import compare_fast_path, randomize, run_under_triton_interpreter  # noqa: E402
+from helpers import compare_fast_path, count_calls, randomize, run_under_triton_interpreter  # noqa: E402
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
@@ -44,20 +44,12 @@ def triton_launches(monkeypatch):
     from ilmconvert.nn import triton_ilm, triton_small
 
     passes = ("moments", "apply", "bwd_sums", "bwd_apply")
-    calls = {name: 0 for name in (*passes, "small_forward", "small_backward")}
-    for name in calls:
-        module = triton_ilm if name in passes else triton_small
-        real = getattr(module, name)
-
-        def counted(*args, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(*args)
-
-        monkeypatch.setattr(module, name, counted)
+    calls = count_calls(monkeypatch, triton_ilm, passes)
+    count_calls(monkeypatch, triton_small, ("small_forward", "small_backward"), calls)
     yield calls
     assert triton_ilm.FAILURE is None, f"the Triton path fell back to PyTorch: {triton_ilm.FAILURE}"
     assert all(calls[name] for name in passes), f"a Triton kernel did not run: {calls}"
-    fused = triton_small.enabled()
+    fused = triton_small.ENABLED
     assert bool(calls["small_forward"]) == bool(calls["small_backward"]) == fused, (fused, calls)
 
 
@@ -68,7 +60,7 @@ def triton_launches(monkeypatch):
 def test_triton_matches_reference_float32(make, shape, layout, fused, triton_launches, monkeypatch):
     from ilmconvert.nn import triton_small
 
-    monkeypatch.setattr(triton_small, "_ENABLED", fused)  # the (B, C) part: one kernel, or PyTorch
+    monkeypatch.setattr(triton_small, "ENABLED", fused)  # the (B, C) part: one kernel, or PyTorch
     layer = make()
     randomize(layer, seed=21)
     x = torch.randn(shape) * 1.5 - 0.4

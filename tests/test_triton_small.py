@@ -25,6 +25,7 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the chi
 
 from helpers import (  # noqa: E402
     compare_fast_path,
+    count_calls,
     randomize,
     relative_difference,
     run_layer,
@@ -138,19 +139,6 @@ def test_small_backward_matches_the_pytorch_backward(b, c, g, k, m, bias, w_scal
         _close(got, y64, y32, name)
 
 
-def _count(monkeypatch, *names):
-    calls = dict.fromkeys(names, 0)
-    for name in names:
-        real = getattr(triton_small, name)
-
-        def counted(*args, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(*args)
-
-        monkeypatch.setattr(triton_small, name, counted)
-    return calls
-
-
 @needs_interpreter
 @pytest.mark.parametrize(
     "make, shape",
@@ -163,7 +151,7 @@ def _count(monkeypatch, *names):
 def test_layer_on_the_fused_kernels_matches_the_float64_reference(make, shape, monkeypatch):
     """The whole layer, forward and backward: against autograd through the float64 reference path."""
     monkeypatch.setattr(triton_ilm, "FAILURE", None)
-    calls = _count(monkeypatch, "small_forward", "small_backward")
+    calls = count_calls(monkeypatch, triton_small, ("small_forward", "small_backward"))
     layer = make()
     randomize(layer, seed=5)
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last) * 2.0 + 0.5
@@ -196,17 +184,18 @@ def test_a_failing_fused_kernel_falls_back_to_pytorch(which, monkeypatch):
 
 def test_applies_only_where_triton_runs_and_the_tiles_fit(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(triton_small, "_ENABLED", None)
-    monkeypatch.delenv(triton_small.ENV, raising=False)
+    monkeypatch.setattr(triton_small, "ENABLED", True)
     assert triton_small.applies(cuda, 256, 32, 16, 2)
     assert triton_small.applies(cuda, 2048, 32, 16, 8)  # resnet50's widest GroupNorm
     assert not triton_small.applies(cuda, 4096, 32, 1, 256)  # N x M = 4096 x 256 > MAX_TILE
     assert not triton_small.applies(cuda, 32768, 32, 16, 128)  # G x C/G = 32 x 1024 > MAX_TILE
     assert triton_small.applies(cpu, 256, 32, 16, 2) == INTERPRETING  # CPU: only under the interpreter
-    monkeypatch.setenv(triton_small.ENV, "0")
+    monkeypatch.setattr(triton_small, "ENABLED", False)
     assert not triton_small.applies(cuda, 256, 32, 16, 2)
-    triton_small.set_enabled(True)  # the call's choice wins over the environment's
-    assert triton_small.applies(cuda, 256, 32, 16, 2)
-    triton_small.set_enabled(False)
-    assert not triton_small.applies(cuda, 256, 32, 16, 2)
+
+
+@pytest.mark.parametrize("value, enabled", [("", True), ("1", True), ("0", False), (" Off", False), ("no", False)])
+def test_the_environment_turns_the_fused_kernels_off(value, enabled, monkeypatch):
+    monkeypatch.setenv(triton_small.ENV, value)
+    assert triton_small._enabled_by_environment() is enabled
 

@@ -28,11 +28,11 @@ backward reads the forward's saved ``rstd`` / key features at each channel's gro
 loads of tensors written by an earlier launch), so the kernels need no barrier.
 
 When it applies (:func:`applies`): Triton usable on the tensors' device (CUDA, or CPU under
-``TRITON_INTERPRET=1``), :func:`enabled`, and every tile at most :data:`MAX_TILE` elements after
+``TRITON_INTERPRET=1``), :data:`ENABLED`, and every tile at most :data:`MAX_TILE` elements after
 rounding to powers of two (``G x C/G``, ``N x K``, ``N x M``; e.g. C <= 8192 with the default
 K = 16, r = 16). Elsewhere the layer keeps the PyTorch ``(B, C)`` code. ``ILMCONVERT_TRITON_SMALL=0``
-in the environment or :func:`set_enabled(False) <set_enabled>` turns it off (benchmarks compare
-both). A compile or launch failure gives up every Triton kernel through
+in the environment (read at import) or ``triton_small.ENABLED = False`` turns it off (benchmarks
+compare both). A compile or launch failure gives up every Triton kernel through
 :func:`triton_ilm.give_up` (one warning); the PyTorch path then computes the same function.
 
 All arithmetic is float32 (the Triton path's statistics dtype). Tested under the Triton
@@ -54,20 +54,16 @@ from . import fast_torch
 ENV = "ILMCONVERT_TRITON_SMALL"
 #: Largest tile (elements, after rounding each side to a power of two) a program holds.
 MAX_TILE = 16384
-_ENABLED: bool | None = None
 
 
-def set_enabled(flag: bool | None) -> None:
-    """Use the fused kernels (True), the PyTorch ``(B, C)`` code (False), or the environment's choice (None)."""
-    global _ENABLED
-    _ENABLED = flag
-
-
-def enabled() -> bool:
-    """:func:`set_enabled`'s choice, else not ``ILMCONVERT_TRITON_SMALL=0``."""
-    if _ENABLED is not None:
-        return _ENABLED
+def _enabled_by_environment() -> bool:
+    """False when ``ILMCONVERT_TRITON_SMALL`` is ``0`` / ``false`` / ``no`` / ``off``."""
     return os.environ.get(ENV, "").strip().lower() not in ("0", "false", "no", "off")
+
+
+#: Whether the fused kernels may run (:func:`applies`): from the environment at import; benchmarks
+#: and tests set it to compare with the PyTorch ``(B, C)`` code.
+ENABLED: bool = _enabled_by_environment()
 
 
 def _p2(n: int) -> int:
@@ -77,7 +73,7 @@ def _p2(n: int) -> int:
 def applies(device: torch.device, c: int, groups: int, k: int, hidden: int) -> bool:
     """Whether the fused kernels run the ``(B, C)`` part of a layer with C channels, G norm groups,
     key groups of K channels and an encoder of ``hidden`` (M) units, on ``device``."""
-    if not enabled():
+    if not ENABLED:
         return False
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
         return False
@@ -99,6 +95,26 @@ def _tanh(u):
 
 
 @triton.jit
+def _tile(NG, SIZE, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """A sample's channels as a ``(groups, channels per group)`` tile of contiguous groups:
+    ``(group index, mask, channel index)``."""
+    gi = tl.arange(0, BLOCK_A)
+    mask = (gi < NG)[:, None] & (tl.arange(0, BLOCK_B) < SIZE)[None, :]
+    return gi, mask, gi[:, None] * SIZE + tl.arange(0, BLOCK_B)[None, :]
+
+
+@triton.jit
+def _group_moments(MEAN, VAR, row, mask, ch, SIZE):
+    """Each group's mean and biased variance from its channels' (Chan's combination, equal counts):
+    ``mean = avg m_c``, ``var = avg (v_c + (m_c - mean)^2)``."""
+    m = tl.load(MEAN + row + ch, mask=mask, other=0.0)
+    v = tl.load(VAR + row + ch, mask=mask, other=0.0)
+    mean = tl.sum(m, axis=1) / SIZE
+    dm = tl.where(mask, m - mean[:, None], 0.0)
+    return mean, tl.sum(v + dm * dm, axis=1) / SIZE
+
+
+@triton.jit
 def _small_forward(
     MEAN, VAR, W, BIAS, W1, W2, W3,  # inputs: (B, C) x2, (C,) x2, (M, N), (N, M) x2
     BIGM, A, BETA, RSTD, KEYS, ENC, DEC,  # outputs: (B, C) x3, (B, G), (2, B, N), (2, B, M), (2, B, N)
@@ -108,16 +124,9 @@ def _small_forward(
 ):  # fmt: skip
     b = tl.program_id(0)
     row = b * C
-    # key features (eq. 3) on the (N, K) tile: mu = avg m_c, gamma = avg (v_c + (m_c - mu)^2)
-    ns = tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    kmask = (ns < N)[:, None] & (ks < K)[None, :]
-    kch = ns[:, None] * K + ks[None, :]
-    m = tl.load(MEAN + row + kch, mask=kmask, other=0.0)
-    v = tl.load(VAR + row + kch, mask=kmask, other=0.0)
-    mu = tl.sum(m, axis=1) / K
-    dm = tl.where(kmask, m - mu[:, None], 0.0)
-    gamma = tl.sum(v + dm * dm, axis=1) / K
+    # key features (eq. 3) on the (N, K) tile
+    ns, kmask, kch = _tile(N, K, BLOCK_N, BLOCK_K)
+    mu, gamma = _group_moments(MEAN, VAR, row, kmask, kch, K)
     # encoder (eq. 4, W1 shared) and decoders (eq. 5)
     hs = tl.arange(0, BLOCK_H)
     nmask, hmask = ns < N, hs < H
@@ -135,16 +144,10 @@ def _small_forward(
     tl.store(ENC + (B + b) * H + hs, e_ga, mask=hmask)
     tl.store(DEC + b * N + ns, d_mu, mask=nmask)
     tl.store(DEC + (B + b) * N + ns, d_ga, mask=nmask)
-    # norm groups (eq. 1) on the (G, C/G) tile, Chan's combination as above
-    gs = tl.arange(0, BLOCK_G)
-    ss = tl.arange(0, BLOCK_S)
-    gmask = (gs < G)[:, None] & (ss < S)[None, :]
-    ch = gs[:, None] * S + ss[None, :]
-    m = tl.load(MEAN + row + ch, mask=gmask, other=0.0)
-    v = tl.load(VAR + row + ch, mask=gmask, other=0.0)
-    mean_g = tl.sum(m, axis=1) / S
-    dm = tl.where(gmask, m - mean_g[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(v + dm * dm, axis=1) / S + eps)
+    # norm groups (eq. 1) on the (G, C/G) tile
+    gs, gmask, ch = _tile(G, S, BLOCK_G, BLOCK_S)
+    mean_g, var_g = _group_moments(MEAN, VAR, row, gmask, ch, S)
+    rstd = 1.0 / tl.sqrt(var_g + eps)
     tl.store(RSTD + b * G + gs, rstd, mask=gs < G)
     # up(D_mu), up(D_gamma) on this tile: the decoders at each channel's key group, from e_mu / e_ga
     nc = ch // K
@@ -177,11 +180,8 @@ def _small_backward(
     row = b * C
     part = PART + b * L
     # key groups: dL/dD_mu = sum S0, dL/dD_gamma = sum S1 * rstd (rstd read at each channel's norm group)
-    ns = tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
+    ns, kmask, kch = _tile(N, K, BLOCK_N, BLOCK_K)
     nmask = ns < N
-    kmask = nmask[:, None] & (ks < K)[None, :]
-    kch = ns[:, None] * K + ks[None, :]
     s0 = tl.load(S0 + row + kch, mask=kmask, other=0.0)
     ga = tl.load(GA + row + kch, mask=kmask, other=0.0)
     r = tl.load(RSTD + b * G + kch // S, mask=kmask, other=0.0)
@@ -209,10 +209,7 @@ def _small_backward(
     g_w1 = h_mu[:, None] * mu[None, :] + h_ga[:, None] * gamma[None, :]
     tl.store(part + 2 * C + hs[:, None] * N + ns[None, :], g_w1, mask=hmask[:, None] & nmask[None, :])
     # norm groups: S_a = sum a * S0 (= -dL/dmean_g), Q = sum S1 * omega * rstd^3 (dL/dvar_g = -Q / 2)
-    gs = tl.arange(0, BLOCK_G)
-    ss = tl.arange(0, BLOCK_S)
-    gmask = (gs < G)[:, None] & (ss < S)[None, :]
-    ch = gs[:, None] * S + ss[None, :]
+    gs, gmask, ch = _tile(G, S, BLOCK_G, BLOCK_S)
     nc = ch // K
     s0 = tl.load(S0 + row + ch, mask=gmask, other=0.0)
     ga = tl.load(GA + row + ch, mask=gmask, other=0.0)
