@@ -160,6 +160,22 @@ def test_layer_on_the_fused_kernels_matches_the_float64_reference(make, shape, m
     assert triton_ilm.FAILURE is None
 
 
+@needs_interpreter
+def test_bfloat16_layer_and_input_on_the_fused_kernels(monkeypatch):
+    """bfloat16 parameters and input: the kernels compute in float32 and the parameter gradients
+    come back in bfloat16, within 1e-2 of the float64 reference path (as tests/test_triton_interpret.py
+    bounds half-precision input)."""
+    monkeypatch.setattr(triton_ilm, "FAILURE", None)
+    calls = count_calls(monkeypatch, triton_small, ("small_forward", "small_backward"))
+    layer = ILMGroupNorm(8, 64)
+    randomize(layer, seed=7)
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(2, 64, 3, 3).to(torch.bfloat16)
+    compare_fast_path(layer, x, tol=1e-2, fast_choice="triton")
+    assert calls == {"small_forward": 1, "small_backward": 1}, calls
+    assert triton_ilm.FAILURE is None
+
+
 def _fail(*args, **kwargs):
     raise RuntimeError("injected: triton.compiler.errors.CompilationError at 1:2")
 
