@@ -46,6 +46,8 @@ CASES = [
     (2, 48, 48, 4, 3, True),  # InstanceNorm: G = C
     (4, 96, 32, 1, 6, True),  # K = 1: every channel a key group
     (2, 256, 32, 16, 2, True),  # a Figure-1 layer (GroupNorm 32, C = 256)
+    (2, 16, 4, 16, 2, True),  # one key group (N = 1)
+    (1, 32, 1, 8, 2, True),  # one norm group (G = 1)
 ]
 IDS = [f"B{b}-C{c}-G{g}-K{k}-M{m}" + ("" if bias else "-nobias") for b, c, g, k, m, bias in CASES]
 #: float32 kernels against the float64 PyTorch code: relative to each tensor's largest entry. Where the
