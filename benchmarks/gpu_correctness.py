@@ -3,7 +3,10 @@
 For each layer (ILM on GroupNorm / InstanceNorm / LayerNorm tokens, Proxy Norm GN + PN-Act,
 ILM + PN), input case (odd sizes, batch 1, a large mean), dtype (fp32, bf16, fp16), layout
 (contiguous, channels_last for pooled layers) and implementation (``layer.fast`` = ``"torch"`` /
-``"triton"`` for ILM; Proxy Norm has one eager path), runs forward and backward on the device and
+``"triton"`` for ILM, the latter twice: ``triton`` with the fused ``(B, C)`` kernels of
+``ilmconvert/nn/triton_small.py`` where they apply, ``triton-unfused`` with the PyTorch ``(B, C)``
+code between the Triton passes; a Triton row fails if the Triton path gave up and PyTorch computed
+it; Proxy Norm has one eager path), runs forward and backward on the device and
 compares the output and every gradient (input and parameters) with the reference path of a
 float64 copy on the CPU, fed the same dtype-rounded input: ``max |a - b| / max |b|`` (a tensor
 whose exact values all lie below a millionth of the largest compared value is judged at that
@@ -16,6 +19,8 @@ every row passes; exit code 1 otherwise.
 Usage::
 
     python benchmarks/gpu_correctness.py --out $OUT/correctness.json
+    python benchmarks/gpu_correctness.py --device cpu                                   # dry run, no Triton rows
+    TRITON_INTERPRET=1 python benchmarks/gpu_correctness.py --device cpu --dtypes fp32  # with them, interpreted
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +91,29 @@ def relative(a: torch.Tensor, b: torch.Tensor, floor: float) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(floor)).item()
 
 
+def run_on_device(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, fast: str | None) -> list[torch.Tensor]:
+    """:func:`run` with ``layer.fast = fast``; ``"triton-unfused"``: Triton with the PyTorch ``(B, C)`` code.
+
+    Raises:
+        RuntimeError: a Triton variant on which the Triton path gave up (PyTorch computed it).
+    """
+    if fast is None:
+        return run(layer, x, dy)
+    layer.fast = "triton" if fast.startswith("triton") else fast
+    if layer.fast != "triton":
+        return run(layer, x, dy)
+    from ilmconvert.nn import triton_ilm, triton_small
+
+    enabled, triton_small.ENABLED = triton_small.ENABLED, fast == "triton"
+    try:
+        out = run(layer, x, dy)
+    finally:
+        triton_small.ENABLED = enabled
+    if triton_ilm.FAILURE is not None:
+        raise RuntimeError(f"the Triton path gave up: {triton_ilm.FAILURE}")
+    return out
+
+
 def check(name, make, shape, offset, pooled, dtype, layout, fast, device) -> dict:
     torch.manual_seed(0)
     layer = randomized(make, seed=1)
@@ -96,12 +125,10 @@ def check(name, make, shape, offset, pooled, dtype, layout, fast, device) -> dic
         reference.fast = False
     expected = run(reference, x.double(), dy.double())
     gpu = copy.deepcopy(layer).to(device=device, dtype=DTYPES[dtype])
-    if fast is not None:
-        gpu.fast = fast
     xg = x.to(device=device, dtype=DTYPES[dtype])
     if layout == "channels_last":
         xg = xg.contiguous(memory_format=torch.channels_last)
-    got = run(gpu, xg, dy.to(device))
+    got = run_on_device(gpu, xg, dy.to(device), fast)
     same_dtype = copy.deepcopy(layer).to(DTYPES[dtype])  # the reference path in the dtype, on the CPU
     if isinstance(same_dtype, ILMNorm):
         same_dtype.fast = False
@@ -125,17 +152,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--dtypes", default="fp32,bf16,fp16")
-    parser.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (no Triton rows)")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda; cpu only to try the script (Triton rows only under TRITON_INTERPRET=1)"
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device; this script checks the GPU paths (--device cpu to try it)")
     cuda = args.device.startswith("cuda")
+    triton_rows = cuda or os.environ.get("TRITON_INTERPRET") == "1"  # the interpreter: a CPU dry run of them
     rows = []
     for name, make, shape, offset, pooled in CASES:
         ilm = type(make()) in (ILMGroupNorm, ILMInstanceNorm, ILMLayerNorm)  # the fast-path layers
         for dtype in args.dtypes.split(","):
             for layout in ("contiguous", "channels_last") if pooled else ("contiguous",):
-                for fast in ("torch", "triton") if ilm and pooled and cuda else (("torch",) if ilm else (None,)):
+                ilm_fast = ("torch", "triton", "triton-unfused") if pooled and triton_rows else ("torch",)
+                for fast in ilm_fast if ilm else (None,):
                     try:
                         row = check(name, make, shape, offset, pooled, dtype, layout, fast, args.device)
                     except Exception as err:  # noqa: BLE001 - a failed variant is a row, not the end
@@ -144,7 +175,7 @@ def main() -> None:
                     rows.append(row)
                     status = "ok  " if row["ok"] else "FAIL"
                     detail = row.get("exception") or f"{row['worst']} {row['error']:.2e} (bound {row['bound']:.2e})"
-                    print(f"{status} {name:18s} {dtype:5s} {layout:14s} {fast!s:7s} {detail}", flush=True)
+                    print(f"{status} {name:18s} {dtype:5s} {layout:14s} {fast!s:14s} {detail}", flush=True)
     failed = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(failed)} / {len(rows)} variants within bounds")
     if args.out:

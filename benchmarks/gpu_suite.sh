@@ -5,10 +5,11 @@
 #   bash benchmarks/gpu_suite.sh OUT [STAGE ...]
 #
 # Stages, in this order by default (each fits in one 10-minute device command; give two or three
-# per command): correctness layers train_step small_batch cifar10 torchrun
-#   correctness  benchmarks/gpu_correctness.py: every fast-path variant (torch / Triton; GN, IN,
-#                LN tokens, PN, ILM + PN; fp32 / bf16 / fp16; contiguous / channels_last) against
-#                the float64 CPU reference. The suite stops here if a variant fails.
+# per command): correctness layers train_step small_batch small_kernel cifar10 torchrun
+#   correctness  benchmarks/gpu_correctness.py: every fast-path variant (torch / Triton with the
+#                fused (B, C) kernels / Triton with the PyTorch (B, C) code; GN, IN, LN tokens, PN,
+#                ILM + PN; fp32 / bf16 / fp16; contiguous / channels_last) against the float64 CPU
+#                reference. The suite stops here if a variant fails.
 #   layers       benchmarks/layers.py --device cuda --proxy: ResNet-50 GN shapes and ViT-B tokens
 #                (fp32, bf16) against nn.GroupNorm / nn.LayerNorm and the published computation,
 #                with the copy bandwidth; GN + PN-Act against timm's GroupNormAct.
@@ -18,6 +19,13 @@
 #                GN / ILM+GN / GN+PN training steps interleaved, fp32, eager against
 #                torch.compile(mode="reduce-overhead") (CUDA graphs): the per-layer small (B, C)
 #                operations are kernel launches on CUDA, which the graphs replay in one launch.
+#   small_kernel issue 20 (d): benchmarks/ilm_layer_profile.py --device cuda: one ILM+GN layer's
+#                fwd+bwd at the Figure-1 shapes, batch 1, 2, 4, Triton with the fused (B, C)
+#                kernels (ilmconvert/nn/triton_small.py: one launch each way) against Triton with the
+#                PyTorch (B, C) code, the PyTorch fast path and nn.GroupNorm: checked against the
+#                float64 CPU reference first, then µs per fwd+bwd and GPU activities (torch.profiler);
+#                then the Figure-1 network's eager steps at batch 1, 2, 4 with ILMCONVERT_TRITON_SMALL=0
+#                (compare with small_batch's eager rows, which run the fused kernels).
 #   cifar10      the bundled cifar10 recipe for CIFAR10_EPOCHS epochs (default 10) on the real data.
 #   torchrun     torchrun --nproc_per_node 1 (NCCL) of the cifar10-smoke recipe.
 #
@@ -30,7 +38,7 @@
 set -euo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_suite.sh OUT [STAGE ...]}
 shift
-STAGES=${*:-correctness layers train_step small_batch cifar10 torchrun}
+STAGES=${*:-correctness layers train_step small_batch small_kernel cifar10 torchrun}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -76,6 +84,16 @@ for stage in $STAGES; do
         > "$OUT/small_batch.log" 2>&1
       tail -12 "$OUT/small_batch.log"
       ;;
+    small_kernel)
+      $PY benchmarks/ilm_layer_profile.py --device cuda --batch-sizes 1,2,4 --repeats 200 \
+        --out "$OUT/ilm_small_kernel_cuda.json" > "$OUT/small_kernel.log" 2>&1 || { tail -20 "$OUT/small_kernel.log"; exit 1; }
+      grep '^|' "$OUT/small_kernel.log" | tail -17
+      # the network without the fused kernels, eager (small_batch's eager rows are the network with them)
+      ILMCONVERT_TRITON_SMALL=0 $PY benchmarks/train_step.py --device cuda --models figure1 --batch-sizes 1,2,4 \
+        --compile eager --steps 30 --warmup 10 --out "$OUT/train_step_figure1_cuda_unfused.json" \
+        > "$OUT/small_kernel_network.log" 2>&1
+      tail -6 "$OUT/small_kernel_network.log"
+      ;;
     cifar10)
       cifar10
       $PY -m ilmconvert finetune --recipe cifar10 --data /tmp/cifar10 --device cuda --out /tmp/run_cifar10 \
@@ -90,7 +108,7 @@ for stage in $STAGES; do
       tail -5 "$OUT/torchrun.log"
       ;;
     *)
-      echo "unknown stage $stage (correctness layers train_step small_batch cifar10 torchrun)" >&2
+      echo "unknown stage $stage (correctness layers train_step small_batch small_kernel cifar10 torchrun)" >&2
       exit 2
       ;;
   esac

@@ -118,6 +118,40 @@ def compare_fast_path(layer: nn.Module, x: torch.Tensor, *, tol: float, fast_cho
             assert relative_difference(a, b) < bound, (what, name, relative_difference(a, b), bound)
 
 
+# ------------------------------------------------------------------------------------------ Triton
+def run_under_triton_interpreter(test_file: str) -> None:
+    """Run the pytest file ``test_file`` in a child process with ``TRITON_INTERPRET=1``; assert it passed.
+
+    ``TRITON_INTERPRET=1`` must be in the environment before Triton is imported, and recent PyTorch
+    imports Triton with ``import torch``, so the Triton kernel tests run in a fresh process; there
+    their launcher test skips itself (hence the expected "skipped").
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(test_file).resolve())],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" in proc.stdout
+
+
+def count_calls(monkeypatch, module, names, calls: dict[str, int] | None = None) -> dict[str, int]:
+    """Replace each function ``module.<name>`` by a wrapper counting its calls into ``calls``
+    (a new dict unless given), undone with ``monkeypatch``; returns ``calls``."""
+    calls = {} if calls is None else calls
+    for name in names:
+        calls.setdefault(name, 0)
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 # ------------------------------------------------------------------------------------------ training
 #: A small GroupNorm ResNet (timm ``resnet18`` kwargs, 1.25 M parameters): the tests' network.
 TINY_MODEL = {

@@ -10,9 +10,6 @@ tiny: the interpreter executes every program in Python.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,19 +20,13 @@ pytest.importorskip("triton")
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="runs in the child process (see module doc)")
 
-from helpers import compare_fast_path, randomize  # noqa: E402
+from helpers import compare_fast_path, count_calls, randomize, run_under_triton_interpreter  # noqa: E402
 
 
 @pytest.mark.skipif(INTERPRETING, reason="this is the child")
 def test_kernels_under_the_triton_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve())],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" in proc.stdout
+    run_under_triton_interpreter(__file__)
+
 
 CASES = [
     (lambda: ILMGroupNorm(8, 64), (2, 64, 5, 7)),  # odd H*W, channels-first tiles
@@ -47,28 +38,29 @@ CASES = [
 
 @pytest.fixture
 def triton_launches(monkeypatch):
-    """Counts the launches of each Triton kernel wrapper; after the test, asserts that every kernel
-    ran and that the fast path never fell back to PyTorch (it would compute the same values)."""
-    from ilmconvert.nn import triton_ilm
+    """Counts the launches of each Triton kernel wrapper; after the test, asserts that every pass
+    kernel ran, that the fused (B, C) kernels (ilmconvert/nn/triton_small.py) ran exactly when
+    enabled, and that the fast path never fell back to PyTorch (it would compute the same values)."""
+    from ilmconvert.nn import triton_ilm, triton_small
 
-    calls = {name: 0 for name in ("moments", "apply", "bwd_sums", "bwd_apply")}
-    for name in calls:
-        real = getattr(triton_ilm, name)
-
-        def counted(*args, _real=real, _name=name):
-            calls[_name] += 1
-            return _real(*args)
-
-        monkeypatch.setattr(triton_ilm, name, counted)
+    passes = ("moments", "apply", "bwd_sums", "bwd_apply")
+    calls = count_calls(monkeypatch, triton_ilm, passes)
+    count_calls(monkeypatch, triton_small, ("small_forward", "small_backward"), calls)
     yield calls
     assert triton_ilm.FAILURE is None, f"the Triton path fell back to PyTorch: {triton_ilm.FAILURE}"
-    assert all(calls.values()), f"a Triton kernel did not run: {calls}"
+    assert all(calls[name] for name in passes), f"a Triton kernel did not run: {calls}"
+    fused = triton_small.ENABLED
+    assert bool(calls["small_forward"]) == bool(calls["small_backward"]) == fused, (fused, calls)
 
 
 @needs_interpreter
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_small", "torch_small"])
 @pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("make, shape", CASES)
-def test_triton_matches_reference_float32(make, shape, layout, triton_launches):
+def test_triton_matches_reference_float32(make, shape, layout, fused, triton_launches, monkeypatch):
+    from ilmconvert.nn import triton_small
+
+    monkeypatch.setattr(triton_small, "ENABLED", fused)  # the (B, C) part: one kernel, or PyTorch
     layer = make()
     randomize(layer, seed=21)
     x = torch.randn(shape) * 1.5 - 0.4

@@ -30,7 +30,8 @@ Backward (written by hand in :class:`PooledILM` / :class:`TokenILM`): one reduct
 gradients of the auto-encoder, ``weight`` and ``bias`` follow on ``(B, C)`` tensors; one fused pass
 gives ``dx = dy * a + (x - M) * e + f``. Both are plain PyTorch, so ``torch.compile`` traces them
 without a graph break and fuses each pass into one kernel. The ``(B, C)`` algebra between the
-passes is shared with the Triton kernels (:mod:`ilmconvert.nn.triton_ilm`).
+passes is shared with the Triton path (:mod:`ilmconvert.nn.triton_ilm`) wherever its fused
+``(B, C)`` kernels (:mod:`ilmconvert.nn.triton_small`) do not apply, and is their reference.
 
 A leaf module: it imports neither the layers nor the dispatcher (:mod:`ilmconvert.nn.fast`).
 """

@@ -16,10 +16,16 @@ float16 (statistics and coefficients always float32). Four kernels, each one pas
 - ``_bwd_sums``:  ``S0 = sum dy``, ``S1 = sum dy * (x - M)`` per (b, c);
 - ``_bwd_apply``: ``dx = dy * a + (x - M) * e + f``.
 
-Everything between the passes (group moments, auto-encoder, its hand-written backward) runs on
-``(B, C)`` tensors in PyTorch, shared with the pure-PyTorch path: in particular eq. 6 as the layers
-parametrize it, ``omega = up(D_gamma - 1/2) + weight`` (:func:`fast_torch.pooled_coefficients`), so
-the kernels only ever see the per-(b, c) coefficients ``M``, ``a``, ``beta``, ``e``, ``f``.
+Everything between the passes (group moments, auto-encoder, alignment and their backward) is, where
+:func:`triton_small.applies`, one more kernel each way (:mod:`ilmconvert.nn.triton_small`):
+``moments -> _small_forward -> apply`` forward, ``bwd_sums -> _small_backward (+ one sum over the
+batch) -> bwd_apply`` backward. Elsewhere (tiles above :data:`triton_small.MAX_TILE`, e.g. K = 1 at
+thousands of channels, or ``ILMCONVERT_TRITON_SMALL=0``) it runs on ``(B, C)`` tensors in PyTorch,
+shared with the pure-PyTorch path (:func:`fast_torch.pooled_coefficients`,
+:func:`fast_torch.pooled_small_backward`). Both compute eq. 6 as the layers parametrize it,
+``omega = up(D_gamma - 1/2) + weight``; the pass kernels only ever see the per-(b, c) coefficients
+``M``, ``a``, ``beta``, ``e``, ``f``. A fused backward that fails rebuilds the PyTorch path's saved
+tensors from the saved moments (:class:`triton_small.SavedForFallback`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from . import fast_torch
+from . import fast_torch, triton_small
 
 #: Why the kernels were given up in this process (None while they work).
 FAILURE: str | None = None
@@ -250,7 +256,8 @@ def bwd_apply(dy, x, m, a, e, f) -> torch.Tensor:
 
 
 class _TritonPooledILM(torch.autograd.Function):
-    """ILM+GN / ILM+IN on the Triton kernels; the (B, C) algebra is shared with the PyTorch path."""
+    """ILM+GN / ILM+IN on the Triton kernels; the (B, C) part fused (:mod:`.triton_small`) where it
+    applies, else the PyTorch path's (B, C) code (``ctx.fused`` says which, and what was saved)."""
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, w1, w2, w3, spec):
@@ -258,10 +265,16 @@ class _TritonPooledILM(torch.autograd.Function):
         if fast_torch.pooled_view_strides(x) is None:
             x = x.contiguous()
         m_c, v_c = moments(x)
-        p = [t.to(torch.float32) if t is not None else None for t in (weight, bias, w1, w2, w3)]
+        p = [t.to(torch.float32).contiguous() if t is not None else None for t in (weight, bias, w1, w2, w3)]
+        ctx.spec = spec
+        ctx.fused = triton_small.applies(x.device, x.shape[1], groups, k, w1.shape[0])
+        if ctx.fused:  # moments -> _small_forward -> apply: three launches
+            big_m, a, beta, *small = triton_small.small_forward(m_c, v_c, *p, groups, k, eps)
+            y = apply(x, big_m, a, beta, out_dtype)
+            ctx.save_for_backward(x, weight, bias, w1, w2, w3, m_c, v_c, big_m, a, *small)
+            return y
         a, _d, beta, aux = fast_torch.pooled_coefficients(m_c, v_c, *p, groups, k, eps)
         y = apply(x, aux[0][:, 0], a, beta, out_dtype)  # aux[0][:, 0]: M, the norm-group mean
-        ctx.spec = spec
         ctx.save_for_backward(x, weight, bias, w1, w2, w3, a, *aux)  # as fast_torch.PooledILM
         return y
 
@@ -273,17 +286,36 @@ class _TritonPooledILM(torch.autograd.Function):
             return _TritonPooledILM._backward(ctx, dy)
         except Exception as err:  # compile or launch failure: the PyTorch backward, same saved tensors
             give_up(err)
+            if ctx.fused:  # rebuild pooled_coefficients' saved tensors from the moments
+                x, weight, bias, w1, w2, w3, m_c, v_c, *_ = ctx.saved_tensors
+                ctx = triton_small.SavedForFallback(ctx, x, (weight, bias, w1, w2, w3), m_c, v_c)
             return fast_torch.pooled_backward(ctx, dy)
 
     @staticmethod
     def _backward(ctx: Any, dy):
-        x, _weight, _bias, _w1, _w2, _w3, a, up_means, *_ = ctx.saved_tensors
         if fast_torch.pooled_view_strides(dy) is None:
             dy = dy.contiguous()
+        if ctx.fused:
+            return _TritonPooledILM._fused_backward(ctx, dy)
+        x, _weight, _bias, _w1, _w2, _w3, a, up_means, *_ = ctx.saved_tensors
         big_m = up_means[:, 0]
         s0, s1 = bwd_sums(dy, x, big_m)
         e, f, grads = fast_torch.pooled_small_backward(ctx, s0, s1)
         dx = bwd_apply(dy, x, big_m, a, e, f) if ctx.needs_input_grad[0] else None
+        return (dx, *grads, None)
+
+    @staticmethod
+    def _fused_backward(ctx: Any, dy):
+        """bwd_sums -> _small_backward (+ one sum over the batch) -> bwd_apply."""
+        x, weight, bias, w1, w2, w3, _m_c, _v_c, big_m, a, *small = ctx.saved_tensors
+        groups, k, _, _ = ctx.spec
+        s0, s1 = bwd_sums(dy, x, big_m)
+        p = [t.to(torch.float32).contiguous() for t in (weight, w1, w2, w3)]
+        e, f, g = triton_small.small_backward(s0, s1, (*p, big_m, *small), groups, k, math.prod(x.shape[2:]))
+        needs = ctx.needs_input_grad
+        params = (weight, bias, w1, w2, w3)
+        grads = tuple(fast_torch._cast_grad(gi, t, nd) for gi, t, nd in zip(g, params, needs[1:6]))
+        dx = bwd_apply(dy, x, big_m, a, e, f) if needs[0] else None
         return (dx, *grads, None)
 
 
