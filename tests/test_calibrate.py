@@ -4,6 +4,9 @@ loading weights by position: small self-built networks, CPU, offline."""
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -314,6 +317,15 @@ def test_weights_by_position_names_the_tensorflow_architecture_for_an_efficientn
         warnings.simplefilter("error")
         tf = create_model("timm:tf_efficientnet_lite0", weights=path, weights_by_position=True, num_classes=10)
     assert tf.bn1.eps == 1e-3 and torch.equal(tf.conv_stem.weight, state["conv_stem.weight"])
+    # the command line shows it as one line, not as Python's "file:line: UserWarning:" and source line
+    done = subprocess.run(
+        [sys.executable, "-m", "ilmconvert", "swap", "timm:efficientnet_lite0", "--weights", str(path),
+         "--weights-by-position", "--num-classes", "10", "--batchnorm", "frozen", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "400"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    warned = [ln for ln in done.stderr.splitlines() if "tf_efficientnet_lite0" in ln]
+    assert len(warned) == 1 and warned[0].startswith("warning: ") and "UserWarning" not in done.stderr, done.stderr
     # names from elsewhere, or no tf_ variant: no note
     assert tensorflow_port_note("timm", "efficientnet_lite0", state) == ""
     assert tensorflow_port_note("timm", "resnet18", port) == ""

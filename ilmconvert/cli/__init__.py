@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Any
 
 import typer
@@ -25,6 +26,11 @@ _click_errors = importlib.import_module(typer.BadParameter.__module__)
 _NoArgsIsHelp = getattr(_click_errors, "NoArgsIsHelpError", ())
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """A warning as one ``warning: ...`` line on stderr (not Python's ``file:line: Category:`` and source line)."""
+    err_console.print(f"[bold yellow]warning:[/] {one_line(str(message))}", highlight=False, soft_wrap=True)
+
+
 class _OneLineErrors(TyperGroup):
     """The app's click group: usage errors (a value out of range, an unknown or missing option)
     become one line ``error: ...; see `ilmconvert CMD --help``` with exit code 2, instead of
@@ -32,7 +38,9 @@ class _OneLineErrors(TyperGroup):
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                rv = super().main(*args, standalone_mode=False, **kwargs)
         except _NoArgsIsHelp as err:
             print(err.ctx.get_help() if err.ctx else "", file=sys.stderr)
             rv = EXIT_USAGE

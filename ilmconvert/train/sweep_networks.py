@@ -2,7 +2,7 @@
 
 ``ilmconvert sweep --checkpoint DIR`` compares fine-tunes of a pretrained network (a checkpoint
 folder from ``swap``, ``save`` or ``finetune``, e.g. ImageNet weights through
-``ilmconvert swap timm:efficientnet_lite1 --weights F --weights-by-position --method none``) with
+``ilmconvert swap timm:tf_efficientnet_lite1 --weights F --weights-by-position --method none``) with
 fine-tunes of its conversions. Such a variant carries a ``swap:`` key, the settings of
 ``ilmconvert swap`` (:class:`SwapSettings`), instead of a recipe change; the built-in ones are
 :data:`PRETRAINED_VARIANTS`. A recipe may add more under ``variants:``, e.g.::
