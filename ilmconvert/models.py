@@ -228,6 +228,11 @@ def create_model(
                 del source.kwargs["num_classes"]
                 model = build(source, device=device)
                 problems = load(model, state)
+            if problems and weights_by_position and Path(weights).suffix == ".safetensors":
+                problems += (
+                    " (a .safetensors file stores its tensors sorted by name, not in the order they were "
+                    "saved: loading by position needs the original pickled state dict, e.g. the .pth)"
+                )
             if problems:
                 raise ModelSourceError(f"weights file {weights} does not fit {spec}: {problems}")
             note = tensorflow_port_note(library, name, state)

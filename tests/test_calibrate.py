@@ -301,7 +301,7 @@ def _efficientnet_pytorch_names(state: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def test_weights_by_position_names_the_tensorflow_architecture_for_an_efficientnet_pytorch_port(tmp_path):
-    from ilmconvert.models import create_model, tensorflow_port_note
+    from ilmconvert.models import ModelSourceError, create_model, tensorflow_port_note
 
     tf_net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10)
     state = {k: v for k, v in tf_net.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -326,6 +326,13 @@ def test_weights_by_position_names_the_tensorflow_architecture_for_an_efficientn
     assert done.returncode == 0, done.stderr[-2000:]
     warned = [ln for ln in done.stderr.splitlines() if "tf_efficientnet_lite0" in ln]
     assert len(warned) == 1 and warned[0].startswith("warning: ") and "UserWarning" not in done.stderr, done.stderr
+    # the same tensors in a .safetensors file come back sorted by name: refused, saying why
+    import safetensors.torch
+
+    sorted_path = tmp_path / "port.safetensors"
+    safetensors.torch.save_file(port, sorted_path)
+    with pytest.raises(ModelSourceError, match=r"sorted by name.*pickled state dict"):
+        create_model("timm:tf_efficientnet_lite0", weights=sorted_path, weights_by_position=True, num_classes=10)
     # names from elsewhere, or no tf_ variant: no note
     assert tensorflow_port_note("timm", "efficientnet_lite0", state) == ""
     assert tensorflow_port_note("timm", "resnet18", port) == ""
