@@ -281,18 +281,13 @@ def proxy_applies(x: torch.Tensor, params: tuple[torch.Tensor | None, ...], act:
             affine may be None); act: the activation (ReLU, GELU, SiLU).
 
     Called once per layer and step at small batches, where each microsecond of Python shows in the
-    step time (docs/performance.md, issue 20): the cheap tensor checks come first and the
+    step time (docs/performance.md, issue 20): the cheap tensor checks come before the rest and the
     parameters are checked in one plain loop.
     """
+    if torch.compiler.is_compiling():  # first: dynamo folds it, and reads nothing else
+        return False
     dtype = x.dtype
-    if (
-        not x.is_cpu
-        or dtype not in _SUFFIX
-        or x.dim() < 3
-        or not x.is_contiguous()
-        or torch.compiler.is_compiling()
-        or torch.is_autocast_enabled("cpu")
-    ):
+    if not x.is_cpu or dtype not in _SUFFIX or x.dim() < 3 or not x.is_contiguous() or torch.is_autocast_enabled("cpu"):
         return False
     numel = x.numel()
     if numel == 0 or (numel > MAX_NUMEL and torch.get_num_threads() > 1) or activation_code(act) is None:
