@@ -296,8 +296,14 @@ def test_ctrl_c_during_the_head_phase_leaves_nothing_and_the_run_starts_anew(tin
         return Batches(advance=advance)
 
     plan = prepare_finetune(data=str(tiny_data), run=run, recipe=str(recipe), device="cpu")
-    with pytest.raises(RunInterrupted, match="nothing was written"):
-        run_finetune(plan, Progress(train=head_batches))
+    # SIGINT as in a terminal: a suite started in the background (`pytest &`, nohup) ignores it, and
+    # the run then rightly installs no handler (tests/helpers.py _default_sigint)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(RunInterrupted, match="nothing was written"):
+            run_finetune(plan, Progress(train=head_batches))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert steps == [0] and not run.exists()
     run_finetune(prepare_finetune(data=str(tiny_data), run=run, recipe=str(recipe), device="cpu"))
     assert [r["epoch"] for r in read_metrics(run)] == [0, 1]

@@ -368,7 +368,7 @@ class ProxyGroupNormAct(ProxyFromNorm, FromNorm, ProxyNormAct):
             params = (p["weight"], p["bias"], p["proxy_weight"], p["proxy_bias"], p["output_weight"], p["output_bias"])
         except KeyError:  # a parametrized tensor (torch.nn.utils.parametrize) is an attribute only
             params = (self.weight, self.bias, self.proxy_weight, self.proxy_bias, self.output_weight, self.output_bias)
-        if cpu_kernel.proxy_applies(x, params, self.act) and not exporting() and not _functorch_active():
+        if not exporting() and not _functorch_active() and cpu_kernel.proxy_applies(x, params, self.act):
             q = cached_proxy_points(self.num_proxy, torch.float64, x.device, eager=True)
             spec = (self.num_groups, self.norm_eps, self.eps, cpu_kernel.activation_code(self.act))
             return cpu_kernel.ProxyGroupNormActCPU.apply(x, *params, q, spec)  # small inputs, eager CPU
