@@ -359,7 +359,8 @@ class ProxyGroupNormAct(ProxyFromNorm, FromNorm, ProxyNormAct):
         The affine gamma, beta runs inside ``F.group_norm`` (one pass fewer than standardizing and
         then :meth:`ProxyNormAct.forward`; the same function). On eager CPU, where
         :func:`~ilmconvert.nn.cpu_kernel.proxy_applies`, the whole layer is one call into the
-        compiled kernel forward and one backward (:class:`~ilmconvert.nn.cpu_kernel.ProxyGroupNormActCPU`).
+        compiled kernel forward and one backward: the C++ operator of :mod:`~ilmconvert.nn.cpu_op`
+        (autograd in C++), else through ``ctypes`` (:class:`~ilmconvert.nn.cpu_kernel.ProxyGroupNormActCPU`).
         """
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             return super()._forward(x)  # raises the channel error
