@@ -17,7 +17,7 @@ registered for ``CPU`` (the forward alone: no grad, inference mode) and ``Autogr
 not differentiable: with ``create_graph=True`` it raises (the Python path's ``once_differentiable``
 raises when the result is differentiated again).
 
-Built with ``torch.utils.cpp_extension.load`` (PyTorch's headers and ninja; ~16 s on an idle
+Built with ``torch.utils.cpp_extension.load`` (PyTorch's headers and ninja; ~17 s on a shared
 2-core machine, against ~1 s for the header-free ``ctypes`` library) once per machine and cached
 next to the ``ctypes`` library (:func:`~ilmconvert.nn.cpu_kernel.kernel_dir`), keyed by the source,
 the flags, the compiler, the torch version and the CPU. When the build or the load fails, one
@@ -219,6 +219,7 @@ def load(directory: Path | None = None) -> Path:
         return target
     from torch.utils import cpp_extension  # imports setuptools: only when building
 
+    cpp_extension.verify_ninja_availability()  # raises RuntimeError: "Ninja is required ..."
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / f"{NAME}.cpp"
@@ -229,7 +230,7 @@ def load(directory: Path | None = None) -> Path:
                 built = cpp_extension.load(NAME, [str(src)], extra_cflags=[*FLAGS, *extra], build_directory=tmp,
                                            is_python_module=False, verbose=False)
                 break
-            except Exception as err:  # no ninja, a compile error
+            except Exception as err:  # a compile error
                 errors.append(f"{type(err).__name__}: {err}")
         else:
             raise RuntimeError(f"building {NAME} failed: {errors[-1].strip()[-500:]}")
