@@ -169,11 +169,12 @@ def interleaved_main(args) -> None:
     """``--batch-sizes`` / ``figure1`` / ``--interleave``: ratios of variants measured in one run."""
     import timm
 
-    from ilmconvert.nn import cpu_kernel
+    from ilmconvert.nn import cpu_kernel, cpu_op
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     env = {"torch": torch.__version__, "timm": timm.__version__, "python": sys.version.split()[0],
-           "device": device, "cpu_kernel": cpu_kernel.library() is not None, "amp": "fp32", "steps": args.steps,
+           "device": device, "cpu_kernel": cpu_kernel.library() is not None,
+           "cpu_op": cpu_op.proxy_operator() is not None, "amp": "fp32", "steps": args.steps,
            "warmup": args.warmup, "statistic": "median", "clock": args.clock}
     print(f"# {env}", flush=True)
     rows = []

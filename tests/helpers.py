@@ -316,3 +316,13 @@ def module_gradcheck(layer: nn.Module, x: torch.Tensor) -> bool:
         return torch.func.functional_call(layer, dict(zip(names, ps)), (inp,))
 
     return torch.autograd.gradcheck(fn, (x.detach().requires_grad_(True), *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def forward_backward(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A copy of ``layer``'s output ``y`` for a copy of ``x`` (with its graph) and, after ``y.backward(dy)``, the
+    gradients of ``x`` and of every parameter (in ``parameters()`` order)."""
+    layer = copy.deepcopy(layer)
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    return y, [x.grad] + [p.grad for p in layer.parameters()]

@@ -13,8 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ILM_PARAMS, compare_fast_path, module_gradcheck, randomize, relative_difference, run_layer
-from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ProxyGroupNormAct, cpu_kernel, fast_torch
+from helpers import (
+    ILM_PARAMS,
+    compare_fast_path,
+    forward_backward,
+    module_gradcheck,
+    randomize,
+    relative_difference,
+    run_layer,
+)
+from ilmconvert.nn import ILMGroupNorm, ILMInstanceNorm, ProxyGroupNormAct, cpu_kernel, cpu_op, fast_torch
 
 pytestmark = pytest.mark.skipif(cpu_kernel.library() is None, reason=f"no compiled kernel: {cpu_kernel.FAILURE}")
 
@@ -194,20 +202,19 @@ PROXY_ACTS = [nn.ReLU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU]
 
 @pytest.fixture
 def proxy_kernel_calls(monkeypatch):
-    """Counts the calls of the GN + PN kernel's forward."""
+    """Counts the calls of the GN + PN kernel's forward through ``ctypes`` (the C++ operator switched off,
+    tests/test_cpu_op.py tests it)."""
+    monkeypatch.setattr(cpu_op, "_ENABLED", False)
     return _forward_calls(monkeypatch, cpu_kernel.ProxyGroupNormActCPU)
 
 
 def _proxy_run(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, kernel: bool) -> list[torch.Tensor]:
-    layer = copy.deepcopy(layer)
-    x = x.detach().clone().requires_grad_(True)
     cpu_kernel.set_enabled(kernel)
     try:
-        y = layer(x)
-        y.backward(dy)
+        y, grads = forward_backward(layer, x, dy)
     finally:
         cpu_kernel.set_enabled(None)
-    return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+    return [y.detach(), *grads]
 
 
 @pytest.mark.parametrize("output_affine", [False, True])

@@ -71,9 +71,14 @@ def set_enabled(flag: bool | None) -> None:
 
 def enabled() -> bool:
     """Whether the kernel may be used: :func:`set_enabled`'s choice, else not ``ILMCONVERT_CPU_KERNEL=0``."""
-    if _ENABLED is not None:
-        return _ENABLED
-    return os.environ.get(ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(_ENABLED, ENV)
+
+
+def switched_on(choice: bool | None, env: str) -> bool:
+    """``choice`` where it is not None, else False where ``$env`` is 0 / false / no / off, else True."""
+    if choice is not None:
+        return choice
+    return os.environ.get(env, "").strip().lower() not in ("0", "false", "no", "off")
 
 
 def reset() -> None:

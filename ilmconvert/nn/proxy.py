@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernel
+from . import cpu_kernel, cpu_op
 from .fast import autocast_disabled, exporting
 from .from_norm import FromNorm, group_norm_settings, layer_norm_settings
 from .proxy_common import (
@@ -359,7 +359,8 @@ class ProxyGroupNormAct(ProxyFromNorm, FromNorm, ProxyNormAct):
         The affine gamma, beta runs inside ``F.group_norm`` (one pass fewer than standardizing and
         then :meth:`ProxyNormAct.forward`; the same function). On eager CPU, where
         :func:`~ilmconvert.nn.cpu_kernel.proxy_applies`, the whole layer is one call into the
-        compiled kernel forward and one backward (:class:`~ilmconvert.nn.cpu_kernel.ProxyGroupNormActCPU`).
+        compiled kernel forward and one backward: the C++ operator of :mod:`~ilmconvert.nn.cpu_op`
+        (autograd in C++), else through ``ctypes`` (:class:`~ilmconvert.nn.cpu_kernel.ProxyGroupNormActCPU`).
         """
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             return super()._forward(x)  # raises the channel error
@@ -370,7 +371,11 @@ class ProxyGroupNormAct(ProxyFromNorm, FromNorm, ProxyNormAct):
             params = (self.weight, self.bias, self.proxy_weight, self.proxy_bias, self.output_weight, self.output_bias)
         if not exporting() and not _functorch_active() and cpu_kernel.proxy_applies(x, params, self.act):
             q = cached_proxy_points(self.num_proxy, torch.float64, x.device, eager=True)
-            spec = (self.num_groups, self.norm_eps, self.eps, cpu_kernel.activation_code(self.act))
+            code = cpu_kernel.activation_code(self.act)
+            op = cpu_op.proxy_operator()
+            if op is not None:  # the same kernel as a C++ autograd op (docs/design.md §4)
+                return op(x, *params, q, self.num_groups, self.norm_eps, self.eps, code)
+            spec = (self.num_groups, self.norm_eps, self.eps, code)
             return cpu_kernel.ProxyGroupNormActCPU.apply(x, *params, q, spec)  # small inputs, eager CPU
         folded = self._folded_into_standardization(x)
         if folded is not None:
