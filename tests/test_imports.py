@@ -125,7 +125,7 @@ def test_the_training_library_is_headless():
 
 def test_the_fast_path_never_imports_the_layers():
     graph = _graph()
-    fast_path = ("fast", "fast_torch", "triton_ilm", "triton_small")
+    fast_path = ("fast", "fast_torch", "triton_ilm", "triton_small", "cpu_kernel", "cpu_kernel_source", "cpu_op")
     for leaf in (f"ilmconvert.nn.{name}" for name in fast_path):
         assert not set(graph[leaf]) & {"ilmconvert.nn", "ilmconvert.nn.core", "ilmconvert.nn.layers"}, leaf
     assert not graph["ilmconvert.nn.fast_torch"], "fast_torch is a leaf"
