@@ -364,11 +364,7 @@ class ProxyGroupNormAct(ProxyFromNorm, FromNorm, ProxyNormAct):
         """
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             return super()._forward(x)  # raises the channel error
-        try:  # one dict, not six nn.Module.__getattr__ calls: this runs per layer and step at small batches
-            p = self._parameters
-            params = (p["weight"], p["bias"], p["proxy_weight"], p["proxy_bias"], p["output_weight"], p["output_bias"])
-        except KeyError:  # a parametrized tensor (torch.nn.utils.parametrize) is an attribute only
-            params = (self.weight, self.bias, self.proxy_weight, self.proxy_bias, self.output_weight, self.output_bias)
+        params = (self.weight, self.bias, self.proxy_weight, self.proxy_bias, self.output_weight, self.output_bias)
         if not exporting() and not _functorch_active() and cpu_kernel.proxy_applies(x, params, self.act):
             q = cached_proxy_points(self.num_proxy, torch.float64, x.device, eager=True)
             code = cpu_kernel.activation_code(self.act)
