@@ -223,7 +223,7 @@ _RANKS = """
 import torch
 import torch.distributed as dist
 import test_head_steps as T
-from ilmconvert.train.distributed import from_environment, init_process_group
+from ilmconvert.train.distributed import destroy_process_group, from_environment, init_process_group
 from ilmconvert.train import loop as L
 from ilmconvert.train.data import ImageSet
 from ilmconvert.train.head_probe import probe_head
@@ -251,7 +251,7 @@ if processes.rank == 0:
     assert not torch.equal(heads[0], T.bn_network().fc.weight)
     assert out["images"] == 2 * 3 * 8, out
     print("same head on both ranks")
-dist.destroy_process_group()
+destroy_process_group()  # not dist.destroy_process_group(): see its docstring
 """
 
 
