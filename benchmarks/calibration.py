@@ -159,7 +159,7 @@ def main() -> None:
     if not args.skip_frozen:
         measure_frozen(original, held, reference, results, args.out)
     groups = args.groups if args.groups in ("auto", "keep") else int(args.groups)
-    for method in args.methods.split(","):
+    for method in filter(None, args.methods.split(",")):  # --methods "": frozen BN only
         torch.manual_seed(0)
         net = copy.deepcopy(original)
         ilmconvert.convert(net, batchnorm="gn", method=method)

@@ -81,6 +81,28 @@ def test_onnx_export_matches_with_a_dynamic_batch_and_standard_ops(method, expor
     assert float((_ort(path, x) - ref).abs().max() / ref.abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_export_of_frozen_batchnorm_keeps_the_batch_axis_dynamic(exporter, tmp_path):
+    """ILMFrozenBatchNorm runs BatchNorm's kernel on the batch viewed as one sample of B x C
+    channels: the exported graph must still take any batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5), model[1].running_var.uniform_(0.5, 2.0)
+    assert [c.target for c in ilmconvert.convert(model, batchnorm="frozen").converted] == ["ILMFrozenBatchNorm"]
+    with torch.no_grad():
+        for p in model[1].parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path / "frozen.onnx"
+    result = ilmconvert.export(model, path, exporter=exporter, input_size=(32, 32))
+    assert max(result.parity.values()) <= 1e-5
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    assert float((_ort(path, x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
 def test_pt2_reloads_exactly_and_carries_the_metadata(tmp_path):
     model = _tiny("proxy")
     path = tmp_path / "tiny.pt2"

@@ -110,7 +110,9 @@ class ILMNorm(nn.Module):
     standardization: str | None = None
 
     #: The methods whose semantics the fast path reproduces (docs/design.md §4).
-    MATH: tuple[str, ...] = ("_standardize", "key_features", "rescaling", "_upsample", "_rescale")
+    MATH: tuple[str, ...] = (
+        "_standardize", "key_features", "rescaling", "_upsample", "_rescale", "_standardize_and_rescale"
+    )
 
     #: Fast-path selection (see :mod:`ilmconvert.nn.fast`): None / True = automatic, False = always
     #: the reference path, "torch" / "triton" = that implementation. ``ILMCONVERT_REFERENCE=1``
@@ -256,6 +258,11 @@ class ILMNorm(nn.Module):
             omega, beta = omega.reshape(shape), beta.reshape(shape)
         return torch.addcmul(beta.to(x_s.dtype), x_s, omega.to(x_s.dtype))
 
+    def _standardize_and_rescale(self, x: torch.Tensor, omega: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Eqs. 1-2: ``_rescale(_standardize(x), omega, beta)``; a front-end whose norm has a kernel
+        for both steps at once overrides this to round as that norm does."""
+        return self._rescale(self._standardize(x), omega, beta)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply ILM Norm.
 
@@ -281,7 +288,7 @@ class ILMNorm(nn.Module):
             return _fast.forward(self, x)
         mu, gamma = self.key_features(x)
         omega, beta = self.rescaling(mu, gamma)
-        return self._rescale(self._standardize(x), omega, beta)
+        return self._standardize_and_rescale(x, omega, beta)
 
     # ------------------------------------------------------------------ description
     @property
