@@ -57,6 +57,17 @@ def test_frozen_layer_computes_batchnorm_eval_bit_for_bit_and_is_batch_independe
         assert y_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(y_cl, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_frozen_layer_keeps_batchnorm_bits_in_half_precision(dtype):
+    """Under autocast (float32 parameters, half input) and cast whole (``.to(dtype)``)."""
+    bn = _trained_bn(nn.BatchNorm2d(32), 5)
+    frozen = ILMFrozenBatchNorm.from_norm(bn).eval()
+    x = (3 * torch.randn(4, 32, 6, 6, generator=torch.Generator().manual_seed(1))).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(frozen(x), bn(x))
+    assert torch.equal(frozen.to(dtype)(x), bn.to(dtype)(x))
+
+
 def test_frozen_layer_gradients_match_standardize_then_rescale():
     """The one-kernel path (BatchNorm's inference kernel with a per-sample affine) against eqs. 1-2
     written out, float64, with an auto-encoder that is not at preserve init."""

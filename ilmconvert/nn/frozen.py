@@ -101,18 +101,20 @@ class ILMFrozenBatchNorm(_ILMFromNorm, ILMNorm):
 
         The kernel folds ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale`` and
         computes ``x * scale + shift``; standardizing first and rescaling after rounds differently
-        (about 1 ulp per layer, 1.3-1.6e-6 relative over EfficientNet-Lite1's 64 layers). Gradients
-        reach ``omega`` and ``beta`` through the kernel's weight and bias. Half-precision input
-        takes the two-step path (its ``omega`` is float32). The output is contiguous, or
-        channels-last when the input is.
+        (about 1 ulp per layer, 1.3-1.6e-6 relative over EfficientNet-Lite1's 64 layers). The
+        parameters go in the dtype the replaced BatchNorm would have had: the input's, except for
+        half-precision input to float32 buffers (autocast), where the kernel's mixed-precision form
+        takes them in float32. Gradients reach ``omega`` and ``beta`` through the kernel's weight
+        and bias. The output is contiguous, or channels-last when the input is.
         """
-        if x.dtype in _LOW_PRECISION or x.dim() < 2:
-            return super()._standardize_and_rescale(x, omega, beta)
         b, c = x.shape[0], x.shape[1]
-        mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
+        dtype = x.dtype
+        if dtype in _LOW_PRECISION and self.running_mean.dtype != dtype:
+            dtype = torch.float32
+        mean, var = self.running_mean.to(dtype), self.running_var.to(dtype)
         y = F.batch_norm(
             x.reshape(1, b * c, *x.shape[2:]), mean.repeat(b), var.repeat(b),
-            omega.reshape(b * c).to(x.dtype), beta.reshape(b * c).to(x.dtype), False, 0.0, self.eps,
+            omega.reshape(b * c).to(dtype), beta.reshape(b * c).to(dtype), False, 0.0, self.eps,
         ).reshape(x.shape)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             y = y.contiguous(memory_format=torch.channels_last)
