@@ -8,7 +8,7 @@ exactly and replaces BN's affine by ILM's per-instance rescaling (docs/design.md
 being one sample. Both steps run in one call of BatchNorm's own inference kernel, with the
 sample's ``omega`` / ``beta`` as its affine: at preserve init ``omega = w`` and ``beta = b`` bit
 for bit, so the converted network computes the original's eval function to the last bit in
-float32 and float64 (docs/design.md §2, ``batchnorm="frozen"``).
+float32, float64 and half precision (docs/design.md §2, ``batchnorm="frozen"``).
 
 The plain baselines without ILM (``method="none"``) are in :mod:`ilmconvert.nn.baselines`.
 """
