@@ -305,9 +305,22 @@ def test_resume_accepts_the_original_command_and_names_a_changed_value(tiny_data
 def test_long_start_up_steps_are_reported_off_a_terminal(tiny_data, tiny_recipe, tmp_path, monkeypatch):
     """Issue 21: reading the images and building the network print plain lines in a log once they
     run longer than output.QUIET_S (10 s; here 10 ms), and their time when they end."""
+    import time
+
     from ilmconvert.cli import output
+    from ilmconvert.train import data, prepare
 
     monkeypatch.setattr(output, "QUIET_S", 0.01)
+
+    def slowly(function, seconds):  # both steps outlast QUIET_S on any machine, however fast or loaded
+        def wrapped(*args, **kwargs):
+            time.sleep(seconds)
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(data, "_decode", slowly(data._decode, 0.02))
+    monkeypatch.setattr(prepare, "_network", slowly(prepare._network, 0.1))
     result = finetune("--recipe", tiny_recipe, "--data", tiny_data, "--out", tmp_path / "run", "--epochs", "1")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
