@@ -302,6 +302,40 @@ def test_resume_accepts_the_original_command_and_names_a_changed_value(tiny_data
     assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
 
 
+def test_the_cpu_kernel_is_compiled_in_a_reported_start_up_step(tiny_data, tiny_recipe, tmp_path, monkeypatch):
+    """The GN + Proxy Norm C++ operator (~20 s to compile, once per machine) is built before training,
+    as a start-up step the log reports, when the network has GN + PN layers and it is not cached;
+    never for a network without them."""
+    import time
+
+    from ilmconvert.cli import output
+    from ilmconvert.nn import cpu_op
+    from ilmconvert.train.prepare import COMPILING
+
+    assert COMPILING == "compiling the GN + Proxy Norm CPU kernel (once per machine)"
+    monkeypatch.setattr(output, "QUIET_S", 0.01)
+    monkeypatch.setattr(cpu_op, "is_cached", lambda directory=None: False)
+    calls, real = [], cpu_op.operator
+
+    def compiling():
+        calls.append(1)
+        time.sleep(0.1)  # a build outlasts QUIET_S
+        return real()
+
+    monkeypatch.setattr(cpu_op, "operator", compiling)
+    args = ("--recipe", tiny_recipe, "--data", tiny_data, "--epochs", "1")
+    result = finetune(*args, "--out", tmp_path / "proxy", "--method", "proxy")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    step = re.escape(COMPILING)
+    done = next(i for i, line in enumerate(lines) if re.fullmatch(step + r": done in \d+\.\d s", line))
+    assert done < next(i for i, line in enumerate(lines) if " train / " in line) and calls
+    calls.clear()
+    result = finetune(*args, "--out", tmp_path / "ilm", "--method", "ilm")
+    assert result.exit_code == 0, result.output
+    assert "compiling" not in result.output and not calls
+
+
 def test_long_start_up_steps_are_reported_off_a_terminal(tiny_data, tiny_recipe, tmp_path, monkeypatch):
     """Issue 21: reading the images and building the network print plain lines in a log once they
     run longer than output.QUIET_S (10 s; here 10 ms), and their time when they end."""

@@ -110,6 +110,9 @@ def test_no_compiler_warns_once_and_takes_the_ctypes_path(monkeypatch, tmp_path)
 
 def test_cached_library_is_keyed_by_the_source(monkeypatch):
     path = cpu_op.library_path()
-    assert path.exists()  # built (or found) by this file's skip condition
+    assert path.exists() and cpu_op.is_cached()  # built (or found) by this file's skip condition
     monkeypatch.setattr(cpu_op, "OP_SOURCE", cpu_op.OP_SOURCE + "\n// changed\n")
     assert cpu_op.library_path() != path and cpu_op.library_path().parent == path.parent
+    assert not cpu_op.is_cached()  # a changed source is compiled anew
+    monkeypatch.setenv("CXX", "no-such-compiler-ilmconvert")
+    assert not cpu_op.is_cached()  # no compiler: nothing to find (operator() then warns at once)

@@ -20,7 +20,8 @@ raises when the result is differentiated again).
 Built with ``torch.utils.cpp_extension.load`` (PyTorch's headers and ninja; ~17 s on a shared
 2-core machine, against ~1 s for the header-free ``ctypes`` library) once per machine and cached
 next to the ``ctypes`` library (:func:`~ilmconvert.nn.cpu_kernel.kernel_dir`), keyed by the source,
-the flags, the compiler, the torch version and the CPU. When the build or the load fails, one
+the flags, the compiler, the torch version and the CPU (``finetune`` builds it as a reported start-up
+step, :func:`ilmconvert.train.prepare.prepare_finetune`). When the build or the load fails, one
 ``RuntimeWarning`` says so and the layers keep the ``ctypes`` path for the rest of the process.
 
 The default on eager CPU wherever :func:`~ilmconvert.nn.cpu_kernel.proxy_applies` is True (the
@@ -200,6 +201,15 @@ def library_path(directory: Path | None = None) -> Path:
                           sys.platform, cpu_kernel._host_cpu()))
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     return (directory or cpu_kernel.kernel_dir()) / f"{NAME}_{key}.so"
+
+
+def is_cached(directory: Path | None = None) -> bool:
+    """Whether the operator is already compiled for this source, torch, compiler and CPU (False too
+    when there is no compiler: then :func:`operator` warns and returns None at once)."""
+    try:
+        return library_path(directory).exists()
+    except RuntimeError:
+        return False
 
 
 def load(directory: Path | None = None) -> Path:

@@ -230,6 +230,7 @@ def prepare_finetune(
             report(building, 0, 1)
             network, notes = _network(resolved, run if resume else None, checkpoint, data, len(classes), weights)
             report(building, 1, 1)
+            _compile_cpu_kernels(network, torch_device, report)
             found = resolve_preprocessing(network, config=read_config(checkpoint) if checkpoint is not None else None)
             settings_before = resolved.data
             resolved = resolved.model_copy(update={"data": resolve_pipeline(resolved.data, network, found)})
@@ -253,6 +254,28 @@ def prepare_finetune(
         resolved, run, source, train, test, network, torch_device, start, state, notes, processes, lock, command,
         log=tuple(log), input_note=_input_note(settings_before, resolved.data, found, overrides),
     )
+
+
+#: the start-up step that compiles the GN + Proxy Norm CPU operator
+COMPILING = "compiling the GN + Proxy Norm CPU kernel (once per machine)"
+
+
+def _compile_cpu_kernels(network: nn.Module, device: torch.device, report: StepReport) -> None:
+    """Compile the C++ operator of GN + Proxy Norm (:mod:`~ilmconvert.nn.cpu_op`) now, as a reported
+    start-up step, where the run will use it (a :class:`~ilmconvert.nn.proxy.ProxyGroupNormAct` on CPU) and
+    it is not compiled for this machine yet: ~20 s once, which the first training step would
+    otherwise spend without a word. Under torchrun rank 0 compiles, the others find it cached."""
+    from ..nn import cpu_kernel, cpu_op
+    from ..nn.proxy import ProxyGroupNormAct
+
+    if device.type != "cpu" or not (cpu_kernel.enabled() and cpu_op.enabled()) or cpu_op.is_cached():
+        return
+    if not any(isinstance(m, ProxyGroupNormAct) for m in network.modules()):
+        return
+    report(COMPILING, 0, 1)
+    if cpu_kernel.library() is not None:  # the operator shares its kernel source and build checks
+        cpu_op.operator()
+    report(COMPILING, 1, 1)
 
 
 def _input_note(
