@@ -116,3 +116,18 @@ def test_cached_library_is_keyed_by_the_source(monkeypatch):
     assert not cpu_op.is_cached()  # a changed source is compiled anew
     monkeypatch.setenv("CXX", "no-such-compiler-ilmconvert")
     assert not cpu_op.is_cached()  # no compiler: nothing to find (operator() then warns at once)
+
+
+def test_building_does_not_print_torchs_cuda_home_line():
+    """Importing torch's cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." on a machine
+    with a CUDA_HOME and no GPU; the CPU operator's build imports it without that line."""
+    import subprocess
+    import sys
+
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stderr
+
+    line = "No CUDA runtime is found"
+    if line not in stderr_of("import torch.utils.cpp_extension"):
+        pytest.skip("torch logs no CUDA_HOME line on this machine (a GPU, or no CUDA_HOME)")
+    assert line not in stderr_of("from ilmconvert.nn import cpu_op; cpu_op._import_cpp_extension()")

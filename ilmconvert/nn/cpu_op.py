@@ -34,6 +34,7 @@ runs (docs/performance.md, issue 20). ``ILMCONVERT_CPU_OP=0`` in the environment
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -212,6 +213,19 @@ def is_cached(directory: Path | None = None) -> bool:
         return False
 
 
+def _import_cpp_extension() -> Any:
+    """``torch.utils.cpp_extension``, without the line it logs on import where CUDA_HOME exists but no
+    CUDA runtime does ("No CUDA runtime is found, using CUDA_HOME=..."): this operator is CPU-only."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def load(directory: Path | None = None) -> Path:
     """Load the operator's library into this process, compiling it first where it is not cached; its path.
 
@@ -227,7 +241,7 @@ def load(directory: Path | None = None) -> Path:
     if target.exists():
         torch.ops.load_library(str(target))
         return target
-    from torch.utils import cpp_extension  # imports setuptools: only when building
+    cpp_extension = _import_cpp_extension()  # imports setuptools: only when building
 
     cpp_extension.verify_ninja_availability()  # raises RuntimeError: "Ninja is required ..."
     target.parent.mkdir(parents=True, exist_ok=True)
