@@ -28,6 +28,8 @@ from ..io import (
     recover_checkpoint,
 )
 from ..models import resolve_preprocessing
+from ..nn import cpu_kernel, cpu_op
+from ..nn.proxy import ProxyGroupNormAct
 from ..preprocessing import Preprocessing
 from .data import (
     DataSource,
@@ -265,9 +267,6 @@ def _compile_cpu_kernels(network: nn.Module, device: torch.device, report: StepR
     start-up step, where the run will use it (a :class:`~ilmconvert.nn.proxy.ProxyGroupNormAct` on CPU) and
     it is not compiled for this machine yet: ~20 s once, which the first training step would
     otherwise spend without a word. Under torchrun rank 0 compiles, the others find it cached."""
-    from ..nn import cpu_kernel, cpu_op
-    from ..nn.proxy import ProxyGroupNormAct
-
     if device.type != "cpu" or not (cpu_kernel.enabled() and cpu_op.enabled()) or cpu_op.is_cached():
         return
     if not any(isinstance(m, ProxyGroupNormAct) for m in network.modules()):
