@@ -267,10 +267,10 @@ def _compile_cpu_kernels(network: nn.Module, device: torch.device, report: StepR
     start-up step, where the run will use it (a :class:`~ilmconvert.nn.proxy.ProxyGroupNormAct` on CPU) and
     it is not compiled for this machine yet: ~20 s once, which the first training step would
     otherwise spend without a word. Under torchrun rank 0 compiles, the others find it cached."""
-    if device.type != "cpu" or not (cpu_kernel.enabled() and cpu_op.enabled()) or cpu_op.is_cached():
+    if device.type != "cpu" or not (cpu_kernel.enabled() and cpu_op.enabled()):
         return
-    if not any(isinstance(m, ProxyGroupNormAct) for m in network.modules()):
-        return
+    if not any(isinstance(m, ProxyGroupNormAct) for m in network.modules()) or cpu_op.is_cached():
+        return  # is_cached runs the compiler once (`c++ --version`): only for networks that need it
     report(COMPILING, 0, 1)
     if cpu_kernel.library() is not None:  # the operator shares its kernel source and build checks
         cpu_op.operator()
