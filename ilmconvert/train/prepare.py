@@ -28,8 +28,7 @@ from ..io import (
     recover_checkpoint,
 )
 from ..models import resolve_preprocessing
-from ..nn import cpu_kernel, cpu_op
-from ..nn.proxy import ProxyGroupNormAct
+from ..nn import ProxyGroupNormAct, cpu_kernel, cpu_op
 from ..preprocessing import Preprocessing
 from .data import (
     DataSource,
@@ -264,7 +263,7 @@ COMPILING = "compiling the GN + Proxy Norm CPU kernel (once per machine)"
 
 def _compile_cpu_kernels(network: nn.Module, device: torch.device, report: StepReport) -> None:
     """Compile the C++ operator of GN + Proxy Norm (:mod:`~ilmconvert.nn.cpu_op`) now, as a reported
-    start-up step, where the run will use it (a :class:`~ilmconvert.nn.proxy.ProxyGroupNormAct` on CPU) and
+    start-up step, where the run will use it (a :class:`~ilmconvert.nn.ProxyGroupNormAct` on CPU) and
     it is not compiled for this machine yet: ~20 s once, which the first training step would
     otherwise spend without a word. Under torchrun rank 0 compiles, the others find it cached."""
     if device.type != "cpu" or not (cpu_kernel.enabled() and cpu_op.enabled()):
